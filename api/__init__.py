@@ -1,0 +1,1 @@
+"""The thin aiohttp layer over the engine: parse, authenticate, validate, call, answer."""

@@ -1,0 +1,235 @@
+"""The ``batchsender`` command: every process and operator task of the project.
+
+batchsender migrate                  schema for PostgreSQL and ClickHouse (idempotent)
+batchsender keys create --tenant T   a new API key for tenant T (printed once)
+batchsender api                      the REST API (API_PORT)
+batchsender worker [-n N]            the supervisor and its N worker processes
+batchsender mock-provider [...]      a local provider that records sends, posts webhooks
+batchsender send FILE ...            submit a CSV/NDJSON file and follow it
+batchsender all                      api + worker + mock-provider, supervised (development)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.config import Settings, export_process_env, load_settings
+from engine.errors import ConfigError
+
+log = logging.getLogger("batchsender")
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"batchsender: configuration error: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    export_process_env(settings)
+    from engine.logs import setup_logging
+
+    setup_logging(settings.log_level)
+    return settings
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from engine.migrate import migrate_all
+
+    asyncio.run(migrate_all(_settings()))
+    print("migrations applied")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from engine.db import create_pool
+    from engine.migrate import migrate_postgres
+    from engine.tenants import create_key
+
+    settings = _settings()
+
+    async def run() -> str:
+        await migrate_postgres(settings.database_url)
+        pool = await create_pool(settings, max_size=1)
+        try:
+            return await create_key(pool, args.tenant)
+        finally:
+            await pool.close()
+
+    print(asyncio.run(run()))
+    return 0
+
+
+def cmd_api(_args: argparse.Namespace) -> int:
+    import uvloop
+    from aiohttp import web
+
+    from api.app import create_app
+    from engine.migrate import migrate_all
+
+    settings = _settings()
+    asyncio.run(migrate_all(settings))
+    uvloop.install()
+    web.run_app(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        access_log=None,
+        print=lambda _: log.info("api listening", extra={"port": settings.api_port}),
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from engine.supervisor import Supervisor
+
+    return Supervisor(_settings(), args.processes).run()
+
+
+def cmd_mock_provider(args: argparse.Namespace) -> int:
+    from providers import mock_server
+
+    mock_server.main(args.rest)
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from api.send import send_file
+
+    settings = _settings()
+    url = args.api_url or f"http://127.0.0.1:{settings.api_port}"
+    fields = {
+        "name": args.name or Path(args.file).name,
+        "from_email": args.from_email,
+        "subject": args.subject,
+        "provider": args.provider,
+    }
+    for key in ("from_name", "html", "text"):
+        if getattr(args, key):
+            fields[key] = getattr(args, key)
+    if args.dry_run:
+        fields["dry_run"] = "true"
+    return asyncio.run(send_file(url, args.key, Path(args.file), fields, follow=not args.no_follow))
+
+
+def cmd_all(_args: argparse.Namespace) -> int:
+    """The development process tree: each part a child, restarted when it dies."""
+    settings = _settings()
+    from engine.migrate import migrate_all
+
+    asyncio.run(migrate_all(settings))
+    exe = [sys.executable, "-m", "api.cli"]
+    commands = {
+        "mock-provider": exe + ["mock-provider", "--port", _port(settings.mock_provider_url),
+                                "--webhook-url", f"http://127.0.0.1:{settings.api_port}/webhooks/mock",
+                                "--webhook-secret", settings.mock_webhook_secret],
+        "api": exe + ["api"],
+        "worker": exe + ["worker"],
+    }  # fmt: skip
+    env = {**os.environ, **settings.as_environ()}
+    children: dict[str, subprocess.Popen] = {}
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if stopping:  # second signal: no more waiting
+            for child in children.values():
+                child.kill()
+            raise SystemExit(1)
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    restarts: list[float] = []
+    while not stopping:
+        for name, command in commands.items():
+            child = children.get(name)
+            if child is not None and child.poll() is None:
+                continue
+            if child is not None:
+                log.warning("%s exited with %s; restarting", name, child.returncode)
+                restarts.append(time.monotonic())
+            children[name] = subprocess.Popen(command, env=env)
+        restarts = [t for t in restarts if t > time.monotonic() - 60]
+        if len(restarts) > 10:
+            log.error("children keep dying; stopping")
+            break
+        time.sleep(0.5)
+    for child in children.values():
+        child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + settings.drain_timeout + 5
+    for child in children.values():
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return 0
+
+
+def _port(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return str(urlsplit(url).port or 80)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchsender", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="apply the PostgreSQL and ClickHouse schema").set_defaults(
+        func=cmd_migrate
+    )
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="create a key (and the tenant if new); prints it once")
+    create.add_argument(
+        "--tenant", required=True, help="tenant id: lower-case letters, digits, - or _"
+    )
+    create.set_defaults(func=cmd_keys)
+    sub.add_parser("api", help="run the REST API").set_defaults(func=cmd_api)
+    worker = sub.add_parser("worker", help="run the supervisor and its worker processes")
+    worker.add_argument(
+        "-n", "--processes", type=int, default=None, help="default: WORKER_PROCESSES"
+    )
+    worker.set_defaults(func=cmd_worker)
+    mock = sub.add_parser("mock-provider", help="run the local mock provider (--help for options)",
+                          add_help=False)  # fmt: skip
+    mock.set_defaults(func=cmd_mock_provider)
+    send = sub.add_parser("send", help="submit a CSV or NDJSON file as a batch and follow it")
+    send.add_argument("file")
+    send.add_argument("--key", required=True, help="API key")
+    send.add_argument("--subject", required=True)
+    send.add_argument("--from-email", required=True)
+    send.add_argument("--from-name")
+    send.add_argument("--html")
+    send.add_argument("--text")
+    send.add_argument("--name", help="batch name (default: the file name)")
+    send.add_argument("--provider", default="mock")
+    send.add_argument("--dry-run", action="store_true")
+    send.add_argument("--api-url", help="default: http://127.0.0.1:API_PORT")
+    send.add_argument("--no-follow", action="store_true", help="print the batch id and return")
+    send.set_defaults(func=cmd_send)
+    sub.add_parser("all", help="api + worker + mock provider in one supervised tree").set_defaults(
+        func=cmd_all
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.func is cmd_mock_provider:
+        args.rest = rest  # its own options, parsed by providers.mock_server
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    raise SystemExit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The OpenAPI 3 document served at ``/api/openapi.json`` (kept beside the routes it describes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.adapters import CHUNK_SIZES
+from engine.batches import BATCH_STATUSES, RECIPIENT_STATUSES
+
+_ERROR = {"$ref": "#/components/responses/Error"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _page(item: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"data": {"type": "array", "items": _ref(item)},
+                       "next_cursor": {"type": "string", "nullable": True}},
+    }  # fmt: skip
+
+
+_BATCH_FIELDS: dict[str, Any] = {
+    "name": {"type": "string", "maxLength": 200},
+    "from_email": {"type": "string", "format": "email"},
+    "from_name": {"type": "string"},
+    "subject": {"type": "string", "description": "Template: {{ var }} placeholders."},
+    "html": {"type": "string", "description": "Template; values are HTML-escaped."},
+    "text": {"type": "string", "description": "Template."},
+    "provider": {"type": "string", "enum": list(CHUNK_SIZES)},
+    "scheduled_at": {"type": "string", "format": "date-time"},
+    "dry_run": {"type": "boolean"},
+    "draft": {"type": "boolean"},
+    "metadata": {"type": "object"},
+}
+_QUERY_FIELDS = [
+    {"name": name, "in": "query", "required": False, "schema": schema,
+     "description": "Batch field, for streamed (CSV/NDJSON) bodies."}
+    for name, schema in _BATCH_FIELDS.items() if name != "metadata"
+]  # fmt: skip
+_PAGING = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+]
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "BatchSender API", "version": "0.1.0"},
+    "components": {
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        },
+        "responses": {
+            "Error": {
+                "description": "Error",
+                "content": {"application/json": {"schema": _ref("Error")}},
+            }
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["code", "message"],
+                        "properties": {
+                            "code": {"type": "string"},
+                            "message": {"type": "string"},
+                            "details": {"nullable": True},
+                        },
+                    }
+                },
+            },
+            "Recipient": {
+                "type": "object",
+                "required": ["email"],
+                "properties": {
+                    "email": {"type": "string", "format": "email"},
+                    "name": {"type": "string"},
+                    "vars": {"type": "object", "additionalProperties": True},
+                },
+            },
+            "BatchCreate": {
+                "type": "object",
+                "required": ["name", "from_email", "subject", "provider", "recipients"],
+                "properties": {
+                    **_BATCH_FIELDS,
+                    "recipients": {"type": "array", "items": _ref("Recipient")},
+                },
+            },
+            "Created": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "status": {"type": "string", "enum": list(BATCH_STATUSES)},
+                    "total_recipients": {"type": "integer"},
+                    "suppressed": {"type": "integer"},
+                },
+            },
+            "Batch": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "status": {"type": "string", "enum": list(BATCH_STATUSES)},
+                    "total_recipients": {"type": "integer"},
+                    "counts": {
+                        "type": "object",
+                        "properties": {s: {"type": "integer"} for s in RECIPIENT_STATUSES},
+                    },
+                    "progress": {"type": "object"},
+                    "external_id": {"type": "string", "nullable": True},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "started_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "completed_at": {"type": "string", "format": "date-time", "nullable": True},
+                },
+            },
+            "RecipientStatus": {
+                "type": "object",
+                "properties": {
+                    "seq": {"type": "integer"},
+                    "email": {"type": "string"},
+                    "status": {"type": "string", "enum": list(RECIPIENT_STATUSES)},
+                    "provider_message_id": {"type": "string", "nullable": True},
+                    "error": {"type": "string", "nullable": True},
+                },
+            },
+        },
+    },
+    "security": [{"bearer": []}, {"apiKey": []}],
+    "paths": {
+        "/health": {
+            "get": {
+                "security": [],
+                "summary": "Dependency checks",
+                "responses": {
+                    "200": {"description": "All up"},
+                    "503": {"description": "Names what is down"},
+                },
+            }
+        },
+        "/health/live": {
+            "get": {
+                "security": [],
+                "summary": "Process is running",
+                "responses": {"200": {"description": "Alive"}},
+            }
+        },
+        "/api/metrics": {
+            "get": {
+                "security": [],
+                "summary": "Prometheus metrics of every process",
+                "responses": {
+                    "200": {"description": "Prometheus text format", "content": {"text/plain": {}}}
+                },
+            }
+        },
+        "/api/openapi.json": {
+            "get": {
+                "security": [],
+                "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3"}},
+            }
+        },
+        "/api/batches": {
+            "post": {
+                "summary": "Create (and unless draft, queue) a batch",
+                "parameters": [
+                    {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}},
+                    *_QUERY_FIELDS,
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _ref("BatchCreate")},
+                        "application/x-ndjson": {
+                            "schema": {"type": "string"},
+                            "description": "Optional first line: batch fields; then one Recipient per line.",
+                        },
+                        "text/csv": {
+                            "schema": {"type": "string"},
+                            "description": "Header line with an email column, optional name; other columns are vars. "
+                            "Batch fields as query parameters.",
+                        },
+                    },
+                },
+                "responses": {
+                    "201": {
+                        "description": "Created",
+                        "content": {"application/json": {"schema": _ref("Created")}},
+                    },
+                    "400": _ERROR,
+                    "401": _ERROR,
+                    "409": _ERROR,
+                    "413": _ERROR,
+                    "415": _ERROR,
+                    "422": _ERROR,
+                },
+            },
+            "get": {
+                "summary": "List batches, newest first",
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": list(BATCH_STATUSES)},
+                    },
+                    {"name": "external_id", "in": "query", "schema": {"type": "string"}},
+                    *_PAGING,
+                ],
+                "responses": {
+                    "200": {
+                        "description": "A page",
+                        "content": {"application/json": {"schema": _page("Batch")}},
+                    },
+                    "401": _ERROR,
+                    "422": _ERROR,
+                },
+            },
+        },
+        "/api/batches/{id}": {
+            "get": {
+                "summary": "A batch with counts per recipient status",
+                "parameters": [_ID],
+                "responses": {
+                    "200": {
+                        "description": "The batch",
+                        "content": {"application/json": {"schema": _ref("Batch")}},
+                    },
+                    "401": _ERROR,
+                    "404": _ERROR,
+                },
+            }
+        },
+        "/api/batches/{id}/recipients": {
+            "get": {
+                "summary": "Recipients of a batch in order",
+                "parameters": [
+                    _ID,
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": list(RECIPIENT_STATUSES)},
+                    },
+                    *_PAGING,
+                ],
+                "responses": {
+                    "200": {
+                        "description": "A page",
+                        "content": {"application/json": {"schema": _page("RecipientStatus")}},
+                    },
+                    "401": _ERROR,
+                    "404": _ERROR,
+                    "422": _ERROR,
+                },
+            }
+        },
+        "/webhooks/{provider}": {
+            "post": {
+                "security": [],
+                "summary": "Provider delivery events (signature checked per provider)",
+                "parameters": [
+                    {
+                        "name": "provider",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+                "responses": {
+                    "200": {"description": "Accepted"},
+                    "400": _ERROR,
+                    "401": _ERROR,
+                    "404": _ERROR,
+                },
+            }
+        },
+    },
+}

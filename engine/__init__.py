@@ -1,0 +1,1 @@
+"""BatchSender's core: configuration, schema, NATS topology, supervisor, workers, writers."""

@@ -1,0 +1,179 @@
+"""Reading batches and recipients for one tenant (another tenant's batch is 'not found')."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from engine.errors import NotFound, ValidationError
+
+BATCH_STATUSES = (
+    "draft",
+    "scheduled",
+    "queued",
+    "processing",
+    "completed",
+    "paused",
+    "cancelled",
+    "failed",
+)
+RECIPIENT_STATUSES = ("pending", "queued", "sent", "delivered", "bounced", "complained", "failed", "suppressed", "cancelled")  # fmt: skip
+_BATCH_COLUMNS = """id, name, status, provider, from_email, from_name, subject, total_recipients,
+    final_count, suppressed_count, dry_run, metadata, external_id, scheduled_at, created_at,
+    queued_at, started_at, completed_at"""
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _batch(row: asyncpg.Record) -> dict[str, Any]:
+    total, final = row["total_recipients"], row["final_count"]
+    started, done = row["started_at"], row["completed_at"]
+    elapsed = ((done or datetime.now(UTC)) - started).total_seconds() if started else 0.0
+    return {
+        "id": str(row["id"]),
+        "name": row["name"],
+        "status": row["status"],
+        "provider": row["provider"],
+        "from_email": row["from_email"],
+        "from_name": row["from_name"],
+        "subject": row["subject"],
+        "total_recipients": total,
+        "suppressed": row["suppressed_count"],
+        "dry_run": row["dry_run"],
+        "metadata": row["metadata"],
+        "external_id": row["external_id"],
+        "scheduled_at": _iso(row["scheduled_at"]),
+        "created_at": _iso(row["created_at"]),
+        "queued_at": _iso(row["queued_at"]),
+        "started_at": _iso(started),
+        "completed_at": _iso(done),
+        "progress": {
+            "final": final,
+            "percent": round(100.0 * final / total, 2) if total else 100.0,
+            "per_second": round(final / elapsed, 1) if elapsed > 0 else None,
+        },
+    }
+
+
+def _limit(limit: int | None) -> int:
+    value = 50 if limit is None else limit
+    if not 1 <= value <= 1000:
+        raise ValidationError("limit: must be between 1 and 1000", {"field": "limit"})
+    return value
+
+
+def _cursor(value: str | None) -> list[Any] | None:
+    if not value:
+        return None
+    try:
+        return orjson.loads(base64.urlsafe_b64decode(value.encode()))
+    except Exception:
+        raise ValidationError(
+            "cursor: not a cursor this API returned", {"field": "cursor"}
+        ) from None
+
+
+def _make_cursor(*parts: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(parts)).decode()
+
+
+def _batch_uuid(batch_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(batch_id)
+    except ValueError:
+        raise NotFound(f"batch {batch_id!r} not found") from None
+
+
+async def list_batches(
+    pool: asyncpg.Pool, tenant_id: str, *, status: str | None = None,
+    external_id: str | None = None, limit: int | None = None, cursor: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Newest first; ``next_cursor`` pages on."""
+    size = _limit(limit)
+    if status is not None and status not in BATCH_STATUSES:
+        raise ValidationError(f"status: one of {', '.join(BATCH_STATUSES)}", {"field": "status"})
+    after = _cursor(cursor)
+    rows = await pool.fetch(
+        f"""SELECT {_BATCH_COLUMNS} FROM batches
+             WHERE tenant_id = $1 AND status <> 'creating'
+               AND ($2::text IS NULL OR status = $2)
+               AND ($3::text IS NULL OR external_id = $3)
+               AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::uuid))
+             ORDER BY created_at DESC, id DESC LIMIT $6""",
+        tenant_id, status, external_id,
+        datetime.fromisoformat(after[0]) if after else None,
+        uuid.UUID(after[1]) if after else None, size + 1,
+    )  # fmt: skip
+    page = rows[:size]
+    next_cursor = (
+        _make_cursor(page[-1]["created_at"].isoformat(), str(page[-1]["id"]))
+        if len(rows) > size else None
+    )  # fmt: skip
+    return {"data": [_batch(r) for r in page], "next_cursor": next_cursor}
+
+
+async def get_batch(pool: asyncpg.Pool, tenant_id: str, batch_id: str) -> dict[str, Any]:
+    """The batch with its recipient counts per status."""
+    row = await pool.fetchrow(
+        f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = $1 AND tenant_id = $2 AND status <> 'creating'",
+        _batch_uuid(batch_id), tenant_id,
+    )  # fmt: skip
+    if row is None:
+        raise NotFound(f"batch {batch_id!r} not found")
+    counts = await pool.fetch(
+        "SELECT status, count(*)::int AS n FROM recipients WHERE batch_id = $1 GROUP BY status",
+        row["id"],
+    )
+    result = _batch(row)
+    result["counts"] = {s: 0 for s in RECIPIENT_STATUSES} | {c["status"]: c["n"] for c in counts}
+    return result
+
+
+async def list_recipients(
+    pool: asyncpg.Pool, tenant_id: str, batch_id: str, *, status: str | None = None,
+    limit: int | None = None, cursor: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """In recipient order; ``next_cursor`` pages on."""
+    size = _limit(limit)
+    if status is not None and status not in RECIPIENT_STATUSES:
+        raise ValidationError(
+            f"status: one of {', '.join(RECIPIENT_STATUSES)}", {"field": "status"}
+        )
+    bid = _batch_uuid(batch_id)
+    if not await pool.fetchval(
+        "SELECT 1 FROM batches WHERE id = $1 AND tenant_id = $2 AND status <> 'creating'",
+        bid,
+        tenant_id,
+    ):
+        raise NotFound(f"batch {batch_id!r} not found")
+    after = _cursor(cursor)
+    rows = await pool.fetch(
+        """SELECT seq, email, name, status, provider_message_id, error, attempts, updated_at
+             FROM recipients
+            WHERE batch_id = $1 AND seq > $2 AND ($3::text IS NULL OR status = $3)
+            ORDER BY seq LIMIT $4""",
+        bid, int(after[0]) if after else 0, status, size + 1,
+    )  # fmt: skip
+    page = rows[:size]
+    data = [
+        {
+            "seq": r["seq"],
+            "email": r["email"],
+            "name": r["name"],
+            "status": r["status"],
+            "provider_message_id": r["provider_message_id"],
+            "error": r["error"],
+            "attempts": r["attempts"],
+            "updated_at": _iso(r["updated_at"]),
+        }  # fmt: skip
+        for r in page
+    ]
+    next_cursor = _make_cursor(page[-1]["seq"]) if len(rows) > size else None
+    return {"data": data, "next_cursor": next_cursor}

@@ -1,0 +1,259 @@
+"""The one typed settings object, built once from the environment and validated.
+
+Values come from the process environment, over the file ``.env.<BATCHSENDER_ENV>``
+(dev, test or prod; found in the working directory or the project root). Nothing else in
+the project reads ``os.environ``. A bad or missing value raises ``ConfigError`` naming the
+variable; the CLI prints that one line and exits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from engine.errors import ConfigError
+
+ENVIRONMENTS = ("dev", "test", "prod")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A token-bucket rate: ``per_second`` messages per second, up to ``burst`` at once."""
+
+    per_second: float
+    burst: int
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"must be a {'/'.join(s + '://' for s in schemes)} URL")
+        return value
+
+    return parse
+
+
+def _int(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return number
+
+    return parse
+
+
+def _float(low: float, high: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        number = float(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return number
+
+    return parse
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _rate(value: str) -> Rate:
+    per_second, _, burst = value.partition("/")
+    rate = Rate(float(per_second), int(burst or max(1, int(float(per_second)))))
+    if rate.per_second <= 0 or rate.burst < 1:
+        raise ValueError("must be '<per_second>/<burst>' with both positive")
+    return rate
+
+
+def _rates(value: str) -> dict[str, Rate]:
+    result: dict[str, Rate] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, sep, spec = item.partition("=")
+        if not sep or not name:
+            raise ValueError("must be 'provider=<per_second>/<burst>,...'")
+        result[name.strip()] = _rate(spec)
+    return result
+
+
+def _identifier(value: str) -> str:
+    if not value or not value.replace("_", "").isalnum():
+        raise ValueError("must be letters, digits and underscores")
+    return value
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _cpus() -> str:
+    return str(os.cpu_count() or 1)
+
+
+# name -> (parser, default or None when required). Defaults that depend on the machine are callables.
+_SCHEMA: dict[str, tuple[Callable[[str], Any], str | Callable[[], str] | None]] = {
+    "DATABASE_URL": (_url("postgres", "postgresql"), None),
+    "NATS_URL": (_url("nats", "tls"), None),
+    "DRAGONFLY_URL": (_url("redis", "rediss"), None),
+    "CLICKHOUSE_URL": (_url("http", "https"), None),
+    "CLICKHOUSE_DATABASE": (_identifier, "batchsender"),
+    "API_HOST": (_text, "127.0.0.1"),
+    "API_PORT": (_int(1, 65535), None),
+    "WEB_PORT": (_int(1, 65535), None),
+    "NATS_PREFIX": (_identifier, "batchsender"),
+    "KEY_PREFIX": (_text, "bs:"),
+    "METRICS_DIR": (_text, "/tmp/batchsender-metrics"),
+    "WORKER_PROCESSES": (_int(1, 256), _cpus),
+    "WORKER_CONCURRENCY": (_int(1, 4096), "32"),
+    "WORKER_HEARTBEAT_TIMEOUT": (_float(1, 3600), "30"),
+    "DRAIN_TIMEOUT": (_float(1, 3600), "30"),
+    "SYSTEM_RATE": (_rate, "1000000/100000"),
+    "TENANT_RATE": (_rate, "1000000/100000"),
+    "PROVIDER_RATES": (_rates, "mock=1000000/100000,smtp=100/100"),
+    "SEND_MAX_ATTEMPTS": (_int(1, 50), "5"),
+    "RETRY_BASE_SECONDS": (_float(0.01, 600), "0.5"),
+    "MAX_BODY_BYTES": (_int(1024, 1 << 40), str(64 << 20)),
+    "MAX_RECIPIENTS": (_int(1, 100_000_000), "5000000"),
+    "CLICKHOUSE_FLUSH_ROWS": (_int(1, 10_000_000), "50000"),
+    "CLICKHOUSE_FLUSH_SECONDS": (_float(0.05, 600), "1"),
+    "MOCK_PROVIDER_URL": (_url("http", "https"), "http://127.0.0.1:6100"),
+    "MOCK_WEBHOOK_SECRET": (_text, "mock-secret"),
+    "SMTP_HOST": (_text, "127.0.0.1"),
+    "SMTP_PORT": (_int(1, 65535), "1025"),
+    "SMTP_USERNAME": (_text, ""),
+    "SMTP_PASSWORD": (_text, ""),
+    "SMTP_TLS": (_bool, "false"),
+    "LOG_LEVEL": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    env: str
+    database_url: str
+    nats_url: str
+    dragonfly_url: str
+    clickhouse_url: str
+    clickhouse_database: str
+    api_host: str
+    api_port: int
+    web_port: int
+    nats_prefix: str
+    key_prefix: str
+    metrics_dir: str
+    worker_processes: int
+    worker_concurrency: int
+    worker_heartbeat_timeout: float
+    drain_timeout: float
+    system_rate: Rate
+    tenant_rate: Rate
+    provider_rates: dict[str, Rate]
+    send_max_attempts: int
+    retry_base_seconds: float
+    max_body_bytes: int
+    max_recipients: int
+    clickhouse_flush_rows: int
+    clickhouse_flush_seconds: float
+    mock_provider_url: str
+    mock_webhook_secret: str
+    smtp_host: str
+    smtp_port: int
+    smtp_username: str
+    smtp_password: str
+    smtp_tls: bool
+    log_level: str
+
+    def provider_rate(self, provider: str) -> Rate:
+        return self.provider_rates.get(provider, self.system_rate)
+
+    def as_environ(self) -> dict[str, str]:
+        """The settings as environment variables, for child processes started by the CLI."""
+        out = {"BATCHSENDER_ENV": self.env}
+        for f in fields(self):
+            if f.name == "env":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, Rate):
+                value = f"{value.per_second:g}/{value.burst}"
+            elif isinstance(value, dict):
+                value = ",".join(f"{k}={r.per_second:g}/{r.burst}" for k, r in value.items())
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            out[f.name.upper()] = str(value)
+        return out
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines; blank lines and ``#`` comments are skipped, quotes stripped."""
+    values: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigError(f"{path.name}:{number}: expected KEY=VALUE")
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def _env_file(env: str) -> Path | None:
+    for folder in (Path.cwd(), PROJECT_ROOT):
+        candidate = folder / f".env.{env}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build and validate the settings; raise ``ConfigError`` naming the first bad variable."""
+    source = dict(os.environ if environ is None else environ)
+    env = source.get("BATCHSENDER_ENV", "dev")
+    if env not in ENVIRONMENTS:
+        raise ConfigError(
+            f"BATCHSENDER_ENV: must be one of {', '.join(ENVIRONMENTS)} (got {env!r})"
+        )
+    env_file = _env_file(env)
+    merged = {**(read_env_file(env_file) if env_file else {}), **source}
+    values: dict[str, Any] = {"env": env}
+    for name, (parse, default) in _SCHEMA.items():
+        raw = merged.get(name)
+        if raw is None or raw == "":
+            if default is None:
+                where = f" (not in the environment nor in {env_file or f'.env.{env}'})"
+                raise ConfigError(f"{name}: missing{where}")
+            raw = default() if callable(default) else default
+        try:
+            values[name.lower()] = parse(raw)
+        except ValueError as exc:
+            shown = "***" if "PASSWORD" in name or "SECRET" in name else raw
+            raise ConfigError(f"{name}: {exc} (got {shown!r})") from None
+    return Settings(**values)
+
+
+def export_process_env(settings: Settings) -> None:
+    """Set what libraries read from the environment (prometheus-client's multiprocess dir).
+
+    Must run before ``prometheus_client`` is first imported in this process.
+    """
+    os.makedirs(settings.metrics_dir, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = settings.metrics_dir

@@ -1,0 +1,58 @@
+"""The engine's exception hierarchy; the API maps each to the SPEC error body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BatchSenderError(Exception):
+    """Base class. ``status`` is the HTTP status the API answers with."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, details: Any = None, *, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        if code:
+            self.code = code
+
+
+class ConfigError(BatchSenderError):
+    code = "config_error"
+
+
+class ValidationError(BatchSenderError):
+    status = 422
+    code = "validation_error"
+
+
+class BadRequest(BatchSenderError):
+    status = 400
+    code = "bad_request"
+
+
+class PayloadTooLarge(BatchSenderError):
+    status = 413
+    code = "payload_too_large"
+
+
+class Unauthorized(BatchSenderError):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(BatchSenderError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(BatchSenderError):
+    status = 409
+    code = "conflict"
+
+
+class UnsupportedMediaType(BatchSenderError):
+    status = 415
+    code = "unsupported_media_type"

@@ -1,0 +1,226 @@
+"""The supervisor: forks N worker processes and keeps them alive (gunicorn's arbiter shape).
+
+The main loop sleeps on a signal queue; signal handlers only enqueue. Each turn it reaps
+dead children, kills hung ones (heartbeat file older than ``WORKER_HEARTBEAT_TIMEOUT``;
+the heartbeat is written by the child's event loop, so a blocked loop is noticed) and
+spawns children up to the wanted number. SIGTERM/SIGINT drain (children finish their
+chunks, flush, exit; SIGKILL after ``DRAIN_TIMEOUT``); a second one kills them at once.
+SIGTTIN/SIGTTOU add or remove a child. Children that keep dying make it stop instead of
+spinning: more than ``CRASH_LIMIT`` failures within ``CRASH_WINDOW`` seconds halts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import signal
+import sys
+import tempfile
+import time
+from collections import deque
+
+from engine import metrics
+from engine.config import Settings
+
+log = logging.getLogger(__name__)
+
+CRASH_LIMIT = 10
+CRASH_WINDOW = 60.0
+_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGCHLD,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, processes: int | None = None):
+        self.settings = settings
+        self.wanted = processes or settings.worker_processes
+        self.children: dict[int, str] = {}  # pid -> heartbeat file
+        self.retiring: set[int] = set()  # told to stop by a scale-down; not counted
+        self.signals: deque[int] = deque()
+        self.crashes: deque[float] = deque()
+        self.draining_since: float | None = None
+        self.exit_code = 0
+        self._spawn_after = 0.0
+        self._wake_r, self._wake_w = os.pipe()
+        self._heartbeats = tempfile.mkdtemp(prefix="batchsender-heartbeat-")
+
+    # --- main loop ------------------------------------------------------------------
+    def run(self) -> int:
+        from engine.migrate import migrate_all
+
+        asyncio.run(migrate_all(self.settings))  # before forking: no loop survives into children
+        os.set_blocking(self._wake_w, False)
+        for sig in _SIGNALS:
+            signal.signal(sig, self._enqueue)
+        log.info("supervisor started", extra={"pid": os.getpid(), "processes": self.wanted})
+        while True:
+            self._sleep()
+            while self.signals:
+                getattr(self, f"handle_{signal.Signals(self.signals.popleft()).name.lower()}")()
+            self.reap_workers()
+            if self.draining_since is not None:
+                if not self.children:
+                    break
+                if time.monotonic() - self.draining_since > self.settings.drain_timeout:
+                    log.warning("drain deadline passed; killing %d workers", len(self.children))
+                    self.kill_workers(signal.SIGKILL)
+                continue
+            if self._crash_looping():
+                log.error(
+                    "workers keep dying (%d in %.0fs); stopping", len(self.crashes), CRASH_WINDOW
+                )
+                self.exit_code = 3
+                self.begin_drain()
+                continue
+            self.murder_hung_workers()
+            self.manage_workers()
+        log.info("supervisor stopped")
+        return self.exit_code
+
+    def _enqueue(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+        try:
+            os.write(self._wake_w, b".")
+        except BlockingIOError:
+            pass
+
+    def _sleep(self) -> None:
+        if self.signals:
+            return
+        try:
+            ready, _, _ = select.select([self._wake_r], [], [], 1.0)
+            if ready:
+                os.read(self._wake_r, 4096)
+        except InterruptedError:
+            pass
+
+    # --- signals --------------------------------------------------------------------
+    def handle_sigterm(self) -> None:
+        if self.draining_since is not None:
+            log.warning("second stop signal: killing workers now")
+            self.kill_workers(signal.SIGKILL)
+            self.reap_workers()
+            sys.exit(1)
+        self.begin_drain()
+
+    handle_sigint = handle_sigterm
+
+    def handle_sigquit(self) -> None:
+        self.kill_workers(signal.SIGKILL)
+        sys.exit(1)
+
+    def handle_sigchld(self) -> None:
+        pass  # reaped every turn
+
+    def handle_sigttin(self) -> None:
+        self.wanted += 1
+        log.info("workers wanted: %d", self.wanted)
+
+    def handle_sigttou(self) -> None:
+        self.wanted = max(1, self.wanted - 1)
+        log.info("workers wanted: %d", self.wanted)
+
+    def scale_to(self, processes: int) -> None:
+        self.wanted = max(1, processes)
+
+    # --- children -------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        log.info("draining %d workers", len(self.children))
+        self.draining_since = time.monotonic()
+        self.kill_workers(signal.SIGTERM)
+
+    def kill_workers(self, sig: int) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            heartbeat = self.children.pop(pid, None)
+            if heartbeat is None:
+                continue
+            retired = pid in self.retiring
+            self.retiring.discard(pid)
+            metrics.mark_process_dead(pid)
+            try:
+                os.unlink(heartbeat)
+            except FileNotFoundError:
+                pass
+            code = os.waitstatus_to_exitcode(status)
+            if self.draining_since is None and not retired:
+                log.warning("worker %d exited with %d; restarting", pid, code)
+                self.crashes.append(time.monotonic())
+                self._spawn_after = time.monotonic() + min(10.0, 0.1 * 2 ** len(self.crashes))
+
+    def murder_hung_workers(self) -> None:
+        limit = self.settings.worker_heartbeat_timeout
+        now = time.time()
+        for pid, heartbeat in list(self.children.items()):
+            try:
+                age = now - os.stat(heartbeat).st_mtime
+            except FileNotFoundError:
+                continue
+            if age > limit:
+                log.error("worker %d silent for %.0fs; killing it", pid, age)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def manage_workers(self) -> None:
+        active = [pid for pid in self.children if pid not in self.retiring]
+        for pid in sorted(active)[self.wanted :]:
+            os.kill(pid, signal.SIGTERM)  # drains; reaped later, not a crash
+            self.retiring.add(pid)
+        if time.monotonic() < self._spawn_after:
+            return
+        for _ in range(self.wanted - len(active)):
+            self.spawn_worker()
+
+    def _crash_looping(self) -> bool:
+        cutoff = time.monotonic() - CRASH_WINDOW
+        while self.crashes and self.crashes[0] < cutoff:
+            self.crashes.popleft()
+        return len(self.crashes) > CRASH_LIMIT
+
+    def spawn_worker(self) -> None:
+        fd, heartbeat = tempfile.mkstemp(dir=self._heartbeats, prefix="worker-")
+        os.close(fd)
+        pid = os.fork()
+        if pid:
+            self.children[pid] = heartbeat
+            return
+        # --- in the child ---
+        code = 0
+        try:
+            for sig in _SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            import uvloop
+
+            from engine.worker import Worker
+
+            uvloop.run(Worker(self.settings, heartbeat).run())
+        except BaseException:
+            log.exception("worker crashed")
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)

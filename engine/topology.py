@@ -1,0 +1,150 @@
+"""The NATS JetStream layout: streams, subjects and durable pull consumers.
+
+Every name derives from ``NATS_PREFIX`` so test sessions and the dev stack never share
+streams. With the default prefix the public intake subject is ``batchsender.intake.{tenant}``.
+
+| stream      | subjects                 | retention  | consumers                 |
+|-------------|--------------------------|------------|---------------------------|
+| ..._INTAKE  | {p}.intake.{tenant}      | work queue | intake                    |
+| ..._SEND    | {p}.send.{provider}      | work queue | send                      |
+| ..._RESULTS | {p}.results              | interest   | results-pg, results-ch    |
+| ..._DLQ     | {p}.dlq.{kind}           | limits     | (read by the API)         |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+DAY = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    prefix: str
+
+    # subjects
+    def intake_subject(self, tenant_id: str) -> str:
+        return f"{self.prefix}.intake.{tenant_id}"
+
+    def send_subject(self, provider: str) -> str:
+        return f"{self.prefix}.send.{provider}"
+
+    @property
+    def results_subject(self) -> str:
+        return f"{self.prefix}.results"
+
+    def dlq_subject(self, kind: str) -> str:
+        return f"{self.prefix}.dlq.{kind}"
+
+    # streams
+    def stream(self, kind: str) -> str:
+        return f"{self.prefix.upper()}_{kind}"
+
+    @property
+    def intake_stream(self) -> str:
+        return self.stream("INTAKE")
+
+    @property
+    def send_stream(self) -> str:
+        return self.stream("SEND")
+
+    @property
+    def results_stream(self) -> str:
+        return self.stream("RESULTS")
+
+    @property
+    def dlq_stream(self) -> str:
+        return self.stream("DLQ")
+
+    def stream_configs(self) -> list[StreamConfig]:
+        p = self.prefix
+        return [
+            StreamConfig(
+                name=self.intake_stream,
+                subjects=[f"{p}.intake.*"],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                duplicate_window=DAY,  # Nats-Msg-Id de-duplication for publishers
+                max_msg_size=64 << 20,
+            ),
+            StreamConfig(
+                name=self.send_stream,
+                subjects=[f"{p}.send.*"],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                duplicate_window=600.0,
+            ),
+            StreamConfig(
+                name=self.results_stream,
+                subjects=[self.results_subject],
+                retention=RetentionPolicy.INTEREST,
+                storage=StorageType.FILE,
+                duplicate_window=DAY,  # webhook event ids
+            ),
+            StreamConfig(
+                name=self.dlq_stream,
+                subjects=[f"{p}.dlq.*"],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=30 * DAY,
+            ),
+        ]
+
+    def consumer_configs(self) -> dict[str, list[ConsumerConfig]]:
+        def pull(name: str, ack_wait: float, max_ack_pending: int) -> ConsumerConfig:
+            return ConsumerConfig(
+                durable_name=name,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ack_wait,
+                max_deliver=-1,  # never drop work; poison messages are dead-lettered by code
+                max_ack_pending=max_ack_pending,
+                max_waiting=4096,
+            )
+
+        return {
+            self.intake_stream: [pull("intake", 300.0, 1_000)],
+            self.send_stream: [pull("send", 60.0, 20_000)],
+            self.results_stream: [
+                pull("results-pg", 60.0, 200_000),
+                pull("results-ch", 120.0, 200_000),
+            ],
+        }
+
+    def consumers(self) -> list[tuple[str, str]]:
+        """(stream, consumer) pairs, e.g. for queue-depth metrics."""
+        return [(s, c.durable_name or "") for s, cs in self.consumer_configs().items() for c in cs]
+
+
+async def ensure_topology(js: JetStreamContext, topology: Topology) -> None:
+    """Create or update every stream and consumer; safe to run from every process."""
+    for config in topology.stream_configs():
+        try:
+            await js.stream_info(config.name)
+            await js.update_stream(config)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+            except BadRequestError:  # created concurrently by another process
+                await js.update_stream(config)
+    for stream, configs in topology.consumer_configs().items():
+        for config in configs:
+            await js.add_consumer(stream, config)
+
+
+async def delete_topology(js: JetStreamContext, topology: Topology) -> None:
+    """Remove every stream (tests clean up with this)."""
+    for config in topology.stream_configs():
+        try:
+            await js.delete_stream(config.name)
+        except NotFoundError:
+            pass

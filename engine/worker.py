@@ -1,0 +1,212 @@
+"""One worker process: its own uvloop event loop, connections and pull consumers.
+
+Four loops share the process: ``send`` (chunks, up to ``WORKER_CONCURRENCY`` at once),
+``results-pg`` (recipient statuses), ``results-ch`` (ClickHouse events) and ``intake``
+(batches published to NATS). A heartbeat file touched by the event loop itself tells the
+supervisor the loop is alive. SIGTERM drains: fetching stops, chunks in flight finish and
+publish their results, the ClickHouse buffer is flushed, then the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+import nats.errors
+import orjson
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from engine import metrics
+from engine.adapters import AVAILABLE, build_provider
+from engine.config import Settings
+from engine.errors import BatchSenderError
+from engine.events import EventWriter
+from engine.intake import create_from_nats
+from engine.results import apply_results, decode
+from engine.sender import Sender
+from engine.services import Services
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: Settings, heartbeat_path: str | None = None):
+        self.settings = settings
+        self.heartbeat_path = heartbeat_path
+        self.stopping = asyncio.Event()
+        self._chunks: set[asyncio.Task] = set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        heartbeat = asyncio.create_task(self._heartbeat())
+        services = await Services.open(self.settings, pool_size=8)
+        providers = {name: build_provider(name, self.settings) for name in AVAILABLE}
+        events = EventWriter(services)
+        metrics.WORKER_PROCESSES.set(1)
+        log.info("worker started", extra={"pid": os.getpid()})
+        try:
+            sender = Sender(services, providers)
+            topo = services.topology
+            await asyncio.gather(
+                self._send_loop(services.js, topo.send_stream, sender),
+                self._consume(services.js, topo.results_stream, "results-pg", 1000,
+                              lambda msgs: self._apply_results(services, msgs)),
+                self._event_loop(services.js, topo.results_stream, events),
+                self._consume(services.js, topo.intake_stream, "intake", 1,
+                              lambda msgs: self._intake(services, msgs)),
+            )  # fmt: skip
+        finally:
+            metrics.WORKER_PROCESSES.set(0)
+            events.close()
+            for provider in providers.values():
+                with contextlib.suppress(Exception):
+                    await provider.close()
+            await services.close()
+            heartbeat.cancel()
+            log.info("worker stopped", extra={"pid": os.getpid()})
+
+    async def _heartbeat(self) -> None:
+        if not self.heartbeat_path:
+            return
+        while True:
+            os.utime(self.heartbeat_path)
+            await asyncio.sleep(1.0)
+
+    async def _subscribe(self, js: JetStreamContext, stream: str, durable: str):
+        while True:
+            try:
+                return await js.pull_subscribe_bind(durable, stream)
+            except Exception as exc:
+                log.warning("cannot bind %s/%s (%r); retrying", stream, durable, exc)
+                await asyncio.sleep(1.0)
+
+    async def _fetch(self, psub, batch: int, wait: float = 1.0) -> list[Msg]:
+        try:
+            return await psub.fetch(batch, timeout=wait)
+        except nats.errors.TimeoutError:
+            return []
+        except Exception as exc:  # NATS restarting: wait and go on
+            log.warning("fetch failed: %r", exc)
+            await asyncio.sleep(0.5)
+            return []
+
+    async def _send_loop(self, js: JetStreamContext, stream: str, sender: Sender) -> None:
+        psub = await self._subscribe(js, stream, "send")
+        limit = self.settings.worker_concurrency
+        while not self.stopping.is_set():
+            free = limit - len(self._chunks)
+            if free <= 0:
+                await asyncio.wait(self._chunks, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            for msg in await self._fetch(psub, min(free, 64)):
+                task = asyncio.create_task(self._chunk(sender, msg))
+                self._chunks.add(task)
+                task.add_done_callback(self._chunks.discard)
+        if self._chunks:  # drain: let chunks in flight finish and record their results
+            await asyncio.wait(self._chunks, timeout=self.settings.drain_timeout)
+
+    async def _chunk(self, sender: Sender, msg: Msg) -> None:
+        metrics.CHUNKS_IN_FLIGHT.inc()
+        try:
+            await sender.process(msg)
+        except Exception:
+            log.exception("chunk failed; it will be redelivered")
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=2.0)
+        finally:
+            metrics.CHUNKS_IN_FLIGHT.dec()
+
+    async def _consume(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        durable: str,
+        batch: int,
+        handle: Callable[[list[Msg]], Awaitable[None]],
+    ) -> None:
+        psub = await self._subscribe(js, stream, durable)
+        while not self.stopping.is_set():
+            msgs = await self._fetch(psub, batch)
+            if not msgs:
+                continue
+            try:
+                await handle(msgs)
+            except Exception:
+                log.exception(
+                    "%s: handling %d messages failed; they will be redelivered", durable, len(msgs)
+                )
+                for msg in msgs:
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=2.0)
+
+    async def _apply_results(self, services: Services, msgs: list[Msg]) -> None:
+        rows = []
+        good = []
+        for msg in msgs:
+            try:
+                rows.extend(decode(msg.data).rows)
+                good.append(msg)
+            except ValueError as exc:
+                log.error("dropping malformed results message: %s", exc)
+                await msg.term()
+        if rows:
+            async with services.pool.acquire() as conn:
+                touched = await apply_results(conn, rows)
+            metrics.STATUS_ROWS.inc(len(rows))
+            for batch_id, status in touched:
+                if status == "completed":
+                    log.info("batch completed", extra={"batch_id": batch_id})
+        for msg in good:
+            await msg.ack()
+
+    async def _event_loop(self, js: JetStreamContext, stream: str, writer: EventWriter) -> None:
+        psub = await self._subscribe(js, stream, "results-ch")
+        while not self.stopping.is_set():
+            if not writer.full:
+                msgs = await self._fetch(psub, 500, wait=self.settings.clickhouse_flush_seconds)
+                if msgs:
+                    await writer.add(msgs)
+            if writer.due and not await writer.flush():
+                await self._sleep(min(30.0, 2.0**writer.failures))
+        await writer.flush()
+
+    async def _intake(self, services: Services, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            msg_id = (msg.headers or {}).get("Nats-Msg-Id") or f"seq:{msg.metadata.sequence.stream}"
+            try:
+                created = await create_from_nats(services, msg.subject, msg.data, msg_id)
+            except BatchSenderError as exc:
+                log.warning("intake message dead-lettered: %s", exc.message)
+                await self._dead_letter_intake(services, msg, msg_id, exc)
+                await msg.ack()
+                continue
+            log.info("intake batch recorded", extra={"batch_id": created.id, "msg_id": msg_id})
+            await msg.ack()
+
+    async def _dead_letter_intake(
+        self, services: Services, msg: Msg, msg_id: str, exc: BatchSenderError
+    ) -> None:
+        body = orjson.dumps({
+            "kind": "intake",
+            "reason": exc.message,
+            "code": exc.code,
+            "details": exc.details,
+            "subject": msg.subject,
+            "msg_id": msg_id,
+            "data": msg.data.decode("utf-8", "replace"),
+        })  # fmt: skip
+        await services.js.publish(services.topology.dlq_subject("intake"), body)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)

@@ -1,0 +1,206 @@
+"""The "mock" provider: HTTP client adapter and webhook helpers.
+
+The server side lives in ``providers.mock_server``. Wire format of ``POST /v1/send``:
+request ``{"messages": [{"ref", "to", "to_name", "from", "from_name", "subject", "html",
+"text", "headers"}]}``, answer ``{"results": [{"ref", "status": "accepted", "id"} |
+{"ref", "status": "rejected", "error", "retryable"}]}`` in request order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from time import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from providers.base import Message, ProviderError, SendResult, failed_all
+
+WEBHOOK_EVENTS = frozenset({"delivered", "bounced", "complained"})
+SIGNATURE_HEADER = "X-Mock-Signature"
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class MockProvider:
+    """Sends chunks to the mock provider's ``POST /v1/send`` over one pooled session."""
+
+    name = "mock"
+    max_batch = 100
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+        self._url = base_url.rstrip("/") + "/v1/send"
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256), timeout=self._timeout
+            )
+        return self._session
+
+    async def send_batch(self, messages: list[Message]) -> list[SendResult]:
+        """Send one chunk; never raises for provider or network failures."""
+        if not messages:
+            return []
+        body = orjson.dumps({"messages": [_to_wire(m) for m in messages]})
+        try:
+            async with self._get_session().post(
+                self._url, data=body, headers=_JSON_HEADERS
+            ) as resp:
+                payload = await resp.read()
+                return _results_for(messages, resp.status, resp.headers, payload)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            reason = str(exc) or type(exc).__name__
+            return failed_all(messages, ProviderError(f"mock: {reason}", retryable=True))
+
+    async def close(self) -> None:
+        """Close the HTTP session (a later send opens a new one)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _to_wire(message: Message) -> dict[str, Any]:
+    return {
+        "ref": message.ref,
+        "to": message.to_email,
+        "to_name": message.to_name,
+        "from": message.from_email,
+        "from_name": message.from_name,
+        "subject": message.subject,
+        "html": message.html,
+        "text": message.text,
+        "headers": message.headers,
+    }
+
+
+def _results_for(
+    messages: list[Message], status: int, headers: Mapping[str, str], payload: bytes
+) -> list[SendResult]:
+    """Map one HTTP answer to per-message results."""
+    if status == 200:
+        try:
+            return _parse_results(messages, payload)
+        except ValueError as exc:
+            return failed_all(messages, ProviderError(f"mock: {exc}", retryable=True))
+    detail = payload[:200].decode("utf-8", "replace")
+    error_text = f"mock: HTTP {status}: {detail}"
+    if status == 429 or status >= 500:
+        retry_after = parse_retry_after(headers.get("Retry-After"))
+        error = ProviderError(error_text, retryable=True, retry_after=retry_after)
+    else:
+        error = ProviderError(error_text, retryable=not 400 <= status < 500)
+    return failed_all(messages, error)
+
+
+def _parse_results(messages: list[Message], payload: bytes) -> list[SendResult]:
+    data = orjson.loads(payload)
+    items = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(items, list) or len(items) != len(messages):
+        raise ValueError("malformed response: results do not match the request")
+    return [_parse_result(m, item) for m, item in zip(messages, items, strict=True)]
+
+
+def _parse_result(message: Message, item: Any) -> SendResult:
+    if not isinstance(item, dict) or item.get("ref") != message.ref:
+        raise ValueError(f"malformed response: no result for ref {message.ref!r}")
+    if item.get("status") == "accepted":
+        return SendResult(message.ref, True, provider_message_id=item.get("id"))
+    return SendResult(
+        message.ref,
+        False,
+        error=str(item.get("error") or "rejected"),
+        retryable=bool(item.get("retryable", False)),
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date), else None."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time())
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(slots=True)
+class WebhookEvent:
+    """One delivery event posted by the mock provider."""
+
+    ref: str
+    event: str  # "delivered" | "bounced" | "complained"
+    provider_message_id: str | None
+    email: str | None
+    timestamp: float
+    event_id: str
+
+
+def sign(body: bytes, secret: str) -> str:
+    """The ``X-Mock-Signature`` value for a webhook body."""
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return "sha256=" + digest
+
+
+def verify_signature(body: bytes, header: str | None, secret: str) -> bool:
+    """True when ``header`` is the signature of ``body`` (constant-time compare)."""
+    if not header:
+        return False
+    return hmac.compare_digest(sign(body, secret).encode(), header.encode())
+
+
+def parse_webhook(body: bytes) -> list[WebhookEvent]:
+    """Parse a webhook body (JSON array of events); raise ValueError when malformed."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"webhook body is not valid JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise ValueError("webhook body must be a JSON array of events")
+    return [_parse_event(index, item) for index, item in enumerate(data)]
+
+
+def _parse_event(index: int, item: Any) -> WebhookEvent:
+    if not isinstance(item, dict):
+        raise ValueError(f"event {index}: must be an object")
+    event = _required_str(index, item, "event")
+    if event not in WEBHOOK_EVENTS:
+        raise ValueError(f"event {index}: unknown event type {event!r}")
+    timestamp = item.get("timestamp")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
+        raise ValueError(f"event {index}: 'timestamp' must be a number")
+    return WebhookEvent(
+        ref=_required_str(index, item, "ref"),
+        event=event,
+        provider_message_id=_optional_str(index, item, "message_id"),
+        email=_optional_str(index, item, "email"),
+        timestamp=float(timestamp),
+        event_id=_required_str(index, item, "event_id"),
+    )
+
+
+def _required_str(index: int, item: dict[str, Any], key: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"event {index}: {key!r} must be a non-empty string")
+    return value
+
+
+def _optional_str(index: int, item: dict[str, Any], key: str) -> str | None:
+    value = item.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"event {index}: {key!r} must be a string or null")
+    return value

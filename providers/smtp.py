@@ -1,0 +1,208 @@
+"""SMTP provider: sends each chunk over a small pool of reused aiosmtplib connections."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formataddr, formatdate, make_msgid
+from typing import cast
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPException,
+    SMTPRecipientsRefused,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+)
+
+from providers.base import Message, ProviderError, SendResult
+
+# Headers a caller may not set: they would break the MIME structure or leak recipients.
+_PROTECTED_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version", "bcc"})
+_SEND_ERRORS = (SMTPException, OSError, TimeoutError, ValueError)
+
+
+def build_email(message: Message) -> EmailMessage:
+    """The RFC 5322 message for one ``Message`` (text part and/or html alternative)."""
+    email = EmailMessage()
+    email["From"] = formataddr((message.from_name or "", message.from_email))
+    email["To"] = formataddr((message.to_name or "", message.to_email))
+    email["Subject"] = message.subject
+    domain = message.from_email.rpartition("@")[2] or "localhost"
+    email["Message-ID"] = make_msgid(domain=domain)
+    email["Date"] = formatdate(usegmt=True)
+    for name, value in message.headers.items():
+        if name.lower() in _PROTECTED_HEADERS:
+            continue
+        del email[name]
+        email[name] = value
+    _set_body(email, message.text, message.html)
+    return email
+
+
+def _set_body(email: EmailMessage, text: str | None, html: str | None) -> None:
+    if text is not None:
+        email.set_content(text)
+        if html is not None:
+            email.add_alternative(html, subtype="html")
+    elif html is not None:
+        email.set_content(html, subtype="html")
+    else:
+        email.set_content("")
+
+
+def classify(exc: BaseException) -> tuple[str, bool]:
+    """``(error text, retryable)``: 5xx replies are permanent; 4xx and network errors retry."""
+    if isinstance(exc, SMTPRecipientsRefused):
+        if not exc.recipients:
+            return "recipient refused", False
+        refused = exc.recipients[0]
+        return f"{refused.code} {refused.message}", not 500 <= refused.code < 600
+    if isinstance(exc, SMTPResponseException):
+        return f"{exc.code} {exc.message}", not 500 <= exc.code < 600
+    if isinstance(exc, OSError | TimeoutError):  # includes disconnects and connect errors
+        return str(exc) or type(exc).__name__, True
+    return f"{type(exc).__name__}: {exc}", False
+
+
+class _ConnectFailed(Exception):
+    """Opening an SMTP session failed; ``error`` says whether to retry."""
+
+    def __init__(self, error: ProviderError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass(slots=True)
+class _Job:
+    """One ``send_batch`` call: work shared by the connections that take part."""
+
+    work: deque[tuple[int, Message]]
+    results: list[SendResult | None]
+    connect_error: ProviderError | None = None
+
+
+class SmtpProvider:
+    """Sends chunks over up to ``pool_size`` open SMTP connections, reused across calls."""
+
+    name = "smtp"
+    max_batch = 50
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        use_tls: bool = False,
+        start_tls: bool | None = None,
+        timeout: float = 30.0,
+        pool_size: int = 4,
+    ) -> None:
+        if pool_size < 1:
+            raise ValueError("pool_size must be >= 1")
+        self._clients = [
+            aiosmtplib.SMTP(
+                hostname=host,
+                port=port,
+                username=username,
+                password=password,
+                use_tls=use_tls,
+                start_tls=start_tls,
+                timeout=timeout,
+            )
+            for _ in range(pool_size)
+        ]
+        self._idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
+        for client in self._clients:
+            self._idle.put_nowait(client)
+
+    async def send_batch(self, messages: list[Message]) -> list[SendResult]:
+        """Send a chunk concurrently over the pool; results come back in input order."""
+        job = _Job(deque(enumerate(messages)), [None] * len(messages))
+        workers = min(len(self._clients), len(messages))
+        await asyncio.gather(*(self._work(job) for _ in range(workers)))
+        error = job.connect_error or ProviderError("smtp: no connection", retryable=True)
+        while job.work:  # every connection failed to open: the rest shares the error
+            index, message = job.work.popleft()
+            job.results[index] = _failed(message, str(error), error.retryable)
+        return cast(list[SendResult], job.results)
+
+    async def _work(self, job: _Job) -> None:
+        """Take messages from the job one by one over one pooled connection."""
+        client = await self._idle.get()
+        try:
+            while job.work:
+                index, message = job.work.popleft()
+                try:
+                    job.results[index] = await self._send_one(client, message)
+                except _ConnectFailed as exc:
+                    job.work.appendleft((index, message))  # another connection may take it
+                    job.connect_error = exc.error
+                    return
+        except BaseException:
+            client.close()  # cancelled mid-transaction: the session state is unknown
+            raise
+        finally:
+            self._idle.put_nowait(client)
+
+    async def _send_one(self, client: aiosmtplib.SMTP, message: Message) -> SendResult:
+        try:
+            email = build_email(message)
+        except (ValueError, TypeError) as exc:
+            return _failed(message, f"invalid message: {exc}", retryable=False)
+        try:
+            await _transmit(client, email, message)
+        except _SEND_ERRORS as exc:
+            if isinstance(exc, OSError | TimeoutError):  # the session state is unknown
+                client.close()
+            error, retryable = classify(exc)
+            return _failed(message, f"smtp: {error}", retryable)
+        return SendResult(message.ref, True, provider_message_id=str(email["Message-ID"]))
+
+    async def close(self) -> None:
+        """Quit every open connection."""
+        await asyncio.gather(*(_quit(client) for client in self._clients))
+
+
+async def _transmit(client: aiosmtplib.SMTP, email: EmailMessage, message: Message) -> None:
+    """Send over ``client``; a reused connection the server dropped is reopened once."""
+    reused = client.is_connected
+    if not reused:
+        await _connect(client)
+    try:
+        await _deliver(client, email, message)
+    except SMTPServerDisconnected:
+        if not reused:
+            raise
+        client.close()
+        await _connect(client)
+        await _deliver(client, email, message)
+
+
+async def _connect(client: aiosmtplib.SMTP) -> None:
+    try:
+        await client.connect()
+    except _SEND_ERRORS as exc:
+        error, retryable = classify(exc)
+        raise _ConnectFailed(ProviderError(f"smtp: {error}", retryable=retryable)) from exc
+
+
+async def _deliver(client: aiosmtplib.SMTP, email: EmailMessage, message: Message) -> None:
+    await client.send_message(email, sender=message.from_email, recipients=[message.to_email])
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    if not client.is_connected:
+        return
+    try:
+        await client.quit(timeout=5.0)
+    except _SEND_ERRORS:
+        client.close()
+
+
+def _failed(message: Message, error: str, retryable: bool) -> SendResult:
+    return SendResult(message.ref, False, error=error, retryable=retryable)
