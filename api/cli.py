@@ -40,20 +40,18 @@ def _settings() -> Settings:
     return settings
 
 
-def cmd_migrate(_args: argparse.Namespace) -> int:
+def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
     from engine.migrate import migrate_all
 
-    asyncio.run(migrate_all(_settings()))
+    asyncio.run(migrate_all(settings))
     print("migrations applied")
     return 0
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     from engine.db import create_pool
     from engine.migrate import migrate_postgres
     from engine.tenants import create_key
-
-    settings = _settings()
 
     async def run() -> str:
         await migrate_postgres(settings.database_url)
@@ -67,14 +65,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_api(_args: argparse.Namespace) -> int:
+def cmd_api(_args: argparse.Namespace, settings: Settings) -> int:
     import uvloop
     from aiohttp import web
 
     from api.app import create_app
     from engine.migrate import migrate_all
-
-    settings = _settings()
     asyncio.run(migrate_all(settings))
     uvloop.install()
     web.run_app(
@@ -87,23 +83,21 @@ def cmd_api(_args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from engine.supervisor import Supervisor
 
-    return Supervisor(_settings(), args.processes).run()
+    return Supervisor(settings, args.processes).run()
 
 
-def cmd_mock_provider(args: argparse.Namespace) -> int:
+def cmd_mock_provider(args: argparse.Namespace, _settings: Settings | None) -> int:
     from providers import mock_server
 
     mock_server.main(args.rest)
     return 0
 
 
-def cmd_send(args: argparse.Namespace) -> int:
+def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     from api.send import send_file
-
-    settings = _settings()
     url = args.api_url or f"http://127.0.0.1:{settings.api_port}"
     fields = {
         "name": args.name or Path(args.file).name,
@@ -119,9 +113,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     return asyncio.run(send_file(url, args.key, Path(args.file), fields, follow=not args.no_follow))
 
 
-def cmd_all(_args: argparse.Namespace) -> int:
+def cmd_all(_args: argparse.Namespace, settings: Settings) -> int:
     """The development process tree: each part a child, restarted when it dies."""
-    settings = _settings()
     from engine.migrate import migrate_all
 
     asyncio.run(migrate_all(settings))
@@ -228,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         args.rest = rest  # its own options, parsed by providers.mock_server
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    raise SystemExit(args.func(args))
+    # Settings first: they must be in place before prometheus-client is imported.
+    settings = None if args.func is cmd_mock_provider else _settings()
+    raise SystemExit(args.func(args, settings))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ variable; the CLI prints that one line and exits.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -32,6 +33,7 @@ class Rate:
 def _url(*schemes: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
         if parts.scheme not in schemes or not parts.hostname:
             raise ValueError(f"must be a {'/'.join(s + '://' for s in schemes)} URL")
         return value
@@ -71,7 +73,7 @@ def _bool(value: str) -> bool:
 def _rate(value: str) -> Rate:
     per_second, _, burst = value.partition("/")
     rate = Rate(float(per_second), int(burst or max(1, int(float(per_second)))))
-    if rate.per_second <= 0 or rate.burst < 1:
+    if not 0 < rate.per_second < math.inf or rate.burst < 1:
         raise ValueError("must be '<per_second>/<burst>' with both positive")
     return rate
 
@@ -193,9 +195,9 @@ class Settings:
                 continue
             value = getattr(self, f.name)
             if isinstance(value, Rate):
-                value = f"{value.per_second:g}/{value.burst}"
+                value = f"{value.per_second!r}/{value.burst}"
             elif isinstance(value, dict):
-                value = ",".join(f"{k}={r.per_second:g}/{r.burst}" for k, r in value.items())
+                value = ",".join(f"{k}={r.per_second!r}/{r.burst}" for k, r in value.items())
             elif isinstance(value, bool):
                 value = "true" if value else "false"
             out[f.name.upper()] = str(value)

@@ -26,7 +26,7 @@ from engine.config import Settings
 
 log = logging.getLogger(__name__)
 
-CRASH_LIMIT = 10
+CRASH_LIMIT = 5
 CRASH_WINDOW = 60.0
 _SIGNALS = (
     signal.SIGTERM,
@@ -166,7 +166,7 @@ class Supervisor:
             if self.draining_since is None and not retired:
                 log.warning("worker %d exited with %d; restarting", pid, code)
                 self.crashes.append(time.monotonic())
-                self._spawn_after = time.monotonic() + min(10.0, 0.1 * 2 ** len(self.crashes))
+                self._spawn_after = time.monotonic() + min(5.0, 0.1 * 2 ** len(self.crashes))
 
     def murder_hung_workers(self) -> None:
         limit = self.settings.worker_heartbeat_timeout
