@@ -7,7 +7,7 @@ sends nothing again. Results are published to NATS before the chunk is acknowled
 Duplicate bound after a crash: recipients handed to the provider whose results were not
 yet applied to PostgreSQL can be sent again when their chunk is redelivered; that is at
 most ``WORKER_CONCURRENCY`` chunks per killed process plus what the ``results-pg`` writer
-had not yet applied.
+had not yet applied. Such chunks come back after ``SEND_ACK_WAIT`` (15 s).
 """
 
 from __future__ import annotations

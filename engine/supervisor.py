@@ -107,15 +107,19 @@ class Supervisor:
         if self.draining_since is not None:
             log.warning("second stop signal: killing workers now")
             self.kill_workers(signal.SIGKILL)
-            self.reap_workers()
+            for pid in list(self.children):  # SIGKILL is immediate: wait them out
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
             sys.exit(1)
         self.begin_drain()
 
     handle_sigint = handle_sigterm
 
     def handle_sigquit(self) -> None:
-        self.kill_workers(signal.SIGKILL)
-        sys.exit(1)
+        self.draining_since = self.draining_since or time.monotonic()
+        self.handle_sigterm()
 
     def handle_sigchld(self) -> None:
         pass  # reaped every turn

@@ -26,6 +26,9 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 DAY = 86_400.0
+# A worker that dies holding chunks gives them back after this long; live workers keep
+# their chunks with in_progress() every SEND_ACK_WAIT / 3 seconds (engine.worker).
+SEND_ACK_WAIT = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +116,7 @@ class Topology:
 
         return {
             self.intake_stream: [pull("intake", 300.0, 1_000)],
-            self.send_stream: [pull("send", 60.0, 20_000)],
+            self.send_stream: [pull("send", SEND_ACK_WAIT, 20_000)],
             self.results_stream: [
                 pull("results-pg", 60.0, 200_000),
                 pull("results-ch", 120.0, 200_000),

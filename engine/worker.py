@@ -30,6 +30,7 @@ from engine.intake import create_from_nats
 from engine.results import apply_results, decode
 from engine.sender import Sender
 from engine.services import Services
+from engine.topology import SEND_ACK_WAIT
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Worker:
         self.settings = settings
         self.heartbeat_path = heartbeat_path
         self.stopping = asyncio.Event()
-        self._chunks: set[asyncio.Task] = set()
+        self._chunks: dict[asyncio.Task, Msg] = {}
 
     def stop(self) -> None:
         self.stopping.set()
@@ -76,10 +77,16 @@ class Worker:
             log.info("worker stopped", extra={"pid": os.getpid()})
 
     async def _heartbeat(self) -> None:
-        if not self.heartbeat_path:
-            return
+        """Touch the heartbeat file, and keep the chunks in flight from being redelivered."""
+        beats = 0
         while True:
-            os.utime(self.heartbeat_path)
+            if self.heartbeat_path:
+                os.utime(self.heartbeat_path)
+            beats += 1
+            if beats % int(SEND_ACK_WAIT / 3) == 0:
+                for msg in list(self._chunks.values()):
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
             await asyncio.sleep(1.0)
 
     async def _subscribe(self, js: JetStreamContext, stream: str, durable: str):
@@ -110,8 +117,8 @@ class Worker:
                 continue
             for msg in await self._fetch(psub, min(free, 64)):
                 task = asyncio.create_task(self._chunk(sender, msg))
-                self._chunks.add(task)
-                task.add_done_callback(self._chunks.discard)
+                self._chunks[task] = msg
+                task.add_done_callback(self._chunks.pop)
         if self._chunks:  # drain: let chunks in flight finish and record their results
             await asyncio.wait(self._chunks, timeout=self.settings.drain_timeout)
 
