@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 SERVICES = web.AppKey("services", Services)
 HEALTH = web.AppKey("health", HealthChecker)
 SETTINGS = web.AppKey("settings", Settings)
-TENANT = "tenant_id"
+TENANT = web.RequestKey("tenant_id", str)
 PUBLIC = frozenset({"/health", "/health/live", "/api/metrics", "/api/openapi.json"})
 _AUTH_CACHE_SECONDS = 10.0
 
@@ -48,9 +48,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except BatchSenderError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.details)
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         err = PayloadTooLarge(
-            f"the body is larger than {exc.max_size} bytes; stream NDJSON or CSV instead"
+            f"the body is larger than {request.client_max_size} bytes; stream NDJSON or CSV instead"
         )
         return error_response(413, err.code, err.message)
     except web.HTTPException as exc:

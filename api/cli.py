@@ -71,6 +71,7 @@ def cmd_api(_args: argparse.Namespace, settings: Settings) -> int:
 
     from api.app import create_app
     from engine.migrate import migrate_all
+
     asyncio.run(migrate_all(settings))
     uvloop.install()
     web.run_app(
@@ -98,6 +99,7 @@ def cmd_mock_provider(args: argparse.Namespace, _settings: Settings | None) -> i
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     from api.send import send_file
+
     url = args.api_url or f"http://127.0.0.1:{settings.api_port}"
     fields = {
         "name": args.name or Path(args.file).name,

@@ -217,12 +217,22 @@ async def ndjson_rows(chunks: AsyncIterable[bytes]) -> AsyncIterator[Any]:
 async def csv_rows(chunks: AsyncIterable[bytes]) -> AsyncIterator[Any]:
     """Rows of a CSV stream with a header line: ``email``, ``name``, other columns = vars."""
     header: list[str] | None = None
+    open_record = ""  # a record whose quoted field goes on over a line break
     async for lines in _lines(chunks):
         try:
             decoded = [line.decode("utf-8").rstrip("\r") for line in lines]
         except UnicodeDecodeError:
             raise BadRequest("the CSV body is not UTF-8", code="invalid_csv") from None
-        for values in csv.reader(decoded):
+        records = []
+        for line in decoded:
+            if open_record:
+                line = open_record + "\n" + line
+            if line.count('"') % 2:
+                open_record = line
+                continue
+            open_record = ""
+            records.append(line)
+        for values in csv.reader(records):
             if not values or values == [""]:
                 continue
             if header is None:

@@ -84,7 +84,9 @@ async def test_nats_batch_is_recorded_once_and_sent(stack, tenant):
     assert not first.duplicate and again.duplicate
 
     async def recorded():
-        _, page = await client.request("GET", f"{stack.api}/api/batches", params={"external_id": msg_id})
+        _, page = await client.request(
+            "GET", f"{stack.api}/api/batches", params={"external_id": msg_id}
+        )
         return page["data"]
 
     batches = await eventually(recorded, 60, what="the NATS batch in the API")

@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
 
 import orjson
 import pytest
@@ -41,12 +42,12 @@ async def _progress_at_least(client: Client, batch_id: str, final: int) -> None:
     await eventually(check, 120, what=f"{final} recipients final")
 
 
-async def _completed(client: Client, batch_id: str, timeout: float = 240) -> dict:
+async def _completed(client: Client, batch_id: str, within: float = 240) -> dict:
     async def check():
         batch = await _batch(client, batch_id)
         return batch if batch["status"] == "completed" else None
 
-    return await eventually(check, timeout, what="batch completed")
+    return await eventually(check, within, what="batch completed")
 
 
 async def _received(client: Client, batch_id: str) -> dict[str, int]:
@@ -151,21 +152,27 @@ async def test_a_second_signal_stops_at_once(stack, client):
     stack.procs.pop("worker")
 
 
-async def test_a_crash_loop_stops_the_supervisor(stack):
-    """Children that die as soon as they start (here: killed, as an OOM killer would) make
-    the supervisor stop with exit code 3 instead of spinning."""
+def _kill_children_until_exit(proc: subprocess.Popen, limit: int = 50) -> set[int]:
+    """Kill every child of ``proc`` as soon as it appears, as an OOM killer would."""
+    killed: set[int] = set()
+    while proc.poll() is None and len(killed) < limit:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        for pid in map(int, out.stdout.split()):
+            if pid not in killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(0.05)
+    return killed
+
+
+def test_a_crash_loop_stops_the_supervisor(stack):
+    """Children that die as soon as they start make the supervisor stop with exit code 3
+    instead of spinning."""
     proc = subprocess.Popen(command("worker", "-n", "1"), env=stack.environ,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    killed: set[int] = set()
     try:
-        while proc.poll() is None and len(killed) < 50:
-            out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
-            for pid in map(int, out.stdout.split()):
-                if pid not in killed:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.add(pid)
-            await asyncio.sleep(0.05)
-        code = await asyncio.to_thread(proc.wait, 60)
+        killed = _kill_children_until_exit(proc)
+        code = proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()

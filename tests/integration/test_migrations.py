@@ -1,0 +1,156 @@
+"""Schema migrations on the real PostgreSQL and ClickHouse, and on a current ClickHouse (chdb)."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import uuid
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from engine.clickhouse import ClickHouse
+from engine.config import Settings
+from engine.migrate import MIGRATIONS, clickhouse_statements, migrate_all
+
+PG_TABLES = {"schema_migrations", "tenants", "api_keys", "batches", "recipients", "suppressions"}
+CH_TABLES = {"schema_migrations", "events", "events_per_minute"}
+
+
+async def pg_state(settings: Settings) -> tuple[list[tuple], set[str]]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        versions = [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT version, applied_at FROM schema_migrations ORDER BY version"
+            )
+        ]
+        tables = {
+            r["table_name"]
+            for r in await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            )
+        }
+    finally:
+        await conn.close()
+    return versions, tables
+
+
+def ch_state(settings: Settings) -> tuple[list[tuple], set[str]]:
+    clickhouse = ClickHouse(settings)
+    try:
+        db = settings.clickhouse_database
+        versions = sorted(
+            clickhouse.query(f"SELECT version, applied_at FROM {db}.schema_migrations")
+        )
+        tables = {row[0] for row in clickhouse.query(f"SHOW TABLES FROM {db}")}
+    finally:
+        clickhouse.close()
+    return versions, tables
+
+
+async def test_migrate_all_twice_is_harmless(migrated: Settings) -> None:
+    pg_versions, pg_tables = await pg_state(migrated)
+    ch_versions, ch_tables = await asyncio.to_thread(ch_state, migrated)
+    expected_pg = [p.stem for p in sorted((MIGRATIONS / "postgres").glob("*.sql"))]
+    expected_ch = [p.stem for p in sorted((MIGRATIONS / "clickhouse").glob("*.sql"))]
+    assert [v[0] for v in pg_versions] == expected_pg
+    assert [v[0] for v in ch_versions] == expected_ch
+
+    await migrate_all(migrated)
+    await migrate_all(migrated)
+
+    assert await pg_state(migrated) == (pg_versions, pg_tables)
+    assert await asyncio.to_thread(ch_state, migrated) == (ch_versions, ch_tables)
+
+
+async def test_postgres_tables_exist(migrated: Settings) -> None:
+    _, tables = await pg_state(migrated)
+    assert PG_TABLES <= tables
+
+
+async def test_clickhouse_tables_exist(migrated: Settings) -> None:
+    _, tables = await asyncio.to_thread(ch_state, migrated)
+    assert CH_TABLES <= tables
+
+
+def _insert_and_aggregate(settings: Settings, tenant: str) -> list[tuple]:
+    clickhouse = ClickHouse(settings)
+    db = settings.clickhouse_database
+    minute = datetime(2030, 1, 1, 10, 0, tzinfo=UTC).replace(tzinfo=None)
+    rows = [
+        [when, tenant, "b1", seq, event, "mock", domain, latency, attempts, "", ""]
+        for when, seq, event, domain, latency, attempts in (
+            (minute.replace(second=5), 1, "sent", "example.com", 10, 1),
+            (minute.replace(second=55), 2, "sent", "example.com", 30, 1),
+            (minute.replace(second=20), 1, "delivered", "example.com", 0, 0),
+            (minute.replace(minute=1), 3, "sent", "example.org", 5, 2),
+        )
+    ]
+    try:
+        clickhouse.insert_events(rows)
+        return sorted(
+            clickhouse.query(
+                f"SELECT toString(minute), event, sum(events), sum(latency_ms_sum)"
+                f" FROM {db}.events_per_minute WHERE tenant_id = '{tenant}'"
+                f" GROUP BY minute, event"
+            )
+        )
+    finally:
+        clickhouse.close()
+
+
+EXPECTED_MINUTES = [
+    ("2030-01-01 10:00:00", "delivered", 1, 0),
+    ("2030-01-01 10:00:00", "sent", 2, 40),
+    ("2030-01-01 10:01:00", "sent", 1, 5),
+]
+
+
+async def test_events_aggregate_per_minute_on_this_clickhouse(migrated: Settings) -> None:
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    assert await asyncio.to_thread(_insert_and_aggregate, migrated, tenant) == EXPECTED_MINUTES
+
+
+def test_clickhouse_schema_on_current_clickhouse() -> None:
+    session_module = pytest.importorskip("chdb.session")
+    files = sorted((MIGRATIONS / "clickhouse").glob("*.sql"))
+    assert files
+    db = f"bst_chdb_{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory(prefix="bst-chdb-") as path:
+        session = session_module.Session(path)
+        try:
+            version = str(session.query("SELECT version()", "CSV")).strip().strip('"')
+            assert int(version.split(".")[0]) >= 23  # a current release, unlike 18.16
+            session.query(f"CREATE DATABASE {db}")
+            for file in files:
+                for statement in clickhouse_statements(file, db):
+                    session.query(statement)
+                # Idempotent: a second run of the same file must not fail.
+                for statement in clickhouse_statements(file, db):
+                    session.query(statement)
+            session.query(
+                f"INSERT INTO {db}.events VALUES"
+                " ('2030-01-01 10:00:05', 'ta', 'b1', 1, 'sent', 'mock', 'example.com', 10, 1, '', 'm1'),"
+                " ('2030-01-01 10:00:55', 'ta', 'b1', 2, 'sent', 'mock', 'example.com', 30, 1, '', ''),"
+                " ('2030-01-01 10:00:20', 'ta', 'b1', 1, 'delivered', 'mock', 'example.com', 0, 0, '', ''),"
+                " ('2030-01-01 10:01:00', 'ta', 'b1', 3, 'sent', 'mock', 'example.org', 5, 2, '', '')"
+            )
+            result = str(
+                session.query(
+                    f"SELECT toString(minute), event, sum(events), sum(latency_ms_sum)"
+                    f" FROM {db}.events_per_minute GROUP BY minute, event ORDER BY minute, event",
+                    "TabSeparated",
+                )
+            )
+            tables = str(session.query(f"SHOW TABLES FROM {db}", "TabSeparated")).split()
+        finally:
+            session.close()
+    parsed = [
+        (minute, event, int(events), int(latency))
+        for minute, event, events, latency in (line.split("\t") for line in result.splitlines())
+    ]
+    assert parsed == EXPECTED_MINUTES
+    assert {"events", "events_per_minute"} <= set(tables)

@@ -1,0 +1,223 @@
+"""engine.results.apply_results on batches created by create_batch (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from engine.intake import create_batch, list_rows, parse_batch_fields
+from engine.results import ResultRow, apply_results
+from engine.services import Services
+
+FIELDS = {
+    "name": "Results test",
+    "from_email": "news@shop.example",
+    "subject": "Hello",
+    "text": "Hi {{ name }}",
+    "provider": "mock",
+}
+
+
+async def new_batch(services: Services, tenant_id: str, count: int) -> str:
+    rows = [{"email": f"Person{i}@Example.com"} for i in range(1, count + 1)]
+    created = await create_batch(services, tenant_id, parse_batch_fields(FIELDS), list_rows(rows))
+    assert created.status == "queued"
+    return created.id
+
+
+async def apply(services: Services, rows: list[ResultRow]) -> list[tuple[str, str]]:
+    async with services.pool.acquire() as conn:
+        return await apply_results(conn, rows)
+
+
+async def batch_state(services: Services, batch_id: str) -> dict[str, Any]:
+    row = await services.pool.fetchrow(
+        "SELECT status, final_count, total_recipients, started_at, completed_at"
+        " FROM batches WHERE id = $1",
+        uuid.UUID(batch_id),
+    )
+    return dict(row)
+
+
+async def recipient(services: Services, batch_id: str, seq: int) -> dict[str, Any]:
+    row = await services.pool.fetchrow(
+        "SELECT status, provider_message_id, error, attempts FROM recipients"
+        " WHERE batch_id = $1 AND seq = $2",
+        uuid.UUID(batch_id),
+        seq,
+    )
+    return dict(row)
+
+
+def sent(batch_id: str, seq: int, **kwargs: Any) -> ResultRow:
+    return ResultRow(batch_id, seq, "sent", kwargs.pop("pmid", f"pm-{seq}"), **kwargs)
+
+
+async def test_batch_completes_exactly_when_every_recipient_is_final(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 10)
+
+    touched = await apply(services, [sent(batch_id, seq) for seq in range(1, 6)])
+    assert touched == [(batch_id, "processing")]
+    state = await batch_state(services, batch_id)
+    assert (state["status"], state["final_count"]) == ("processing", 5)
+    assert state["started_at"] is not None and state["completed_at"] is None
+
+    # Four more, one of them a failure: still not complete.
+    await apply(
+        services,
+        [sent(batch_id, seq) for seq in range(6, 9)]
+        + [ResultRow(batch_id, 9, "failed", None, "550 unknown user", 5)],
+    )
+    state = await batch_state(services, batch_id)
+    assert (state["status"], state["final_count"]) == ("processing", 9)
+    assert await recipient(services, batch_id, 9) == {
+        "status": "failed", "provider_message_id": None, "error": "550 unknown user", "attempts": 5,
+    }  # fmt: skip
+
+    touched = await apply(services, [sent(batch_id, 10)])
+    assert touched == [(batch_id, "completed")]
+    state = await batch_state(services, batch_id)
+    assert (state["status"], state["final_count"]) == ("completed", 10)
+    assert state["completed_at"] is not None
+    assert await recipient(services, batch_id, 10) == {
+        "status": "sent", "provider_message_id": "pm-10", "error": None, "attempts": 1,
+    }  # fmt: skip
+
+
+async def test_applying_the_same_results_twice_counts_once(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 4)
+    half = [sent(batch_id, 1), sent(batch_id, 2)]
+
+    await apply(services, half)
+    assert await apply(services, half) == []  # nothing changed, no batch touched
+    state = await batch_state(services, batch_id)
+    assert (state["status"], state["final_count"]) == ("processing", 2)
+
+    # The same row twice in one flush counts once as well.
+    await apply(services, [sent(batch_id, 3), sent(batch_id, 3)])
+    assert (await batch_state(services, batch_id))["final_count"] == 3
+
+    rest = [sent(batch_id, 4)]
+    await apply(services, rest)
+    await apply(services, half + rest)
+    state = await batch_state(services, batch_id)
+    assert (state["status"], state["final_count"]) == ("completed", 4)
+
+
+async def test_a_later_result_does_not_replace_a_final_one(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 2)
+    await apply(services, [ResultRow(batch_id, 1, "failed", None, "rejected", 3)])
+    await apply(services, [sent(batch_id, 1, pmid="late")])  # e.g. a redelivered chunk
+    assert await recipient(services, batch_id, 1) == {
+        "status": "failed", "provider_message_id": None, "error": "rejected", "attempts": 3,
+    }  # fmt: skip
+    assert (await batch_state(services, batch_id))["final_count"] == 1
+
+
+async def test_delivered_before_sent_is_final_and_sent_does_not_overwrite_it(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 2)
+
+    touched = await apply(services, [ResultRow(batch_id, 1, "delivered", "pm-1")])
+    assert touched == [(batch_id, "processing")]
+    assert (await recipient(services, batch_id, 1))["status"] == "delivered"
+    assert (await batch_state(services, batch_id))["final_count"] == 1
+
+    await apply(services, [sent(batch_id, 1)])
+    assert (await recipient(services, batch_id, 1))["status"] == "delivered"
+    state = await batch_state(services, batch_id)
+    assert (state["status"], state["final_count"]) == ("processing", 1)
+
+    await apply(services, [sent(batch_id, 2)])
+    state = await batch_state(services, batch_id)
+    assert (state["status"], state["final_count"]) == ("completed", 2)
+
+
+async def test_sent_then_delivered_in_one_call_both_land(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 3)
+    await apply(
+        services,
+        [
+            sent(batch_id, 1, pmid="pm-a"),
+            ResultRow(batch_id, 2, "delivered", "pm-b"),  # event first, send after
+            ResultRow(batch_id, 1, "delivered", None),
+            sent(batch_id, 2, pmid="ignored"),
+        ],
+    )
+    one = await recipient(services, batch_id, 1)
+    assert (one["status"], one["provider_message_id"]) == ("delivered", "pm-a")
+    two = await recipient(services, batch_id, 2)
+    assert (two["status"], two["provider_message_id"]) == ("delivered", "pm-b")
+    state = await batch_state(services, batch_id)
+    assert (state["status"], state["final_count"]) == ("processing", 2)  # each counted once
+
+
+async def test_events_move_forward_by_rank_only(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 1)
+    await apply(services, [sent(batch_id, 1)])
+    await apply(services, [ResultRow(batch_id, 1, "complained", None)])
+    await apply(services, [ResultRow(batch_id, 1, "delivered", None)])
+    await apply(services, [ResultRow(batch_id, 1, "bounced", None)])
+    assert (await recipient(services, batch_id, 1))["status"] == "complained"
+    assert (await batch_state(services, batch_id))["final_count"] == 1
+
+
+async def test_bounce_adds_a_suppression_for_the_tenant(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 3)
+    await apply(services, [sent(batch_id, seq) for seq in (1, 2, 3)])
+    await apply(
+        services,
+        [
+            ResultRow(batch_id, 1, "bounced", None),
+            ResultRow(batch_id, 2, "delivered", None),
+            ResultRow(batch_id, 3, "complained", None),
+        ],
+    )
+    suppressions = await services.pool.fetch(
+        "SELECT email, reason FROM suppressions WHERE tenant_id = $1 ORDER BY email", tenant_id
+    )
+    assert [(r["email"], r["reason"]) for r in suppressions] == [
+        ("person1@example.com", "bounced"),
+        ("person3@example.com", "complained"),
+    ]
+    # Applying the bounce again is harmless.
+    await apply(services, [ResultRow(batch_id, 1, "bounced", None)])
+    count = await services.pool.fetchval(
+        "SELECT count(*) FROM suppressions WHERE tenant_id = $1", tenant_id
+    )
+    assert count == 2
+
+    # The next batch of this tenant skips the bounced address.
+    rows = [{"email": "person1@example.com"}, {"email": "person2@example.com"}]
+    created = await create_batch(services, tenant_id, parse_batch_fields(FIELDS), list_rows(rows))
+    assert created.suppressed == 1
+
+
+async def test_results_of_several_batches_in_one_call(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    tenant_id, _ = tenant
+    first = await new_batch(services, tenant_id, 1)
+    second = await new_batch(services, tenant_id, 2)
+    touched = await apply(services, [sent(first, 1), sent(second, 1)])
+    assert sorted(touched) == sorted([(first, "completed"), (second, "processing")])
