@@ -1,0 +1,192 @@
+"""End-to-end benchmark: N recipients from the first byte of a REST upload to the last
+recipient final, on a throw-away deployment of the real processes.
+
+    python -m bench.e2e --recipients 100000
+    python -m bench.e2e --recipients 100000 --nats      # also one batch over NATS
+
+Prints intake recipients/s (the streamed NDJSON request), end-to-end recipients/s, and
+the peak resident memory of every process. Checks at the end that the mock provider
+received every recipient exactly once. Uses this machine's PostgreSQL, NATS, Redis and
+ClickHouse (settings from .env.test, overridable by the environment) with its own
+databases and prefixes, and removes them afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from bench.stack import Stack, environ_for, isolated_environ
+from engine.config import Settings, load_settings
+from engine.db import create_pool
+from engine.migrate import drop_all, migrate_all
+from engine.publisher import BatchRequest, Publisher, Recipient
+from engine.tenants import create_key
+
+TEMPLATE = {
+    "name": "bench",
+    "from_email": "bench@example.com",
+    "subject": "Hello {{ name }}",
+    "text": "Your code is {{ code }}.",
+    "provider": "mock",
+}
+
+
+async def ndjson_body(total: int, chunk_rows: int = 10_000) -> AsyncIterator[bytes]:
+    yield orjson.dumps(TEMPLATE) + b"\n"
+    for start in range(0, total, chunk_rows):
+        yield b"".join(
+            orjson.dumps(
+                {"email": f"user{i}@example.com", "name": f"User {i}", "vars": {"code": str(i)}}
+            )
+            + b"\n"
+            for i in range(start, min(total, start + chunk_rows))
+        )
+
+
+async def wait_completed(session: aiohttp.ClientSession, api: str, batch_id: str) -> datetime:
+    while True:
+        async with session.get(f"{api}/api/batches/{batch_id}") as response:
+            batch = orjson.loads(await response.read())
+        if batch["status"] == "completed":
+            return datetime.fromisoformat(batch["completed_at"])
+        if batch["status"] in ("failed", "cancelled"):
+            raise RuntimeError(f"batch ended {batch['status']}")
+        await asyncio.sleep(0.1)
+
+
+async def run_rest(stack: Stack, key: str, total: int) -> dict[str, float]:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-ndjson"}
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+        started_wall, started = time.time(), time.perf_counter()
+        async with session.post(f"{stack.api}/api/batches", data=ndjson_body(total)) as response:
+            created = orjson.loads(await response.read())
+            if response.status != 201:
+                raise RuntimeError(f"create failed: {response.status} {created}")
+        intake = time.perf_counter() - started
+        done = await wait_completed(session, stack.api, created["id"])
+    return {"intake_s": intake, "e2e_s": done.timestamp() - started_wall}
+
+
+async def run_nats(stack: Stack, key: str, tenant: str, total: int) -> float:
+    settings = stack.settings
+    publisher = await Publisher.connect(settings.nats_url, settings.nats_prefix)
+    request = BatchRequest(
+        **{k: v for k, v in TEMPLATE.items() if k != "text"},
+        text="Hello",
+        recipients=[Recipient(f"nats{i}@example.com", f"N {i}") for i in range(total)],
+    )
+    msg_id = f"bench-{uuid.uuid4()}"
+    started_wall = time.time()
+    await publisher.publish(tenant, request, msg_id, ack_wait=60)
+    await publisher.close()
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        while True:
+            async with session.get(
+                f"{stack.api}/api/batches", params={"external_id": msg_id}
+            ) as response:
+                page = orjson.loads(await response.read())
+            if page["data"]:
+                break
+            await asyncio.sleep(0.05)
+        done = await wait_completed(session, stack.api, page["data"][0]["id"])
+    return done.timestamp() - started_wall
+
+
+async def mock_stats(stack: Stack) -> dict:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{stack.mock}/v1/stats") as response:
+            return orjson.loads(await response.read())
+
+
+async def tenant_key(settings: Settings, tenant: str) -> str:
+    pool = await create_pool(settings, max_size=1)
+    try:
+        return await create_key(pool, tenant)
+    finally:
+        await pool.close()
+
+
+def machine() -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem_gb:.0f} GiB, Python {platform.python_version()}"
+
+
+async def main(args: argparse.Namespace) -> int:
+    tag = f"b{uuid.uuid4().hex[:8]}"
+    environ = isolated_environ(tag)
+    environ.update(WORKER_PROCESSES=str(args.workers), PROVIDER_RATES="mock=10000000/1000000")
+    settings = load_settings(environ)
+    await migrate_all(settings)
+    stack = Stack(settings, environ_for(environ), Path(tempfile.mkdtemp(prefix=f"bench-{tag}-")))
+    try:
+        key = await tenant_key(settings, "bench")
+        await asyncio.to_thread(stack.start_all, ("--latency-ms", str(args.latency_ms)))
+        rest = await run_rest(stack, key, args.recipients)
+        nats_s = await run_nats(stack, key, "bench", args.nats_recipients) if args.nats else None
+        peaks = stack.peak_rss_mb()
+        stats = await mock_stats(stack)
+    except BaseException:
+        print(stack.tail(), file=sys.stderr)
+        raise
+    finally:
+        await asyncio.to_thread(stack.stop_all)
+        await drop_all(settings)
+    expected = args.recipients + (args.nats_recipients if args.nats else 0)
+    n = args.recipients
+    print(f"machine:            {machine()}")
+    print(
+        f"workers:            {args.workers} processes, mock latency {args.latency_ms} ms/request"
+    )
+    print(f"recipients:         {n:,} (REST, streamed NDJSON)")
+    print(
+        f"intake:             {rest['intake_s']:.2f} s  = {n / rest['intake_s']:,.0f} recipients/s"
+    )
+    print(f"end-to-end:         {rest['e2e_s']:.2f} s  = {n / rest['e2e_s']:,.0f} recipients/s")
+    if nats_s is not None:
+        m = args.nats_recipients
+        print(f"NATS batch:         {m:,} in {nats_s:.2f} s = {m / nats_s:,.0f} recipients/s")
+    print("peak RSS (MB):      " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(peaks.items())))
+    print(
+        f"provider received:  {stats['accepted']:,} ({stats['unique']:,} unique, {stats['duplicates']} duplicates)"
+    )
+    ok = stats["unique"] == expected and stats["duplicates"] == 0
+    print("check:              " + ("ok: every recipient exactly once" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipients", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="mock provider latency per request"
+    )
+    parser.add_argument("--nats", action="store_true", help="also send one batch over NATS")
+    parser.add_argument("--nats-recipients", type=int, default=10_000)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main(parse_args())))
