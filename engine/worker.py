@@ -27,6 +27,8 @@ from engine.config import Settings
 from engine.errors import BatchSenderError
 from engine.events import EventWriter
 from engine.intake import create_from_nats
+from engine.leader import Lease
+from engine.recovery import requeue_interrupted
 from engine.results import apply_results, decode
 from engine.sender import Sender
 from engine.services import Services
@@ -65,6 +67,7 @@ class Worker:
                 self._event_loop(services.js, topo.results_stream, events),
                 self._consume(services.js, topo.intake_stream, "intake", 1,
                               lambda msgs: self._intake(services, msgs)),
+                self._lead(services),
             )  # fmt: skip
         finally:
             metrics.WORKER_PROCESSES.set(0)
@@ -213,6 +216,17 @@ class Worker:
             "data": msg.data.decode("utf-8", "replace"),
         })  # fmt: skip
         await services.js.publish(services.topology.dlq_subject("intake"), body)
+
+    async def _lead(self, services: Services) -> None:
+        """Hold the leader lease when free and run the leader's chores every few seconds."""
+        lease = Lease(services.redis, services.key("leader"))
+        while not self.stopping.is_set():
+            try:
+                if await lease.hold():
+                    await requeue_interrupted(services)
+            except Exception:
+                log.exception("leader chores failed")
+            await self._sleep(3.0)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

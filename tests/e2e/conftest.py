@@ -3,24 +3,42 @@ and ``worker``, on this session's isolated settings."""
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import orjson
 import pytest
 
-from bench.stack import Stack, command, environ_for
-from engine.config import Settings
+from bench.stack import Stack, command, environ_for, isolated_environ
+from engine.config import load_settings
+from engine.db import create_pool
+from engine.migrate import drop_all, migrate_all
+from engine.tenants import create_key
+from tests.conftest import SESSION
 
 __all__ = ["Client", "Stack", "command", "eventually"]
 
 
 @pytest.fixture(scope="session")
-def stack(migrated: Settings, test_environ: dict[str, str], tmp_path_factory) -> Iterator[Stack]:
-    environ = environ_for(test_environ, WORKER_PROCESSES="2", WORKER_HEARTBEAT_TIMEOUT="5",
-                          DRAIN_TIMEOUT="20")  # fmt: skip
-    running = Stack(migrated, environ, tmp_path_factory.mktemp("logs"))
+async def deployment() -> AsyncIterator[dict[str, str]]:
+    """A deployment of its own for the running processes, apart from the one the
+    integration tests use (they must see no worker consume their messages)."""
+    environ = isolated_environ(f"e{SESSION}")
+    environ.update(WORKER_PROCESSES="2", WORKER_HEARTBEAT_TIMEOUT="5", DRAIN_TIMEOUT="20")
+    await migrate_all(load_settings(environ))
+    yield environ
+    await drop_all(load_settings(environ))
+    shutil.rmtree(environ["METRICS_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack(deployment: dict[str, str], tmp_path_factory) -> Iterator[Stack]:
+    running = Stack(
+        load_settings(deployment), environ_for(deployment), tmp_path_factory.mktemp("logs")
+    )
     try:
         running.start_all()
         yield running
@@ -29,6 +47,17 @@ def stack(migrated: Settings, test_environ: dict[str, str], tmp_path_factory) ->
         raise
     finally:
         running.stop_all()
+
+
+@pytest.fixture
+async def tenant(stack: Stack) -> tuple[str, str]:
+    """A fresh tenant and key in the running deployment."""
+    tenant_id = f"t{uuid.uuid4().hex[:10]}"
+    pool = await create_pool(stack.settings, max_size=1)
+    try:
+        return tenant_id, await create_key(pool, tenant_id)
+    finally:
+        await pool.close()
 
 
 class Client:
