@@ -139,3 +139,44 @@ def test_safe_attribute_and_method_access_still_works() -> None:
     template = BatchTemplate("{{ name.upper() }} {{ user.city }}", None, "x")
     rendered = template.render("a@example.com", "ann", {"user": {"city": "Oslo"}})
     assert rendered.subject == "ANN Oslo"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "Hi {{ name }}!",
+        "{{ code }}",
+        "plain text only",
+        "",
+        "trailing newline {{ name }}\n",
+        "<p>{{ name }} &amp; {{ code }}</p>\n\n",
+        "{{ name }}{{ code }}{{ email }}",
+    ],
+)
+@pytest.mark.parametrize("html", [False, True])
+def test_joined_templates_render_exactly_like_jinja(source: str, html: bool) -> None:
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    from engine.templates import _joined
+
+    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=html)
+    context = {"name": '<Ann & "Bo">', "code": 42, "email": "a@b.example"}
+    fast = _joined(env.parse(source), html)
+    assert fast is not None
+    assert fast.render(context) == env.from_string(source).render(context)
+
+
+def test_templates_with_logic_are_left_to_jinja() -> None:
+    from jinja2.sandbox import SandboxedEnvironment
+
+    from engine.templates import _joined
+
+    env = SandboxedEnvironment()
+    for source in (
+        "{{ name|upper }}",
+        "{% if name %}x{% endif %}",
+        "{{ vars.code }}",
+        "{{ 1 + 2 }}",
+    ):
+        assert _joined(env.parse(source), False) is None
