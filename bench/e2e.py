@@ -28,6 +28,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from bench.profile import Profiler
 from bench.stack import Stack, environ_for, isolated_environ
 from engine.config import Settings, load_settings
 from engine.db import create_pool
@@ -141,7 +142,14 @@ async def main(args: argparse.Namespace) -> int:
     try:
         key = await tenant_key(settings, "bench")
         await asyncio.to_thread(stack.start_all, ("--latency-ms", str(args.latency_ms)))
+        profiler = Profiler(Path(args.profile)) if args.profile else None
+        if profiler:
+            profiler.start(stack.pids())
+        cpu_before = stack.cpu_seconds()
         rest = await run_rest(stack, key, args.recipients)
+        cpu = {k: v - cpu_before.get(k, 0.0) for k, v in stack.cpu_seconds().items()}
+        if profiler:
+            profiler.stop()
         nats_s = await run_nats(stack, key, "bench", args.nats_recipients) if args.nats else None
         peaks = stack.peak_rss_mb()
         stats = await mock_stats(stack)
@@ -166,9 +174,16 @@ async def main(args: argparse.Namespace) -> int:
         m = args.nats_recipients
         print(f"NATS batch:         {m:,} in {nats_s:.2f} s = {m / nats_s:,.0f} recipients/s")
     print("peak RSS (MB):      " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(peaks.items())))
+    busy = sorted(((v, k) for k, v in cpu.items() if v >= 0.05), reverse=True)
+    print(
+        f"CPU s (REST batch): total {sum(cpu.values()):.1f} of {2 * rest['e2e_s']:.1f} on 2 cores; "
+        + ", ".join(f"{k} {v:.1f}" for v, k in busy)
+    )
     print(
         f"provider received:  {stats['accepted']:,} ({stats['unique']:,} unique, {stats['duplicates']} duplicates)"
     )
+    if profiler:
+        print(profiler.summary())
     ok = stats["unique"] == expected and stats["duplicates"] == 0
     print("check:              " + ("ok: every recipient exactly once" if ok else "FAILED"))
     return 0 if ok else 1
@@ -185,6 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--nats", action="store_true", help="also send one batch over NATS")
     parser.add_argument("--nats-recipients", type=int, default=10_000)
+    parser.add_argument(
+        "--profile", metavar="DIR", help="py-spy every process into DIR and summarise"
+    )
     return parser.parse_args(argv)
 
 

@@ -125,13 +125,17 @@ class Stack:
         )
         return [int(pid) for pid in out.stdout.split()]
 
-    def peak_rss_mb(self) -> dict[str, float]:
-        """Peak resident memory (VmHWM) of every process of the stack, in MB."""
+    def pids(self) -> dict[str, int]:
+        """Every process of the stack by name; the supervisor's children as worker[i]."""
         pids = {name: proc.pid for name, proc in self.procs.items()}
         for i, pid in enumerate(self.worker_children()):
             pids[f"worker[{i}]"] = pid
+        return pids
+
+    def peak_rss_mb(self) -> dict[str, float]:
+        """Peak resident memory (VmHWM) of every process of the stack, in MB."""
         peaks = {}
-        for name, pid in pids.items():
+        for name, pid in self.pids().items():
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
             except FileNotFoundError:
@@ -142,11 +146,36 @@ class Stack:
             peaks[name] = kb / 1024
         return peaks
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by each process of the stack and by each service on the
+        machine (all processes of one program summed): where the time goes."""
+        ours = {pid: name for name, pid in self.pids().items()}
+        totals: dict[str, float] = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            used = (int(fields[11]) + int(fields[12])) / tick
+            name = ours.get(int(entry.name)) or _SERVICES.get(comm)
+            if name:
+                totals[name] = totals.get(name, 0.0) + used
+        return totals
+
     def tail(self, lines: int = 40) -> str:
         return "\n".join(
             f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
             for p in sorted(self.logs.glob("*.log"))
         )
+
+
+_SERVICES = {"postgres": "postgres", "nats-server": "nats", "clickhouse-serv": "clickhouse",
+             "redis-server": "redis", "dragonfly": "dragonfly"}  # fmt: skip
 
 
 def environ_for(settings_environ: dict[str, str], **overrides: str) -> dict[str, str]:

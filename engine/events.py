@@ -19,7 +19,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from engine import metrics
-from engine.clickhouse import ClickHouse
+from engine.clickhouse import EVENT_COLUMNS, ClickHouse
 from engine.results import ResultMessage, decode
 from engine.services import Services
 
@@ -32,7 +32,7 @@ class EventWriter:
         self.services = services
         self.settings = services.settings
         self._clickhouse: ClickHouse | None = None
-        self._rows: list[list[Any]] = []
+        self._columns: list[list[Any]] = [[] for _ in EVENT_COLUMNS]
         self._messages: list[Msg] = []
         self._oldest = 0.0
         self._tenants: OrderedDict[str, str] = OrderedDict()
@@ -44,8 +44,12 @@ class EventWriter:
         return self._clickhouse
 
     @property
+    def buffered(self) -> int:
+        return len(self._columns[0])
+
+    @property
     def full(self) -> bool:
-        return len(self._rows) >= self.settings.clickhouse_flush_rows
+        return self.buffered >= self.settings.clickhouse_flush_rows
 
     @property
     def due(self) -> bool:
@@ -63,24 +67,33 @@ class EventWriter:
                 log.error("dropping malformed results message: %s", exc)
                 await msg.term()
         unknown = {
-            r.batch_id
-            for _, m in decoded
-            if m.tenant_id is None
-            for r in m.rows
-            if r.batch_id not in self._tenants
-        }
+            b for _, m in decoded if m.tenant_id is None for b in set(m.columns.batch_id)
+            if b not in self._tenants
+        }  # fmt: skip
         if unknown:
             await self._load_tenants(unknown)
         if not self._messages:
             self._oldest = time.monotonic()
+        (ts, tenant, batch, seq, event, provider, domain, latency, attempts, error, pmid) = (
+            self._columns
+        )
         for msg, result in decoded:
-            when = datetime.fromtimestamp(int(result.ts), UTC)
-            for r in result.rows:
-                tenant = result.tenant_id or self._tenants.get(r.batch_id, "")
-                self._rows.append([
-                    when, tenant, r.batch_id, r.seq, r.status, result.provider, r.domain,
-                    r.latency_ms, min(r.attempts, 255), r.error or "", r.provider_message_id or "",
-                ])  # fmt: skip
+            c = result.columns
+            n = len(c)
+            ts.extend([datetime.fromtimestamp(int(result.ts), UTC)] * n)
+            if result.tenant_id is not None:
+                tenant.extend([result.tenant_id] * n)
+            else:
+                tenant.extend([self._tenants.get(b, "") for b in c.batch_id])
+            batch.extend(c.batch_id)
+            seq.extend(c.seq)
+            event.extend(c.status)
+            provider.extend([result.provider] * n)
+            domain.extend(c.domain)
+            latency.extend(c.latency_ms)
+            attempts.extend([min(a, 255) for a in c.attempts])
+            error.extend([e or "" for e in c.error])
+            pmid.extend([p or "" for p in c.provider_message_id])
             self._messages.append(msg)
 
     async def _load_tenants(self, batch_ids: set[str]) -> None:
@@ -97,17 +110,18 @@ class EventWriter:
         """Insert what is buffered; True when it was written (or there was nothing)."""
         if not self._messages:
             return True
-        rows, msgs = self._rows, self._messages
-        self._rows, self._messages = [], []
+        columns, msgs = self._columns, self._messages
+        self._columns, self._messages = [[] for _ in EVENT_COLUMNS], []
+        rows = len(columns[0])
         started = time.perf_counter()
         try:
-            await asyncio.to_thread(self._insert, rows)
+            await asyncio.to_thread(self._insert, columns)
         except Exception as exc:
             self.failures += 1
             metrics.CLICKHOUSE_FAILURES.inc()
             delay = min(60.0, 2.0 ** min(self.failures, 6))
             log.warning(
-                "clickhouse insert of %d rows failed (%r); retry in %.0fs", len(rows), exc, delay
+                "clickhouse insert of %d rows failed (%r); retry in %.0fs", rows, exc, delay
             )
             self._clickhouse = None
             for msg in msgs:
@@ -115,14 +129,14 @@ class EventWriter:
             return False
         self.failures = 0
         metrics.CLICKHOUSE_INSERT_SECONDS.observe(time.perf_counter() - started)
-        metrics.CLICKHOUSE_ROWS.inc(len(rows))
+        metrics.CLICKHOUSE_ROWS.inc(rows)
         for msg in msgs:
             await msg.ack()
         return True
 
-    def _insert(self, rows: list[list[Any]]) -> None:
+    def _insert(self, columns: list[list[Any]]) -> None:
         try:
-            self._client().insert_events(rows)
+            self._client().insert_events(columns)
         except Exception:
             client, self._clickhouse = self._clickhouse, None
             if client is not None:

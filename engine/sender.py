@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from engine import metrics, results
 from engine.config import Rate
 from engine.ratelimit import TokenBuckets
-from engine.results import ResultRow
+from engine.results import Columns
 from engine.services import Services
 from engine.templates import BatchTemplate
 from providers.base import Message, Provider
@@ -120,17 +120,16 @@ class Sender:
             await results.publish(self.services, info.tenant_id, info.provider, out)
         await msg.ack()
 
-    async def _send(self, info: BatchInfo, rows: list, msg: Msg) -> list[ResultRow]:
+    async def _send(self, info: BatchInfo, rows: list, msg: Msg) -> Columns:
+        out = Columns()
         if info.dry_run:
-            return [
-                ResultRow(info.id, r["seq"], "sent", "dry-run", None, 0, 0, _domain(r["email"]))
-                for r in rows
-            ]
+            for r in rows:
+                out.append(info.id, r["seq"], "sent", "dry-run", None, 0, 0, _domain(r["email"]))
+            return out
         provider = self.providers[info.provider]
         rate = self.settings.provider_rate(info.provider)
         step = max(1, min(provider.max_batch, rate.burst))
-        out: list[ResultRow] = []
-        exhausted: list[ResultRow] = []  # retryable errors past the retry budget
+        exhausted: list[tuple[int, str | None, int]] = []  # retryable, past the retry budget
         pending = list(rows)
         attempt = 1
         while pending:
@@ -145,22 +144,21 @@ class Sender:
                 latency_ms = int(elapsed * 1000)
                 for row, answer in zip(part, answers, strict=True):
                     if answer.ok:
-                        out.append(ResultRow(info.id, row["seq"], "sent", answer.provider_message_id,
-                                             None, attempt, latency_ms, _domain(row["email"])))  # fmt: skip
+                        out.append(info.id, row["seq"], "sent", answer.provider_message_id,
+                                   None, attempt, latency_ms, _domain(row["email"]))  # fmt: skip
                     elif answer.retryable and attempt < self.settings.send_max_attempts:
                         retry.append(row)
                         retry_after = max(retry_after, answer.retry_after or 0.0)
                     else:
-                        failed = ResultRow(info.id, row["seq"], "failed", None, answer.error,
-                                           attempt, latency_ms, _domain(row["email"]))  # fmt: skip
-                        out.append(failed)
+                        out.append(info.id, row["seq"], "failed", None, answer.error,
+                                   attempt, latency_ms, _domain(row["email"]))  # fmt: skip
                         if answer.retryable:
-                            exhausted.append(failed)
+                            exhausted.append((row["seq"], answer.error, attempt))
             if retry:
                 await self._backoff(attempt, retry_after, msg)
                 attempt += 1
             pending = retry
-        sent = sum(1 for r in out if r.status == "sent")
+        sent = out.status.count("sent")
         metrics.EMAILS.labels(info.provider, "sent").inc(sent)
         if len(out) > sent:
             metrics.EMAILS.labels(info.provider, "failed").inc(len(out) - sent)
@@ -208,13 +206,15 @@ class Sender:
             await asyncio.sleep(step)
             delay -= step
 
-    async def _dead_letter(self, info: BatchInfo, failed: list[ResultRow]) -> None:
+    async def _dead_letter(
+        self, info: BatchInfo, failed: list[tuple[int, str | None, int]]
+    ) -> None:
         body = orjson.dumps({
             "kind": "send",
             "batch_id": info.id,
             "tenant_id": info.tenant_id,
             "provider": info.provider,
-            "failed": [{"seq": r.seq, "error": r.error, "attempts": r.attempts} for r in failed],
+            "failed": [{"seq": seq, "error": error, "attempts": attempts} for seq, error, attempts in failed],
         })  # fmt: skip
         await self.services.js.publish(self.services.topology.dlq_subject("send"), body)
 

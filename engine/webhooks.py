@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from engine import metrics, results
 from engine.errors import BadRequest, NotFound, Unauthorized
-from engine.results import ResultRow
+from engine.results import Columns
 from engine.services import Services
 from providers import mock
 
@@ -35,21 +35,27 @@ async def receive(
         events = mock.parse_webhook(body)
     except ValueError as exc:
         raise BadRequest(str(exc), code="invalid_webhook") from None
-    rows = []
+    columns = Columns()
+    known: set[str] = set()  # batch ids seen valid in this post
+    counts: dict[str, int] = {}
     for event in events:
         batch_id, _, seq = event.ref.partition(":")
         try:
-            rows.append(ResultRow(
-                str(uuid.UUID(batch_id)), int(seq), event.event, event.provider_message_id,
-                None, 0, 0, (event.email or "").rpartition("@")[2].lower(),
-            ))  # fmt: skip
+            if batch_id not in known:
+                uuid.UUID(batch_id)
+                known.add(batch_id)
+            columns.append(batch_id, int(seq), event.event, event.provider_message_id, None, 0, 0,
+                           (event.email or "").rpartition("@")[2].lower())  # fmt: skip
         except ValueError:
             raise BadRequest(
                 f"event {event.event_id!r} has an unknown ref {event.ref!r}", code="invalid_webhook"
             ) from None
-    if rows:
+        counts[event.event] = counts.get(event.event, 0) + 1
+    if columns:
         digest = hashlib.sha256(body).hexdigest()
-        await results.publish(services, None, provider, rows, msg_id=f"webhook:{provider}:{digest}")
-    for event in events:
-        metrics.WEBHOOKS.labels(provider, event.event).inc()
-    return len(rows)
+        await results.publish(
+            services, None, provider, columns, msg_id=f"webhook:{provider}:{digest}"
+        )
+    for event_type, count in counts.items():
+        metrics.WEBHOOKS.labels(provider, event_type).inc(count)
+    return len(columns)

@@ -29,7 +29,7 @@ from engine.events import EventWriter
 from engine.intake import create_from_nats
 from engine.leader import Lease
 from engine.recovery import requeue_interrupted
-from engine.results import apply_results, decode
+from engine.results import Columns, apply_results, decode
 from engine.sender import Sender
 from engine.services import Services
 from engine.topology import SEND_ACK_WAIT
@@ -60,15 +60,33 @@ class Worker:
         try:
             sender = Sender(services, providers)
             topo = services.topology
-            await asyncio.gather(
-                self._send_loop(services.js, topo.send_stream, sender),
-                self._consume(services.js, topo.results_stream, "results-pg", 1000,
-                              lambda msgs: self._apply_results(services, msgs)),
-                self._event_loop(services.js, topo.results_stream, events),
-                self._consume(services.js, topo.intake_stream, "intake", 1,
-                              lambda msgs: self._intake(services, msgs)),
-                self._lead(services),
-            )  # fmt: skip
+            # A loop that fails takes the others down with it (TaskGroup); the process then
+            # exits non-zero and the supervisor starts a fresh one.
+            async with asyncio.TaskGroup() as loops:
+                loops.create_task(self._send_loop(services.js, topo.send_stream, sender))
+                loops.create_task(
+                    self._consume(
+                        services.js,
+                        topo.results_stream,
+                        "results-pg",
+                        1000,
+                        lambda msgs: self._apply_results(services, msgs),
+                    )
+                )
+                loops.create_task(self._event_loop(services.js, topo.results_stream, events))
+                loops.create_task(
+                    self._consume(
+                        services.js,
+                        topo.intake_stream,
+                        "intake",
+                        1,
+                        lambda msgs: self._intake(services, msgs),
+                    )
+                )
+                loops.create_task(self._lead(services))  # fmt: skip
+        except BaseException:
+            log.exception("worker loop failed; exiting")
+            raise
         finally:
             metrics.WORKER_PROCESSES.set(0)
             events.close()
@@ -160,19 +178,19 @@ class Worker:
                         await msg.nak(delay=2.0)
 
     async def _apply_results(self, services: Services, msgs: list[Msg]) -> None:
-        rows = []
+        columns = Columns()
         good = []
         for msg in msgs:
             try:
-                rows.extend(decode(msg.data).rows)
+                columns.extend(decode(msg.data).columns)
                 good.append(msg)
             except ValueError as exc:
                 log.error("dropping malformed results message: %s", exc)
                 await msg.term()
-        if rows:
+        if columns:
             async with services.pool.acquire() as conn:
-                touched = await apply_results(conn, rows)
-            metrics.STATUS_ROWS.inc(len(rows))
+                touched = await apply_results(conn, columns)
+            metrics.STATUS_ROWS.inc(len(columns))
             for batch_id, status in touched:
                 if status == "completed":
                     log.info("batch completed", extra={"batch_id": batch_id})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import signal
@@ -180,7 +181,7 @@ class MockState:
             return self._reject(ref, "invalid recipient address")
         if domain.lower() == INVALID_DOMAIN:
             return self._reject(ref, "mailbox does not exist")
-        message_id = uuid.uuid4().hex
+        message_id = _new_id()
         self.recorder.accept(message)
         if self.webhooks is not None:
             self.webhooks.enqueue(_event(ref, message_id, to, local))
@@ -206,6 +207,15 @@ class MockState:
             self.webhooks.reset_counters()
 
 
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ids = itertools.count(1)
+
+
+def _new_id() -> str:
+    """A unique message id, cheaply: this server's random prefix and a counter."""
+    return f"{_ID_PREFIX}{next(_ids):012x}"
+
+
 def _event(ref: str, message_id: str, email: str, local: str) -> dict[str, Any]:
     local = local.lower()
     if local.startswith("bounce"):
@@ -215,7 +225,7 @@ def _event(ref: str, message_id: str, email: str, local: str) -> dict[str, Any]:
     else:
         kind = "delivered"
     return {
-        "event_id": uuid.uuid4().hex,
+        "event_id": "ev-" + message_id,  # one event per message
         "event": kind,
         "ref": ref,
         "message_id": message_id,

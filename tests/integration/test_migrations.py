@@ -90,7 +90,7 @@ def _insert_and_aggregate(settings: Settings, tenant: str) -> list[tuple]:
         )
     ]
     try:
-        clickhouse.insert_events(rows)
+        clickhouse.insert_events([list(column) for column in zip(*rows, strict=True)])
         return sorted(
             clickhouse.query(
                 f"SELECT toString(minute), event, sum(events), sum(latency_ms_sum)"

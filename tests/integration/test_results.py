@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 from engine.intake import create_batch, list_rows, parse_batch_fields
-from engine.results import ResultRow, apply_results
+from engine.results import Columns, ResultRow, apply_results
 from engine.services import Services
 
 FIELDS = {
@@ -27,7 +27,7 @@ async def new_batch(services: Services, tenant_id: str, count: int) -> str:
 
 async def apply(services: Services, rows: list[ResultRow]) -> list[tuple[str, str]]:
     async with services.pool.acquire() as conn:
-        return await apply_results(conn, rows)
+        return await apply_results(conn, Columns.from_rows(rows))
 
 
 async def batch_state(services: Services, batch_id: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import uuid
 import orjson
 import pytest
 
-from engine.results import ResultRow, decode, encode
+from engine.results import Columns, ResultRow, decode, encode
 
 
 def test_round_trip() -> None:
@@ -19,7 +19,7 @@ def test_round_trip() -> None:
         ResultRow(batch_id, 3, "delivered"),
     ]
     before = time.time()
-    message = decode(encode("tenant-a", "mock", rows))
+    message = decode(encode("tenant-a", "mock", Columns.from_rows(rows)))
     assert message.tenant_id == "tenant-a"
     assert message.provider == "mock"
     assert before - 1 <= message.ts <= time.time() + 1
@@ -28,22 +28,36 @@ def test_round_trip() -> None:
 
 
 def test_round_trip_without_tenant_and_rows() -> None:
-    message = decode(encode(None, "smtp", []))
+    message = decode(encode(None, "smtp", Columns()))
     assert (message.tenant_id, message.provider, message.rows) == (None, "smtp", [])
 
 
-def test_encoded_form_is_compact_lists() -> None:
-    row = ResultRow("b", 5, "sent", "id", None, 2, 9, "d.example")
-    body = orjson.loads(encode("t", "mock", [row]))
-    assert body["r"] == [["b", 5, "sent", "id", None, 2, 9, "d.example"]]
-    assert set(body) == {"t", "p", "ts", "r"}
+def test_encoded_form_is_compact_columns() -> None:
+    rows = [ResultRow("b", 5, "sent", "id", None, 2, 9, "d.example"), ResultRow("b", 6, "failed")]
+    body = orjson.loads(encode("t", "mock", Columns.from_rows(rows)))
+    assert body["b"] == "b"  # one batch: its id once, not per row
+    assert body["s"] == [5, 6] and body["st"] == ["sent", "failed"]
+    assert set(body) == {"t", "p", "ts", "b", "s", "st", "pm", "er", "at", "ms", "d"}
+
+
+def test_results_of_several_batches_keep_an_id_per_row() -> None:
+    rows = [ResultRow("a", 1, "delivered"), ResultRow("b", 1, "bounced")]
+    body = orjson.loads(encode(None, "mock", Columns.from_rows(rows)))
+    assert body["b"] == ["a", "b"]
+    assert decode(orjson.dumps(body)).rows == rows
 
 
 def test_tenant_is_optional_in_the_message() -> None:
-    message = decode(orjson.dumps({"p": "mock", "ts": 1.5, "r": [["b", 1, "sent"]]}))
+    wire = {"p": "mock", "ts": 1.5, "b": "b", "s": [1], "st": ["sent"], "pm": [None],
+            "er": [None], "at": [1], "ms": [0], "d": [""]}  # fmt: skip
+    message = decode(orjson.dumps(wire))
     assert message.tenant_id is None
     assert message.ts == 1.5
     assert message.rows == [ResultRow("b", 1, "sent")]
+
+
+_GOOD = {"p": "mock", "ts": 1, "b": "b", "s": [1], "st": ["sent"], "pm": [None], "er": [None],
+         "at": [1], "ms": [0], "d": [""]}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -56,15 +70,13 @@ def test_tenant_is_optional_in_the_message() -> None:
         b"[]",
         b"5",
         b"{}",
-        b'{"p": "mock", "ts": 1}',  # no rows
-        b'{"t": "x", "ts": 1, "r": []}',  # no provider
-        b'{"p": "mock", "r": []}',  # no timestamp
-        b'{"p": "mock", "ts": "later", "r": []}',
-        b'{"p": "mock", "ts": 1, "r": 5}',
-        b'{"p": "mock", "ts": 1, "r": [["b"]]}',  # a row too short
-        b'{"p": "mock", "ts": 1, "r": [["b", 1, "sent", null, null, 1, 0, "", "x"]]}',  # too long
-        b'{"p": "mock", "ts": 1, "r": [5]}',
-        b'{"p": "mock", "ts": 1, "r": [{"batch_id": "b"}]}',
+        orjson.dumps({k: v for k, v in _GOOD.items() if k != "p"}),  # no provider
+        orjson.dumps({k: v for k, v in _GOOD.items() if k != "ts"}),  # no timestamp
+        orjson.dumps({k: v for k, v in _GOOD.items() if k != "st"}),  # a column missing
+        orjson.dumps({**_GOOD, "ts": "later"}),
+        orjson.dumps({**_GOOD, "s": 5}),
+        orjson.dumps({**_GOOD, "st": ["sent", "sent"]}),  # columns of different lengths
+        orjson.dumps({**_GOOD, "b": ["a", "b"]}),
     ],
 )
 def test_malformed_is_a_value_error(data: bytes) -> None:
