@@ -274,8 +274,9 @@ def split_every(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
-async def collect(rows: AsyncIterator[Any]) -> list[Any]:
-    return [row async for row in rows]
+async def collect(blocks: AsyncIterator[list[Any]]) -> list[Any]:
+    """The rows of all blocks, in order (sources yield rows in blocks)."""
+    return [row async for block in blocks for row in block]
 
 
 CSV = (
@@ -410,7 +411,7 @@ async def test_csv_quoted_field_may_span_lines_and_chunks():
         yield b'email,name,note\na@b.co,"A, x","line1\n'
         yield b'line2"\nc@d.co,C,plain\n'
 
-    rows = [r async for r in csv_rows(chunks())]
+    rows = await collect(csv_rows(chunks()))
     assert rows == [
         {"email": "a@b.co", "name": "A, x", "vars": {"note": "line1\nline2"}},
         {"email": "c@d.co", "name": "C", "vars": {"note": "plain"}},
