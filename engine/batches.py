@@ -127,10 +127,7 @@ async def get_batch(pool: asyncpg.Pool, tenant_id: str, batch_id: str) -> dict[s
     )  # fmt: skip
     if row is None:
         raise NotFound(f"batch {batch_id!r} not found")
-    counts = await pool.fetch(
-        "SELECT status, count(*)::int AS n FROM recipients WHERE batch_id = $1 GROUP BY status",
-        row["id"],
-    )
+    counts = await pool.fetch("SELECT status, n FROM batch_counts WHERE batch_id = $1", row["id"])
     result = _batch(row)
     result["counts"] = {s: 0 for s in RECIPIENT_STATUSES} | {c["status"]: c["n"] for c in counts}
     return result

@@ -489,6 +489,12 @@ async def create_batch(
                        WHERE id = $1""",
                     batch_id, final_status, total, suppressed,
                 )  # fmt: skip
+                await conn.execute(
+                    """INSERT INTO batch_counts (batch_id, status, n)
+                       SELECT $1, status, n FROM unnest($2::text[], $3::int[]) AS c(status, n)
+                        WHERE n > 0""",
+                    batch_id, [copier.status, "suppressed"], [total - suppressed, suppressed],
+                )  # fmt: skip
         except asyncpg.UniqueViolationError:
             # A concurrent create with the same external id / idempotency key won the race.
             for column, value in (

@@ -6,7 +6,7 @@ stream in large batches: ``results-pg`` (this module: recipient statuses, batch
 completion; one transaction of set-based statements per flush) and ``results-ch``
 (``engine.events``: one ClickHouse insert per flush).
 
-Status rules. Sending yields a final status from ``queued``/``pending`` (``sent``,
+Status rules. Sending yields a final status from ``queued`` (``sent``,
 ``failed``, ...); each such transition counts once toward the batch's ``final_count``,
 and the batch is ``completed`` exactly when that count reaches ``total_recipients``.
 Provider events move ``sent`` forward by rank (delivered < bounced < complained); an
@@ -176,36 +176,64 @@ WITH v AS (  -- per recipient only its first result of this flush can be the fin
            attempts = greatest(r.attempts, v.attempts),
            updated_at = now()
       FROM v
-     WHERE r.batch_id = v.batch_id AND r.seq = v.seq AND r.status IN ('pending', 'queued')
- RETURNING r.batch_id
+     WHERE r.batch_id = v.batch_id AND r.seq = v.seq AND r.status = 'queued'
+ RETURNING r.batch_id, r.status
 ), c AS (
-    SELECT batch_id, count(*)::int AS n FROM u GROUP BY batch_id
+    SELECT batch_id, status, count(*)::int AS n FROM u GROUP BY batch_id, status
+), counted AS (
+    INSERT INTO batch_counts (batch_id, status, n)
+    SELECT batch_id, status, n FROM c
+     UNION ALL
+    SELECT batch_id, 'queued', -sum(n)::int FROM c GROUP BY batch_id
+    ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
+), t AS (
+    SELECT batch_id, sum(n)::int AS n FROM c GROUP BY batch_id
 )
 UPDATE batches b
-   SET final_count = b.final_count + c.n,
+   SET final_count = b.final_count + t.n,
        started_at = coalesce(b.started_at, now()),
        status = CASE
-           WHEN b.final_count + c.n >= b.total_recipients
+           WHEN b.final_count + t.n >= b.total_recipients
                 AND b.status IN ('queued', 'processing') THEN 'completed'
            WHEN b.status = 'queued' THEN 'processing'
            ELSE b.status END,
        completed_at = CASE
-           WHEN b.final_count + c.n >= b.total_recipients
+           WHEN b.final_count + t.n >= b.total_recipients
                 AND b.status IN ('queued', 'processing') THEN now()
            ELSE b.completed_at END
-  FROM c
- WHERE b.id = c.batch_id
+  FROM t
+ WHERE b.id = t.batch_id
 RETURNING b.id, b.status
 """
 
+# Rows are locked and read first (FOR UPDATE), so the counts move from the status each
+# recipient really had, also when another writer changed it a moment before.
 _AFTER_SEND_TRANSITION = """
-UPDATE recipients r
-   SET status = v.status,
-       provider_message_id = coalesce(r.provider_message_id, v.pmid),
-       updated_at = now()
-  FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[]) AS v(batch_id, seq, status, pmid)
- WHERE r.batch_id = v.batch_id AND r.seq = v.seq
-   AND array_position($5::text[], r.status) < array_position($5::text[], v.status)
+WITH v AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[]) AS v(batch_id, seq, status, pmid)
+), old AS (
+    SELECT r.batch_id, r.seq, r.status AS old_status, v.status AS new_status, v.pmid
+      FROM recipients r JOIN v ON r.batch_id = v.batch_id AND r.seq = v.seq
+     WHERE array_position($5::text[], r.status) < array_position($5::text[], v.status)
+       FOR UPDATE OF r
+), u AS (
+    UPDATE recipients r
+       SET status = old.new_status,
+           provider_message_id = coalesce(r.provider_message_id, old.pmid),
+           updated_at = now()
+      FROM old
+     WHERE r.batch_id = old.batch_id AND r.seq = old.seq
+ RETURNING r.batch_id, old.old_status, old.new_status
+), moves AS (
+    SELECT batch_id, old_status, new_status, count(*)::int AS n FROM u GROUP BY 1, 2, 3
+)
+INSERT INTO batch_counts (batch_id, status, n)
+SELECT batch_id, status, sum(n)::int FROM (
+    SELECT batch_id, new_status AS status, n FROM moves
+     UNION ALL
+    SELECT batch_id, old_status, -n FROM moves
+) m GROUP BY batch_id, status
+ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
 """
 
 _SUPPRESS = """

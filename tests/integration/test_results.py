@@ -221,3 +221,30 @@ async def test_results_of_several_batches_in_one_call(
     second = await new_batch(services, tenant_id, 2)
     touched = await apply(services, [sent(first, 1), sent(second, 1)])
     assert sorted(touched) == sorted([(first, "completed"), (second, "processing")])
+
+
+async def test_counts_per_status_follow_every_transition(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    """The kept counts equal a fresh count of the recipients after any mix of results."""
+    from engine.batches import get_batch
+
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 8)
+    await apply(services, [sent(batch_id, 1), sent(batch_id, 2), sent(batch_id, 2)])  # a repeat
+    await apply(services, [ResultRow(batch_id, 3, "delivered", "pm-3"), sent(batch_id, 3)])
+    await apply(services, [ResultRow(batch_id, 1, "delivered"), ResultRow(batch_id, 1, "bounced"),
+                           ResultRow(batch_id, 4, "failed", None, "550", 1), sent(batch_id, 5)])  # fmt: skip
+    await apply(
+        services, [ResultRow(batch_id, 5, "complained"), ResultRow(batch_id, 2, "delivered")]
+    )
+    truth = {
+        r["status"]: r["n"]
+        for r in await services.pool.fetch(
+            "SELECT status, count(*)::int AS n FROM recipients WHERE batch_id = $1 GROUP BY status",
+            uuid.UUID(batch_id),
+        )
+    }
+    counts = (await get_batch(services.pool, tenant_id, batch_id))["counts"]
+    assert {k: v for k, v in counts.items() if v} == truth
+    assert truth == {"queued": 3, "bounced": 1, "delivered": 2, "failed": 1, "complained": 1}
