@@ -267,6 +267,10 @@ async def apply_results(conn: asyncpg.Connection, columns: Columns) -> list[tupl
     """
     later = [i for i, status in enumerate(columns.status) if status in _AFTER_SEND_EVENTS]
     async with conn.transaction():
+        # Every statement here looks up given (batch_id, seq) keys: one primary-key probe per
+        # result is always right. Left to itself the planner may hash-join a large flush
+        # against the whole table (a full scan of a 1,000,000-recipient batch per flush).
+        await conn.execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
         touched = await conn.fetch(_FINAL_TRANSITION, *_arrays(columns, True))
         if later:
             # The highest-ranked event per recipient, applied over whatever it has now.
