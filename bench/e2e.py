@@ -79,7 +79,7 @@ async def run_rest(stack: Stack, key: str, total: int) -> dict[str, float]:
                 raise RuntimeError(f"create failed: {response.status} {created}")
         intake = time.perf_counter() - started
         done = await wait_completed(session, stack.api, created["id"])
-    return {"intake_s": intake, "e2e_s": done.timestamp() - started_wall}
+    return {"intake_s": intake, "e2e_s": done.timestamp() - started_wall, "start": started_wall}
 
 
 async def run_nats(stack: Stack, key: str, tenant: str, total: int) -> float:
@@ -135,7 +135,11 @@ def machine() -> str:
 async def main(args: argparse.Namespace) -> int:
     tag = f"b{uuid.uuid4().hex[:8]}"
     environ = isolated_environ(tag)
-    environ.update(WORKER_PROCESSES=str(args.workers), PROVIDER_RATES="mock=10000000/1000000")
+    environ.update(
+        WORKER_PROCESSES=str(args.workers),
+        PROVIDER_RATES="mock=10000000/1000000",
+        WORKER_CONCURRENCY=str(args.concurrency),
+    )
     settings = load_settings(environ)
     await migrate_all(settings)
     stack = Stack(settings, environ_for(environ), Path(tempfile.mkdtemp(prefix=f"bench-{tag}-")))
@@ -182,6 +186,11 @@ async def main(args: argparse.Namespace) -> int:
     print(
         f"provider received:  {stats['accepted']:,} ({stats['unique']:,} unique, {stats['duplicates']} duplicates)"
     )
+    seconds = sorted(int(k) for k in stats["per_second"])
+    if seconds:
+        print(f"provider timeline:  sends from {seconds[0] - rest['start']:.0f} s to "
+              f"{seconds[-1] + 1 - rest['start']:.0f} s after the POST, "
+              f"peak {max(stats['per_second'].values()):,}/s")  # fmt: skip
     if profiler:
         print(profiler.summary())
     ok = stats["unique"] == expected and stats["duplicates"] == 0
@@ -198,6 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--latency-ms", type=float, default=0.0, help="mock provider latency per request"
     )
+    parser.add_argument("--concurrency", type=int, default=32, help="chunks in flight per worker")
     parser.add_argument("--nats", action="store_true", help="also send one batch over NATS")
     parser.add_argument("--nats-recipients", type=int, default=10_000)
     parser.add_argument(
