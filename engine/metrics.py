@@ -20,6 +20,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY
 
+from engine.batches import BATCH_STATUSES
+
 log = logging.getLogger(__name__)
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -107,16 +109,7 @@ async def _batches(services) -> GaugeMetricFamily:
     family = GaugeMetricFamily("batchsender_batches", "Batches per status.", labels=["status"])
     rows = await services.pool.fetch("SELECT status, count(*) AS n FROM batches GROUP BY status")
     counts = {r["status"]: r["n"] for r in rows}
-    for status in (
-        "draft",
-        "scheduled",
-        "queued",
-        "processing",
-        "completed",
-        "paused",
-        "cancelled",
-        "failed",
-    ):
+    for status in BATCH_STATUSES:
         family.add_metric([status], counts.get(status, 0))
     return family
 
