@@ -42,19 +42,23 @@ recipients/s. ``combined_send`` sums the sending path: the chunk leg of NATS (pu
 fetch), the results leg (publish + fetch by ``results-pg`` + fetch by ``results-ch``),
 PostgreSQL COPY, the ``sent`` status write, the ClickHouse insert, the token call (32
 callers, as the worker makes it) and the mock provider at 0 ms. ``combined_webhook`` adds
-what a ``delivered`` webhook event costs the infrastructure: the results leg once more, the
+what a ``delivered`` webhook event costs the infrastructure: the results leg once more
+(measured with 100-row messages; the API publishes one per webhook post), the
 ``delivered`` status write and the second ClickHouse insert. Neither counts the engine's
-own Python work (reading the chunk's recipients, rendering, building results, the API's
-webhook handling, the mock's webhook posting); the pipeline can only be slower.
+own Python work (reading the chunk's recipients, rendering, decoding and building results,
+the API's webhook handling, the mock's webhook posting): the pipeline can only be slower.
 
-The sum is exact only when a step alone keeps both cores busy. A step bound by round
-trips (one caller waiting on Redis, say) leaves a core idle that the other steps could
-use, so its ``1 / rate`` overstates its share. Therefore every step also records the
-machine-wide busy CPU time during it (``/proc/stat``: this process, the services and the
-mock server alike), and ``combined_*_cpu = cores / sum_i(cpu seconds per recipient_i)`` is
-the same bound counted in CPU instead of wall time: never lower, and the better estimate
-when the busy column of the table shows steps well under 100 %. Neither counts work a
-service does after a step returns (ClickHouse merges, PostgreSQL checkpoints, vacuum).
+The sum is exact only when a step alone keeps both cores busy. A step bound by one
+connection's round trips (one COPY, one status-write transaction at a time) leaves a core
+idle that other steps could use, so its ``1 / rate`` overstates its share. Therefore each
+step also counts the machine-wide busy CPU time it caused (``/proc/stat``: this process,
+the services and the mock server alike), during the step and after it until the machine
+is quiet again (work that outlasts the call: acks, WAL, merges started at once), and
+``combined_*_cpu = cores / sum_i(CPU seconds per recipient_i)`` is the same bound counted
+in CPU instead of wall time: the better estimate when the table's busy column shows steps
+well under 100 %. Work a service defers for longer (autovacuum, checkpoints, later
+merges) is in neither figure. Run it on a quiet machine: the table prints how busy the
+machine was before the run, and every step shares the cores with whatever else runs.
 """
 
 from __future__ import annotations
@@ -649,9 +653,9 @@ def table(meter: Meter) -> str:
         f"idle load:  {meter.idle_load:.2f} of {meter.cores} cores busy before the run"
         + ("  << NOT QUIET: figures are low" if meter.idle_load > 0.1 * meter.cores else ""),
         "",
-        "µs: per recipient; wall = 1/rate; CPU = busy CPU of the whole machine during the step"
-        " and after it (until quiet); busy = share of all cores during the step",
-        f"{'step':<52} {'s':>6} {'recipients/s':>13} {'wall µs':>8} {'CPU µs':>7}"
+        "per recipient: wall µs = 1/rate; CPU µs = busy CPU of the whole machine during the"
+        " step\nand after it until quiet ('after'); busy = share of all cores during the step",
+        f"{'step':<54} {'s':>6} {'recipients/s':>13} {'wall µs':>8} {'CPU µs':>7}"
         f" {'after':>6} {'busy':>5}",
     ]
 
@@ -659,7 +663,7 @@ def table(meter: Meter) -> str:
         step = meter.step(key)
         busy = step.cpu_seconds / (step.seconds * meter.cores) * 100
         return (
-            f"{label or step.label:<52} {step.seconds:>6.2f} {meter.rate(key):>13,.0f}"
+            f"{label or step.label:<54} {step.seconds:>6.2f} {meter.rate(key):>13,.0f}"
             f" {1e6 / meter.rate(key):>8.2f} {meter.cpu_per_recipient(key) * 1e6:>7.2f}"
             f" {step.after_cpu_seconds / n * 1e6:>6.2f} {busy:>4.0f}%"
         )

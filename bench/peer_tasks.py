@@ -108,6 +108,7 @@ def build_celery_app(broker_url: str, config: dict[str, Any]) -> Celery:
 
     @app.task(
         name=CELERY_TASK,
+        shared=False,
         ignore_result=True,
         autoretry_for=(ProviderError, urllib3.exceptions.HTTPError),
         retry_backoff=True,

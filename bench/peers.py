@@ -46,6 +46,8 @@ RUN_TIMEOUT_S = 300.0
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 POLL_S = 0.05
+QUIET_CORES = 0.25  # the machine counts as idle below this many busy cores
+NOISE_MAX = 0.10  # a run is repeated when other processes took more of the CPU than this
 
 Recipient = tuple[str, str, str, str]  # ref, email, name, code
 
@@ -72,6 +74,10 @@ class CeleryConfig:
             "worker_send_task_events": False,
             "broker_connection_retry_on_startup": True,
             "broker_pool_limit": 10,
+            # kombu's Redis channel allows 10 connections; with a greenlet/thread pool and
+            # acks_late every task acks from its own greenlet: without this, MaxConnectionsError
+            # -> "Couldn't ack" -> consumer restarts -> redelivered, duplicated sends.
+            "broker_transport_options": {"max_connections": self.concurrency + 10},
         }
 
     def worker_args(self, index: int) -> list[str]:
@@ -163,7 +169,7 @@ def machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_quiet(timeout: float, busy_cores: float = 0.25, window: float = 2.0) -> float:
+def wait_quiet(timeout: float, busy_cores: float = QUIET_CORES, window: float = 2.0) -> float:
     """Wait (at most ``timeout`` s) until the machine is busy for less than ``busy_cores``
     over ``window`` seconds, i.e. nobody else is benchmarking; the last busy figure."""
     deadline = time.monotonic() + timeout
@@ -205,6 +211,7 @@ class Harness:
     logs: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bs-peers-")))
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     mock_url: str = ""
+    keep_logs: bool = False
 
     @property
     def broker_url(self) -> str:
@@ -248,7 +255,7 @@ class Harness:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.redis().flushdb()
-        if exc_type is None:
+        if exc_type is None and not self.keep_logs:
             shutil.rmtree(self.logs, ignore_errors=True)
 
     def check_alive(self) -> None:
@@ -353,6 +360,7 @@ def _measure(
         and stats["duplicates"] == 0
         and stats["rejected"] == 0
     )
+    harness.keep_logs = not exactly_once
     cpu = {
         name: round(cpu_after[name] - cpu_before.get(name, 0.0), 2)
         for name in cpu_after
@@ -372,6 +380,7 @@ def _measure(
         "machine_cpu_s": round(machine_s, 2),
         "other_cpu_s": round(max(0.0, machine_s - sum(cpu.values())), 2),
         "peak_rss_mb": harness.peak_rss_mb(),
+        "logs": str(harness.logs) if harness.keep_logs else None,
     }
 
 
@@ -521,9 +530,12 @@ def print_result(result: dict[str, Any], target: int) -> None:
     cpu = ", ".join(f"{name} {seconds}" for name, seconds in result["cpu_s"].items())
     print(f"   CPU seconds         {cpu}")
     print(f"   machine CPU busy    {result['machine_cpu_s']} s in {result['total_s']:.1f} s on "
-          f"{os.cpu_count()} cores, of which {result['other_cpu_s']} s by other processes")  # fmt: skip
+          f"{os.cpu_count()} cores, of which {result['other_cpu_s']} s by other processes "
+          f"({result.get('noise', 0):.1%} of the CPU; attempt {result.get('attempt', 1)})")  # fmt: skip
     rss = ", ".join(f"{name} {mb}" for name, mb in result["peak_rss_mb"].items())
     print(f"   peak RSS MB         {rss}")
+    if result["logs"]:
+        print(f"   logs kept in        {result['logs']}")
     if target != result["recipients"]:
         scaled = scale(result, target)
         print(f"   SCALED to {target:,} (x{scaled['factor']:g}, same rate, NOT run): "
@@ -547,8 +559,35 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds allowed per run, from first enqueue to last accepted")  # fmt: skip
     parser.add_argument("--wait-quiet", type=float, default=120.0,
                         help="seconds to wait for an idle machine before each run")  # fmt: skip
+    parser.add_argument("--attempts", type=int, default=3,
+                        help="runs at most while other processes take > 10%% of the CPU")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)
+
+
+def run_quietly(
+    runner: Callable[..., dict[str, Any]], run: int, config: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One run on a quiet machine: wait for other processes to go idle, run, and run again
+    (``--attempts`` in all) while more than ``NOISE_MAX`` of the machine's CPU went to
+    processes not ours (other benchmarks on a shared machine); the least noisy run."""
+    best: dict[str, Any] | None = None
+    for attempt in range(1, args.attempts + 1):
+        busy = wait_quiet(args.wait_quiet)
+        if busy >= QUIET_CORES:
+            print(f"   (machine still busy: {busy:.2f} cores before {config})")
+        result = runner(run, args.latency_ms, config=config, timeout_s=args.timeout)
+        capacity = result["total_s"] * (os.cpu_count() or 1)
+        result["noise"] = round(result["other_cpu_s"] / capacity, 3)
+        result["attempt"] = attempt
+        if best is None or result["noise"] < best["noise"]:
+            best = result
+        if result["noise"] <= NOISE_MAX:
+            break
+        print(f"   ({config}, attempt {attempt}: {result['noise']:.0%} of the CPU went to "
+              f"other processes, {result['per_second']:,} /s; not kept)")  # fmt: skip
+    assert best is not None
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,11 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             if name not in configs:
                 raise SystemExit(f"unknown {peer} configuration {name!r}: {sorted(configs)}")
-            busy = wait_quiet(args.wait_quiet)
-            if busy >= 0.25:
-                print(f"\n!! machine still busy ({busy:.2f} cores) before {peer} [{name}]")
             try:
-                result = runner(run, args.latency_ms, config=name, timeout_s=args.timeout)
+                result = run_quietly(runner, run, name, args)
             except (TimeoutError, RuntimeError) as exc:
                 print(f"\n== {peer} [{name}]: FAILED: {exc}")
                 failed = True

@@ -5,6 +5,8 @@ how long the caller must wait before sending (tokens may go below zero, by at mo
 ``max_wait`` seconds' worth). Sends are therefore spaced exactly at the configured rate
 across all processes and pods, nobody starves, and one round trip serves a whole chunk.
 When the wait would exceed ``max_wait`` nothing is taken and the caller retries later.
+``max_wait`` is short (100 ms): a process that is descheduled after reserving can only be
+late by that much, so late sends cannot pile up on top of punctual ones at the provider.
 All keys are passed as KEYS (Dragonfly requires declared keys); the clock is the server's.
 """
 
@@ -59,7 +61,7 @@ class Reservation:
 
 
 class TokenBuckets:
-    def __init__(self, client: aioredis.Redis, *, max_wait: float = 1.0):
+    def __init__(self, client: aioredis.Redis, *, max_wait: float = 0.1):
         self._script = client.register_script(_SCRIPT)
         self.max_wait = max_wait
 
