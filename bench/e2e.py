@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -132,29 +133,33 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem_gb:.0f} GiB, Python {platform.python_version()}"
 
 
-async def main(args: argparse.Namespace) -> int:
+async def measure_e2e(
+    recipients: int, *, workers: int = 2, latency_ms: float = 0.0, concurrency: int = 32,
+    nats_recipients: int = 0, profile: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One REST batch (and optionally one NATS batch) through a throw-away deployment."""
     tag = f"b{uuid.uuid4().hex[:8]}"
     environ = isolated_environ(tag)
     environ.update(
-        WORKER_PROCESSES=str(args.workers),
+        WORKER_PROCESSES=str(workers),
         PROVIDER_RATES="mock=10000000/1000000",
-        WORKER_CONCURRENCY=str(args.concurrency),
+        WORKER_CONCURRENCY=str(concurrency),
     )
     settings = load_settings(environ)
     await migrate_all(settings)
     stack = Stack(settings, environ_for(environ), Path(tempfile.mkdtemp(prefix=f"bench-{tag}-")))
+    profiler = Profiler(Path(profile)) if profile else None
     try:
         key = await tenant_key(settings, "bench")
-        await asyncio.to_thread(stack.start_all, ("--latency-ms", str(args.latency_ms)))
-        profiler = Profiler(Path(args.profile)) if args.profile else None
+        await asyncio.to_thread(stack.start_all, ("--latency-ms", str(latency_ms)))
         if profiler:
             profiler.start(stack.pids())
         cpu_before = stack.cpu_seconds()
-        rest = await run_rest(stack, key, args.recipients)
+        rest = await run_rest(stack, key, recipients)
         cpu = {k: v - cpu_before.get(k, 0.0) for k, v in stack.cpu_seconds().items()}
         if profiler:
             profiler.stop()
-        nats_s = await run_nats(stack, key, "bench", args.nats_recipients) if args.nats else None
+        nats_s = await run_nats(stack, key, "bench", nats_recipients) if nats_recipients else None
         peaks = stack.peak_rss_mb()
         stats = await mock_stats(stack)
     except BaseException:
@@ -163,39 +168,62 @@ async def main(args: argparse.Namespace) -> int:
     finally:
         await asyncio.to_thread(stack.stop_all)
         await drop_all(settings)
-    expected = args.recipients + (args.nats_recipients if args.nats else 0)
-    n = args.recipients
+    seconds = sorted(int(k) for k in stats["per_second"])
+    return {
+        "recipients": recipients, "workers": workers, "latency_ms": latency_ms,
+        "intake_s": rest["intake_s"], "intake_per_s": recipients / rest["intake_s"],
+        "e2e_s": rest["e2e_s"], "e2e_per_s": recipients / rest["e2e_s"],
+        "nats_recipients": nats_recipients, "nats_s": nats_s,
+        "nats_per_s": nats_recipients / nats_s if nats_s else None,
+        "peak_rss_mb": peaks, "cpu_s": cpu, "provider": stats,
+        "sends_from_s": seconds[0] - rest["start"] if seconds else None,
+        "sends_until_s": seconds[-1] + 1 - rest["start"] if seconds else None,
+        "exactly_once": stats["unique"] == recipients + nats_recipients and stats["duplicates"] == 0,
+        "profile": profiler.summary() if profiler else None,
+    }  # fmt: skip
+
+
+def report(r: dict[str, Any]) -> bool:
+    n = r["recipients"]
     print(f"machine:            {machine()}")
     print(
-        f"workers:            {args.workers} processes, mock latency {args.latency_ms} ms/request"
+        f"workers:            {r['workers']} processes, mock latency {r['latency_ms']} ms/request"
     )
     print(f"recipients:         {n:,} (REST, streamed NDJSON)")
+    print(f"intake:             {r['intake_s']:.2f} s  = {r['intake_per_s']:,.0f} recipients/s")
+    print(f"end-to-end:         {r['e2e_s']:.2f} s  = {r['e2e_per_s']:,.0f} recipients/s")
+    if r["nats_s"] is not None:
+        print(f"NATS batch:         {r['nats_recipients']:,} in {r['nats_s']:.2f} s"
+              f" = {r['nats_per_s']:,.0f} recipients/s")  # fmt: skip
     print(
-        f"intake:             {rest['intake_s']:.2f} s  = {n / rest['intake_s']:,.0f} recipients/s"
+        "peak RSS (MB):      "
+        + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["peak_rss_mb"].items()))
     )
-    print(f"end-to-end:         {rest['e2e_s']:.2f} s  = {n / rest['e2e_s']:,.0f} recipients/s")
-    if nats_s is not None:
-        m = args.nats_recipients
-        print(f"NATS batch:         {m:,} in {nats_s:.2f} s = {m / nats_s:,.0f} recipients/s")
-    print("peak RSS (MB):      " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(peaks.items())))
-    busy = sorted(((v, k) for k, v in cpu.items() if v >= 0.05), reverse=True)
+    busy = sorted(((v, k) for k, v in r["cpu_s"].items() if v >= 0.05), reverse=True)
+    print(f"CPU s (REST batch): total {sum(r['cpu_s'].values()):.1f} of {2 * r['e2e_s']:.1f} on 2 cores; "
+          + ", ".join(f"{k} {v:.1f}" for v, k in busy))  # fmt: skip
+    stats = r["provider"]
+    print(f"provider received:  {stats['accepted']:,} ({stats['unique']:,} unique, "
+          f"{stats['duplicates']} duplicates)")  # fmt: skip
+    if r["sends_from_s"] is not None:
+        print(f"provider timeline:  sends from {r['sends_from_s']:.0f} s to {r['sends_until_s']:.0f} s "
+              f"after the POST, peak {max(stats['per_second'].values()):,}/s")  # fmt: skip
+    if r["profile"]:
+        print(r["profile"])
     print(
-        f"CPU s (REST batch): total {sum(cpu.values()):.1f} of {2 * rest['e2e_s']:.1f} on 2 cores; "
-        + ", ".join(f"{k} {v:.1f}" for v, k in busy)
+        "check:              "
+        + ("ok: every recipient exactly once" if r["exactly_once"] else "FAILED")
     )
-    print(
-        f"provider received:  {stats['accepted']:,} ({stats['unique']:,} unique, {stats['duplicates']} duplicates)"
-    )
-    seconds = sorted(int(k) for k in stats["per_second"])
-    if seconds:
-        print(f"provider timeline:  sends from {seconds[0] - rest['start']:.0f} s to "
-              f"{seconds[-1] + 1 - rest['start']:.0f} s after the POST, "
-              f"peak {max(stats['per_second'].values()):,}/s")  # fmt: skip
-    if profiler:
-        print(profiler.summary())
-    ok = stats["unique"] == expected and stats["duplicates"] == 0
-    print("check:              " + ("ok: every recipient exactly once" if ok else "FAILED"))
-    return 0 if ok else 1
+    return r["exactly_once"]
+
+
+async def main(args: argparse.Namespace) -> int:
+    result = await measure_e2e(
+        args.recipients, workers=args.workers, latency_ms=args.latency_ms,
+        concurrency=args.concurrency, nats_recipients=args.nats_recipients if args.nats else 0,
+        profile=args.profile,
+    )  # fmt: skip
+    return 0 if report(result) else 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

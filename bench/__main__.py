@@ -1,0 +1,167 @@
+"""The whole throughput benchmark in one command, every part in the same run:
+
+    python -m bench                      # floor, 100k and 1M (plus a NATS batch), peers,
+                                         # rate accuracy, latency; about 10 minutes
+    python -m bench --sizes 100000,1000000,3000000
+    python -m bench --quick              # a few thousand recipients of each: CI's smoke run
+
+1. Floor (bench/floor.py): the infrastructure alone on the same data shapes.
+2. BatchSender (bench/e2e.py): one REST batch per size through the mock provider (100
+   recipients per request, 20 ms per request, rate limits not binding), first byte of the
+   POST to last recipient final; one batch published over NATS with the largest size.
+3. Peers (bench/peers.py): Celery and Dramatiq, one task per recipient, tuned as their docs
+   advise, on the same mock provider.
+4. Rate accuracy (bench/rate.py) and latency (bench/latency.py).
+Then the figures against the targets of issue 3, with the ratios. ``--json FILE`` keeps
+everything measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench import latency, rate
+from bench.e2e import machine, measure_e2e
+from bench.floor import measure_floor
+
+LATENCY_MS = 20.0
+
+
+def _peers(run: int) -> dict[str, Any]:
+    """Each peer on ``run`` recipients with its default (best measured) configuration."""
+    from bench import peers
+
+    results: dict[str, Any] = {}
+    for name, runner in (("celery", peers.run_celery), ("dramatiq", peers.run_dramatiq)):
+        try:
+            measured = runner(run, latency_ms=LATENCY_MS)
+            measured["note"] = f"{run:,} sent, recipients/s scale to 100,000 unchanged"
+            results[name] = measured
+        except Exception as exc:  # a peer that cannot run here is reported, not fatal
+            results[name] = {"error": repr(exc)}
+    return results
+
+
+def _check(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def summary(r: dict[str, Any]) -> tuple[list[str], bool]:
+    """The figures against the targets; (lines, all targets met)."""
+    lines: list[str] = []
+    met = True
+
+    def target(text: str, ok: bool) -> None:
+        nonlocal met
+        met = met and ok
+        lines.append(f"  [{_check(ok)}] {text}")
+
+    runs = r["e2e"]
+    big = runs[-1]
+    floor = r["floor"]
+    lines.append(f"machine: {r['machine']}")
+    lines.append("BatchSender, REST batch, mock 20 ms per 100-recipient request:")
+    for run in runs:
+        per_100k = run["e2e_s"] / run["recipients"] * 100_000
+        lines.append(
+            f"  {run['recipients']:>10,}: intake {run['intake_s']:6.2f} s ({run['intake_per_s']:>9,.0f}/s),"
+            f" end to end {run['e2e_s']:7.2f} s ({run['e2e_per_s']:>7,.0f}/s), {per_100k:5.2f} s per 100k"
+        )
+    if big["nats_s"]:
+        lines.append(f"  NATS batch of {big['nats_recipients']:,}: {big['nats_per_s']:,.0f}/s")
+    lines.append(
+        "  peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(big["peak_rss_mb"].items()))
+    )
+    lines.append(
+        f"Floor: send path {floor['combined_send']:,.0f}/s, with webhooks {floor['combined_webhook']:,.0f}/s"
+    )
+    peer_rates = {}
+    for name, peer in r["peers"].items():
+        if "error" in peer:
+            lines.append(f"Peer {name}: could not run ({peer['error']})")
+        else:
+            peer_rates[name] = peer["per_second"]
+            lines.append(f"Peer {name}: {peer['per_second']:,.0f}/s ({peer.get('note', '')})")
+    lines.append("Targets:")
+    target(f"end to end ≥ 25,000/s for {big['recipients']:,}: {big['e2e_per_s']:,.0f}/s",
+           big["e2e_per_s"] >= 25_000)  # fmt: skip
+    target(f"intake of {big['recipients']:,} ≤ 5 s: {big['intake_s']:.2f} s",
+           big["intake_s"] <= 5 * big["recipients"] / 1_000_000)  # fmt: skip
+    target(
+        f"API RSS ≤ 300 MB: {big['peak_rss_mb'].get('api', 0):.0f} MB",
+        big["peak_rss_mb"].get("api", 0) <= 300,
+    )
+    workers = [v for k, v in big["peak_rss_mb"].items() if k.startswith("worker[")]
+    target(
+        f"worker RSS ≤ 200 MB each: {max(workers, default=0):.0f} MB",
+        max(workers, default=0) <= 200,
+    )
+    for name, per_second in peer_rates.items():
+        ratio = big["e2e_per_s"] / per_second
+        target(f"≥ 10× {name}: {ratio:.1f}×", ratio >= 10)
+    ratio = big["e2e_per_s"] / floor["combined_webhook"]
+    target(f"≥ 50 % of the floor (with webhooks): {100 * ratio:.0f} %", ratio >= 0.5)
+    first, last = runs[0], runs[-1]
+    growth = (last["e2e_s"] / last["recipients"]) / (first["e2e_s"] / first["recipients"])
+    target(f"cost grows linearly: time per recipient ×{growth:.2f} from {first['recipients']:,} "
+           f"to {last['recipients']:,}", growth <= 1.25)  # fmt: skip
+    rr = r["rate"]
+    target(f"rate {rr['rate']:,.0f}/s ±3 %: mean {rr['mean_per_s']:,.1f}/s", rr["rate_ok"])
+    target(f"≤ rate + burst in any 1 s window: max {rr['sliding_max_1s']:,}", rr["cap_ok"])
+    lat = r["latency"]
+    target(
+        f"latency p50 ≤ 50 ms, p99 ≤ 200 ms: {lat['p50_ms']:.1f} / {lat['p99_ms']:.1f} ms",
+        lat["passed"],
+    )
+    return lines, met
+
+
+async def main(args: argparse.Namespace) -> int:
+    sizes = [int(s) for s in args.sizes.split(",")] if not args.quick else [2_000, 5_000]
+    result: dict[str, Any] = {"machine": machine(), "sizes": sizes}
+    print("floor ...", file=sys.stderr)
+    result["floor"] = await measure_floor(
+        20_000 if args.quick else 200_000, mock_latency_ms=LATENCY_MS
+    )
+    result["e2e"] = []
+    for size in sizes:
+        print(f"BatchSender {size:,} ...", file=sys.stderr)
+        nats = (size // 10 if size == sizes[-1] else 0) or 0
+        result["e2e"].append(await measure_e2e(size, latency_ms=LATENCY_MS, nats_recipients=nats))
+    print("peers ...", file=sys.stderr)
+    result["peers"] = await asyncio.to_thread(_peers, 1_000 if args.quick else args.peer_run)
+    print("rate accuracy ...", file=sys.stderr)
+    result["rate"] = await rate.measure_rate(seconds=5 if args.quick else 30)
+    print("latency ...", file=sys.stderr)
+    result["latency"] = await latency.measure_latency(tries=20 if args.quick else 200)
+    lines, met = summary(result)
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    exactly_once = all(run["exactly_once"] for run in result["e2e"])
+    print("every recipient exactly once: " + ("yes" if exactly_once else "NO"))
+    return 0 if exactly_once and (met or not args.strict) else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", default="100000,1000000", help="REST batch sizes, comma-separated"
+    )
+    parser.add_argument("--peer-run", type=int, default=20_000,
+                        help="recipients each peer really sends; its figure is scaled to 100,000")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--json", type=Path, help="write every figure to this file")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main(parse_args())))
