@@ -51,14 +51,16 @@ the API's webhook handling, the mock's webhook posting): the pipeline can only b
 The sum is exact only when a step alone keeps both cores busy. A step bound by one
 connection's round trips (one COPY, one status-write transaction at a time) leaves a core
 idle that other steps could use, so its ``1 / rate`` overstates its share. Therefore each
-step also counts the machine-wide busy CPU time it caused (``/proc/stat``: this process,
-the services and the mock server alike), during the step and after it until the machine
-is quiet again (work that outlasts the call: acks, WAL, merges started at once), and
-``combined_*_cpu = cores / sum_i(CPU seconds per recipient_i)`` is the same bound counted
-in CPU instead of wall time: the better estimate when the table's busy column shows steps
-well under 100 %. Work a service defers for longer (autovacuum, checkpoints, later
-merges) is in neither figure. Run it on a quiet machine: the table prints how busy the
-machine was before the run, and every step shares the cores with whatever else runs.
+step also counts the CPU time it caused, during the step and after it until the machine
+is quiet again (work that outlasts the call: acks, WAL, merges started at once), in this
+process, its mock server and the services (``/proc``; PostgreSQL backends of other
+databases excluded), and ``combined_*_cpu = cores / sum_i(CPU seconds per recipient_i)``
+is the same bound counted in CPU instead of wall time: the better estimate when the
+table's busy column shows steps well under 100 %. Work a service defers for longer
+(vacuum, checkpoints, later merges) is in neither figure.
+
+Run it on a quiet machine: every step shares the cores with whatever else runs. The table
+says how much of the machine other programs used before and during the steps.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +82,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import nats.errors
@@ -122,20 +126,67 @@ COMPOSITE = {
 }
 
 
-def _busy_cpu_seconds() -> float:
+_SERVICES = frozenset({"postgres", "nats-server", "clickhouse-serv", "redis-server", "dragonfly"})
+_CLIENT_ADDRESS = re.compile(r"\(\d+\)|\[local\]")  # in a PostgreSQL backend's title
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_seconds() -> float:
     """CPU time the whole machine has spent busy since boot (all cores, all processes)."""
     with open("/proc/stat") as stat:
         values = [int(v) for v in stat.readline().split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = values
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+@dataclass(frozen=True, slots=True)
+class CpuCounter:
+    """CPU seconds used by this run: this process and its children (the mock server) and
+    the services, except PostgreSQL backends of other databases (so other programs on the
+    machine, and other deployments' database sessions, are not counted)."""
+
+    database: str
+    pid: int = field(default_factory=os.getpid)
+
+    def _counts(self, pid: int, comm: str, ppid: int) -> bool:
+        if pid == self.pid or ppid == self.pid:
+            return True
+        if comm not in _SERVICES:
+            return False
+        if comm != "postgres":
+            return True
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                title = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return False
+        # A backend names its user, database and client; background processes do not.
+        return _CLIENT_ADDRESS.search(title) is None or f" {self.database} " in title
+
+    def seconds(self) -> float:
+        total = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    stat = f.read()
+            except OSError:  # gone meanwhile
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if self._counts(int(entry.name), comm, int(fields[1])):
+                total += int(fields[11]) + int(fields[12])  # utime + stime, all threads
+        return total / _TICK
 
 
 @dataclass(slots=True)
 class Step:
     label: str
     seconds: float
-    cpu_seconds: float  # machine-wide busy CPU during the step
-    after_cpu_seconds: float = 0.0  # busy CPU above idle after it returned, until quiet
+    cpu_seconds: float  # CPU of this run (CpuCounter) during the step
+    after_cpu_seconds: float = 0.0  # the same above idle after it returned, until quiet
+    other_cpu_seconds: float = 0.0  # CPU of everything else on the machine during the step
 
 
 @dataclass(slots=True)
@@ -143,40 +194,62 @@ class Meter:
     """The measured steps of one run and what follows from them."""
 
     recipients: int
+    counter: CpuCounter
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
-    idle_load: float = 0.0  # cores busy before the run (other programs, services idling)
+    idle_cpu: float = 0.0  # cores busy with this run's services while nothing happens
+    idle_other: float = 0.0  # cores busy with other programs before the run
     steps: dict[str, Step] = field(default_factory=dict)
 
+    def _sample(self) -> tuple[float, float, float]:
+        """(ours, whole machine) CPU seconds and the time."""
+        return self.counter.seconds(), _machine_busy_seconds(), time.perf_counter()
+
+    def _since(self, sample: tuple[float, float, float]) -> tuple[float, float, float]:
+        """(ours, others, elapsed) since ``sample``."""
+        ours, machine, at = sample
+        now_ours, now_machine, now = self._sample()
+        return now_ours - ours, (now_machine - machine) - (now_ours - ours), now - at
+
     async def calibrate(self, seconds: float = 1.0) -> None:
-        """How busy the machine is with nothing of ours running."""
-        cpu = _busy_cpu_seconds()
+        """How busy the services and the rest of the machine are with nothing to do."""
+        start = self._sample()
         await asyncio.sleep(seconds)
-        self.idle_load = (_busy_cpu_seconds() - cpu) / seconds
+        ours, others, elapsed = self._since(start)
+        self.idle_cpu, self.idle_other = ours / elapsed, max(0.0, others) / elapsed
 
     @contextlib.asynccontextmanager
     async def measure(self, key: str, label: str) -> AsyncIterator[None]:
-        """Time the block, count the machine's CPU during it, then wait for the services'
-        work that outlasts it (merges, WAL, acks) and count that too."""
+        """Time the block and count the CPU it used, then wait for the services' work that
+        outlasts it (acks, WAL, merges) and count that too."""
         gc.collect()
-        cpu, started = _busy_cpu_seconds(), time.perf_counter()
+        start = self._sample()
+        started = time.perf_counter()
         yield
         seconds = time.perf_counter() - started
-        during = _busy_cpu_seconds() - cpu
-        self.steps[key] = Step(label, seconds, during, await self._settle())
+        ours, others, _ = self._since(start)
+        after = await self._settle()
+        self.steps[key] = Step(label, seconds, ours, after, max(0.0, others))
 
     async def _settle(self) -> float:
-        """Busy CPU above idle in windows of ``SETTLE_WINDOW`` until one is quiet."""
+        """This run's CPU above idle, in windows of ``SETTLE_WINDOW`` until one is quiet."""
         after = 0.0
         deadline = time.monotonic() + SETTLE_MAX
         while time.monotonic() < deadline:
-            cpu, started = _busy_cpu_seconds(), time.perf_counter()
+            start = self._sample()
             await asyncio.sleep(SETTLE_WINDOW)
-            elapsed = time.perf_counter() - started
-            used = _busy_cpu_seconds() - cpu - self.idle_load * elapsed
+            ours, _, elapsed = self._since(start)
+            used = ours - self.idle_cpu * elapsed
             if used < SETTLE_QUIET * self.cores * elapsed:
                 break
             after += used
         return after
+
+    @property
+    def others_share(self) -> float:
+        """Share of the machine other programs used while the steps ran."""
+        steps = self.steps.values()
+        seconds = sum(s.seconds for s in steps)
+        return sum(s.other_cpu_seconds for s in steps) / (seconds * self.cores) if seconds else 0.0
 
     def step(self, key: str) -> Step:
         """A measured step, or a composite one (its parts added up)."""
@@ -188,13 +261,14 @@ class Meter:
             sum(p.seconds for p in parts),
             sum(p.cpu_seconds for p in parts),
             sum(p.after_cpu_seconds for p in parts),
+            sum(p.other_cpu_seconds for p in parts),
         )
 
     def rate(self, key: str) -> float:
         return self.recipients / self.step(key).seconds
 
     def cpu_per_recipient(self, key: str) -> float:
-        """Busy CPU seconds per recipient the step caused: during it and after it."""
+        """CPU seconds per recipient the step caused: during it and after it."""
         step = self.step(key)
         return (step.cpu_seconds + step.after_cpu_seconds) / self.recipients
 
@@ -215,6 +289,7 @@ class Meter:
         out["combined_webhook"] = self.combined(webhook)
         out["combined_send_cpu"] = self.combined_cpu(SEND_PATH)
         out["combined_webhook_cpu"] = self.combined_cpu(webhook)
+        out["others_share"] = self.others_share
         return out
 
 
@@ -598,7 +673,7 @@ async def run_floor(recipients: int = 200_000, *, mock_latency_ms: float | None 
     tag = f"f{uuid.uuid4().hex[:8]}"
     environ = isolated_environ(tag)
     settings = load_settings(environ)
-    meter = Meter(recipients)
+    meter = Meter(recipients, CpuCounter(urlsplit(settings.database_url).path.lstrip("/")))
     shape = Shape(uuid.uuid4(), recipients)
     sent, delivered = result_bodies(shape, "sent"), result_bodies(shape, "delivered")
     try:
@@ -634,12 +709,15 @@ async def measure_floor(
       ``token_concurrent``, ``mock`` (0 ms) and, with ``mock_latency_ms``, ``mock_<ms>ms``;
     - legs made of steps (times added): ``nats_chunks`` (chunk publish + fetch) and
       ``nats_results`` (results publish + both fetches);
-    - ``<step>_cpu_us`` for each of the above: machine-wide busy CPU microseconds per
-      recipient during the step;
+    - ``<step>_cpu_us`` for each of the above: CPU microseconds per recipient the step
+      caused in this process, the mock server and the services, during it and after it
+      until quiet;
     - ``combined_send``: 1 / sum(1 / rate) over the sending path (``SEND_PATH``);
       ``combined_webhook``: the same with the delivered update added (``WEBHOOK_EXTRA``);
     - ``combined_send_cpu``, ``combined_webhook_cpu``: cores / sum(CPU seconds per
-      recipient) over the same steps.
+      recipient) over the same steps;
+    - ``others_share``: the share of the machine (0..1) other programs used while the
+      steps ran; above ~0.05 the run was not quiet and its figures are low.
     """
     meter = await run_floor(recipients, mock_latency_ms=mock_latency_ms)
     return meter.results()
@@ -650,22 +728,26 @@ def table(meter: Meter) -> str:
     lines = [
         f"machine:    {machine()}",
         f"recipients: {n:,} in chunks of {CHUNK} (one batch)",
-        f"idle load:  {meter.idle_load:.2f} of {meter.cores} cores busy before the run"
-        + ("  << NOT QUIET: figures are low" if meter.idle_load > 0.1 * meter.cores else ""),
+        f"others:     {meter.idle_other / meter.cores:.0%} of the machine busy before the run,"
+        f" {meter.others_share:.0%} during the steps"
+        + ("  << NOT QUIET: the figures are low" if meter.others_share > 0.05 else ""),
         "",
-        "per recipient: wall µs = 1/rate; CPU µs = busy CPU of the whole machine during the"
-        " step\nand after it until quiet ('after'); busy = share of all cores during the step",
+        "per recipient: wall µs = 1/rate; CPU µs = CPU this run caused (this process, the mock,"
+        " the services)",
+        "during the step and after it until quiet ('after'); busy, others = share of all cores"
+        " used by this run, by everything else, during the step",
         f"{'step':<54} {'s':>6} {'recipients/s':>13} {'wall µs':>8} {'CPU µs':>7}"
-        f" {'after':>6} {'busy':>5}",
+        f" {'after':>6} {'busy':>5} {'others':>6}",
     ]
 
     def row(key: str, label: str | None = None) -> str:
         step = meter.step(key)
-        busy = step.cpu_seconds / (step.seconds * meter.cores) * 100
+        machine_seconds = step.seconds * meter.cores
         return (
             f"{label or step.label:<54} {step.seconds:>6.2f} {meter.rate(key):>13,.0f}"
             f" {1e6 / meter.rate(key):>8.2f} {meter.cpu_per_recipient(key) * 1e6:>7.2f}"
-            f" {step.after_cpu_seconds / n * 1e6:>6.2f} {busy:>4.0f}%"
+            f" {step.after_cpu_seconds / n * 1e6:>6.2f} {step.cpu_seconds / machine_seconds:>5.0%}"
+            f" {step.other_cpu_seconds / machine_seconds:>6.0%}"
         )
 
     for key in meter.steps:
