@@ -76,9 +76,15 @@ class Publisher:
         """Publish one send request; ``ack.duplicate`` is true when NATS already had this id."""
         if not msg_id:
             raise ValueError("msg_id is required: it is the batch's idempotency key")
+        body = request.to_json()
+        if len(body) > self._nc.max_payload:
+            raise ValueError(
+                f"the batch is {len(body):,} bytes; NATS takes at most {self._nc.max_payload:,}"
+                " per message: send large batches over REST (streamed) or split them"
+            )
         return await self._js.publish(
             f"{self.prefix}.intake.{tenant_id}",
-            request.to_json(),
+            body,
             timeout=ack_wait,
             headers={"Nats-Msg-Id": msg_id},
         )

@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 
 import asyncpg
-import nats
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -35,13 +34,19 @@ class Services:
     @classmethod
     async def open(cls, settings: Settings, *, pool_size: int = 10) -> Services:
         pool = await create_pool(settings, max_size=pool_size)
-        nc = await nats.connect(
+        nc = NATS()
+
+        async def disconnected() -> None:
+            if not nc.is_draining and not nc.is_closed:
+                log.warning("nats disconnected; reconnecting")
+
+        await nc.connect(
             settings.nats_url,
             name="batchsender",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             error_cb=_log_nats_error,
-            disconnected_cb=_log_disconnect,
+            disconnected_cb=disconnected,
         )
         js = nc.jetstream(timeout=10)
         topology = Topology(settings.nats_prefix)
@@ -63,7 +68,3 @@ class Services:
 
 async def _log_nats_error(exc: Exception) -> None:
     log.warning("nats error: %r", exc)
-
-
-async def _log_disconnect() -> None:
-    log.warning("nats disconnected; reconnecting")
