@@ -79,7 +79,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -94,6 +93,7 @@ from bench.stack import ROOT, free_port, isolated_environ
 from engine.adapters import CHUNK_SIZES
 from engine.clickhouse import EVENT_COLUMNS, ClickHouse
 from engine.config import Rate, Settings, load_settings
+from engine.events import append_event_rows
 from engine.migrate import drop_all, migrate_all
 from engine.ratelimit import TokenBuckets
 from engine.results import Columns, apply_results, decode, encode
@@ -367,23 +367,14 @@ def status_flushes(bodies: list[bytes]) -> list[Columns]:
 
 
 def event_columns(bodies: list[bytes]) -> list[list[Any]]:
-    """ClickHouse columns as engine.events.EventWriter.add builds them."""
+    """ClickHouse columns as engine.events.EventWriter builds them."""
     columns: list[list[Any]] = [[] for _ in EVENT_COLUMNS]
-    ts, tenant, batch, seq, event, provider, domain, latency, attempts, error, pmid = columns
+    tenants: dict[str, str] = {}  # webhook results: the writer looks the tenant up by batch
     for body in bodies:
         result = decode(body)
-        c, n = result.columns, len(result.columns)
-        ts.extend([datetime.fromtimestamp(int(result.ts), UTC)] * n)
-        tenant.extend([result.tenant_id or TENANT] * n)  # webhook results: looked up by batch
-        batch.extend(c.batch_id)
-        seq.extend(c.seq)
-        event.extend(c.status)
-        provider.extend([result.provider] * n)
-        domain.extend(c.domain)
-        latency.extend(c.latency_ms)
-        attempts.extend([min(a, 255) for a in c.attempts])
-        error.extend([e or "" for e in c.error])
-        pmid.extend([p or "" for p in c.provider_message_id])
+        for batch_id in result.columns.batch_id[:1]:
+            tenants.setdefault(batch_id, TENANT)
+        append_event_rows(columns, result, tenants)
     return columns
 
 

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,31 @@ from engine.services import Services
 
 log = logging.getLogger(__name__)
 _TENANT_CACHE_SIZE = 10_000
+
+
+def append_event_rows(
+    columns: list[list[Any]], result: ResultMessage, tenants: Mapping[str, str]
+) -> None:
+    """Add a results message's rows to ClickHouse columns (``EVENT_COLUMNS`` order).
+
+    Webhook results carry no tenant: it is looked up by batch id in ``tenants``.
+    """
+    ts, tenant, batch, seq, event, provider, domain, latency, attempts, error, pmid = columns
+    c, n = result.columns, len(result.columns)
+    ts.extend([datetime.fromtimestamp(int(result.ts), UTC)] * n)
+    if result.tenant_id is not None:
+        tenant.extend([result.tenant_id] * n)
+    else:
+        tenant.extend([tenants.get(b, "") for b in c.batch_id])
+    batch.extend(c.batch_id)
+    seq.extend(c.seq)
+    event.extend(c.status)
+    provider.extend([result.provider] * n)
+    domain.extend(c.domain)
+    latency.extend(c.latency_ms)
+    attempts.extend([min(a, 255) for a in c.attempts])
+    error.extend([e or "" for e in c.error])
+    pmid.extend([p or "" for p in c.provider_message_id])
 
 
 class EventWriter:
@@ -74,26 +100,8 @@ class EventWriter:
             await self._load_tenants(unknown)
         if not self._messages:
             self._oldest = time.monotonic()
-        (ts, tenant, batch, seq, event, provider, domain, latency, attempts, error, pmid) = (
-            self._columns
-        )
         for msg, result in decoded:
-            c = result.columns
-            n = len(c)
-            ts.extend([datetime.fromtimestamp(int(result.ts), UTC)] * n)
-            if result.tenant_id is not None:
-                tenant.extend([result.tenant_id] * n)
-            else:
-                tenant.extend([self._tenants.get(b, "") for b in c.batch_id])
-            batch.extend(c.batch_id)
-            seq.extend(c.seq)
-            event.extend(c.status)
-            provider.extend([result.provider] * n)
-            domain.extend(c.domain)
-            latency.extend(c.latency_ms)
-            attempts.extend([min(a, 255) for a in c.attempts])
-            error.extend([e or "" for e in c.error])
-            pmid.extend([p or "" for p in c.provider_message_id])
+            append_event_rows(self._columns, result, self._tenants)
             self._messages.append(msg)
 
     async def _load_tenants(self, batch_ids: set[str]) -> None:
