@@ -14,15 +14,15 @@ exactly as the engine does it, with the engine's own functions where they exist:
    time from ``send`` and acked one by one (the worker's send loop). Then one results
    message per chunk (``engine.results.encode`` of 100 realistic rows) published the same
    way and read by both consumers of the RESULTS stream as the worker reads them:
-   ``results-pg`` 1,000 per fetch, ``results-ch`` 500 per fetch.
+   ``results-pg`` ``RESULTS_FLUSH_MESSAGES`` per fetch, ``results-ch`` 500 per fetch.
 2. PostgreSQL, through ``engine.db.create_pool``: ``copy_records_to_table`` of the
    recipients (the columns and types of ``engine.intake``), then
-   ``engine.results.apply_results`` over the same rows in flushes of 1,000 results
-   messages (100,000 rows; what one ``results-pg`` fetch brings), first ``sent``, then
+   ``engine.results.apply_results`` over the same rows in flushes of
+   ``RESULTS_FLUSH_MESSAGES`` results messages (what one ``results-pg`` fetch brings), first ``sent``, then
    a second pass of ``delivered`` (the webhook update).
 3. ClickHouse: ``engine.clickhouse.ClickHouse.insert_events`` of the same events, built
    column by column as ``engine.events.EventWriter`` builds them, ``CLICKHOUSE_FLUSH_ROWS``
-   (50,000) rows per insert; once for ``sent``, once for ``delivered``.
+   rows per insert; once for ``sent``, once for ``delivered``.
 4. Token buckets: ``TokenBuckets.reserve`` once per chunk over the sender's three buckets
    (system, provider, tenant; keys under the deployment's ``KEY_PREFIX``) with rates far
    above what the run takes, one caller after the other and ``WORKER_CONCURRENCY`` (32)
@@ -99,6 +99,7 @@ from engine.ratelimit import TokenBuckets
 from engine.results import Columns, apply_results, decode, encode
 from engine.services import Services
 from engine.tenants import ensure_tenant
+from engine.worker import RESULTS_FLUSH_MESSAGES
 from providers.base import Message
 from providers.mock import MockProvider
 
@@ -107,7 +108,7 @@ TENANT = "floor"
 CHUNK = CHUNK_SIZES[PROVIDER]  # 100 recipients per chunk message and per provider call
 PUBLISH_WINDOW = 512  # engine.intake.queue_chunks: futures awaited every 512 publishes
 CHUNK_FETCH = 64  # engine.worker: the send loop fetches at most 64 chunks at a time
-RESULTS_PG_FETCH = 1_000  # engine.worker: results-pg messages per fetch (= per flush)
+RESULTS_PG_FETCH = RESULTS_FLUSH_MESSAGES  # results-pg messages per fetch (= per flush)
 RESULTS_CH_FETCH = 500  # engine.worker: results-ch messages per fetch
 MOCK_CONCURRENCY = 64
 SETTLE_WINDOW = 0.2  # s: after a step, the machine is watched in windows this long

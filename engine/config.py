@@ -135,7 +135,7 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], str | Callable[[], str] | None]] 
     "RETRY_BASE_SECONDS": (_float(0.01, 600), "0.5"),
     "MAX_BODY_BYTES": (_int(1024, 1 << 40), str(64 << 20)),
     "MAX_RECIPIENTS": (_int(1, 100_000_000), "5000000"),
-    "CLICKHOUSE_FLUSH_ROWS": (_int(1, 10_000_000), "50000"),
+    "CLICKHOUSE_FLUSH_ROWS": (_int(1, 10_000_000), "25000"),
     "CLICKHOUSE_FLUSH_SECONDS": (_float(0.05, 600), "1"),
     "MOCK_PROVIDER_URL": (_url("http", "https"), "http://127.0.0.1:6100"),
     "MOCK_WEBHOOK_SECRET": (_text, "mock-secret"),

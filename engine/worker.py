@@ -36,6 +36,10 @@ from engine.topology import SEND_ACK_WAIT
 
 log = logging.getLogger(__name__)
 
+# Results messages (one per chunk) applied to PostgreSQL in one transaction: large enough
+# for few statements, small enough to keep a worker's memory low (bench/RESULTS.md).
+RESULTS_FLUSH_MESSAGES = 500
+
 
 class Worker:
     def __init__(self, settings: Settings, heartbeat_path: str | None = None):
@@ -69,7 +73,7 @@ class Worker:
                         services.js,
                         topo.results_stream,
                         "results-pg",
-                        1000,
+                        RESULTS_FLUSH_MESSAGES,
                         lambda msgs: self._apply_results(services, msgs),
                     )
                 )
