@@ -259,6 +259,71 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/api/suppressions": {
+            "get": {
+                "summary": "The tenant's suppressed addresses, in address order",
+                "parameters": _PAGING,
+                "responses": {
+                    "200": {"description": "A page (next_cursor: the last address)"},
+                    "401": _ERROR,
+                    "422": _ERROR,
+                },
+            },
+            "post": {
+                "summary": "Suppress addresses",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["emails"],
+                                "properties": {
+                                    "emails": {
+                                        "type": "array",
+                                        "items": {"type": "string", "format": "email"},
+                                    },
+                                    "reason": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": {"description": "How many were new"},
+                    "400": _ERROR,
+                    "401": _ERROR,
+                    "422": _ERROR,
+                },
+            },
+        },
+        "/api/suppressions/{email}": {
+            "delete": {
+                "summary": "Send to an address again",
+                "parameters": [
+                    {"name": "email", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"204": {"description": "Removed"}, "401": _ERROR, "404": _ERROR},
+            }
+        },
+        "/unsubscribe/{token}": {
+            "get": {
+                "security": [],
+                "summary": "Confirmation page of a List-Unsubscribe link",
+                "parameters": [
+                    {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": {"description": "HTML"}, "404": _ERROR},
+            },
+            "post": {
+                "security": [],
+                "summary": "One-click unsubscribe (RFC 8058)",
+                "parameters": [
+                    {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": {"description": "HTML"}, "404": _ERROR},
+            },
+        },
         "/webhooks/{provider}": {
             "post": {
                 "security": [],

@@ -107,12 +107,17 @@ def _text(value: str) -> str:
     return value
 
 
-def _cpus() -> str:
+def _cpus(_values: dict[str, Any]) -> str:
     return str(os.cpu_count() or 1)
 
 
-# name -> (parser, default or None when required). Defaults that depend on the machine are callables.
-_SCHEMA: dict[str, tuple[Callable[[str], Any], str | Callable[[], str] | None]] = {
+def _local_api(values: dict[str, Any]) -> str:
+    return f"http://127.0.0.1:{values['api_port']}"
+
+
+# name -> (parser, default or None when required). Defaults that depend on the machine or
+# on variables above them are callables of the values parsed so far.
+_SCHEMA: dict[str, tuple[Callable[[str], Any], str | Callable[[dict[str, Any]], str] | None]] = {
     "DATABASE_URL": (_url("postgres", "postgresql"), None),
     "NATS_URL": (_url("nats", "tls"), None),
     "DRAGONFLY_URL": (_url("redis", "rediss"), None),
@@ -139,6 +144,8 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], str | Callable[[], str] | None]] 
     "CLICKHOUSE_FLUSH_SECONDS": (_float(0.05, 600), "1"),
     "MOCK_PROVIDER_URL": (_url("http", "https"), "http://127.0.0.1:6100"),
     "MOCK_WEBHOOK_SECRET": (_text, "mock-secret"),
+    "PUBLIC_URL": (_url("http", "https"), _local_api),  # where recipients reach the API
+    "UNSUBSCRIBE_SECRET": (_text, "dev-unsubscribe-secret"),
     "SMTP_HOST": (_text, "127.0.0.1"),
     "SMTP_PORT": (_int(1, 65535), "1025"),
     "SMTP_USERNAME": (_text, ""),
@@ -177,6 +184,8 @@ class Settings:
     clickhouse_flush_seconds: float
     mock_provider_url: str
     mock_webhook_secret: str
+    public_url: str
+    unsubscribe_secret: str
     smtp_host: str
     smtp_port: int
     smtp_username: str
@@ -243,7 +252,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             if default is None:
                 where = f" (not in the environment nor in {env_file or f'.env.{env}'})"
                 raise ConfigError(f"{name}: missing{where}")
-            raw = default() if callable(default) else default
+            raw = default(values) if callable(default) else default
         try:
             values[name.lower()] = parse(raw)
         except ValueError as exc:

@@ -27,6 +27,7 @@ from engine.config import Rate
 from engine.ratelimit import TokenBuckets
 from engine.results import Columns
 from engine.services import Services
+from engine.suppressions import unsubscribe_headers
 from engine.templates import BatchTemplate
 from providers.base import Message, Provider
 
@@ -173,9 +174,13 @@ class Sender:
     def _message(self, info: BatchInfo, row) -> Message:
         rendered = info.template.render(row["email"], row["name"], row["vars"])
         ref = f"{info.id}:{row['seq']}"
+        headers = unsubscribe_headers(
+            self.settings.public_url, self.settings.unsubscribe_secret, info.tenant_id, row["email"]
+        )
+        headers["X-BatchSender-Ref"] = ref
         return Message(
             ref, row["email"], row["name"], info.from_email, info.from_name,
-            rendered.subject, rendered.html, rendered.text, {"X-BatchSender-Ref": ref},
+            rendered.subject, rendered.html, rendered.text, headers,
         )  # fmt: skip
 
     async def _take_tokens(self, info: BatchInfo, n: int, rate: Rate, msg: Msg) -> None:

@@ -66,6 +66,11 @@ async def test_rest_batch_reaches_every_recipient_once(stack, tenant):
     await _assert_delivered_once(client, created["id"], N)
     _, samples = await client.request("GET", f"{stack.mock}/v1/samples")
     mine = [s for s in samples if s["ref"].startswith(created["id"])]
+    assert mine and all(
+        s["headers"]["List-Unsubscribe"].startswith(f"<{stack.settings.public_url}/unsubscribe/")
+        and s["headers"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        for s in mine
+    )
     assert mine and all(s["subject"] == f"Hello R{int(s['ref'].split(':')[1]) - 1}" for s in mine)
 
 

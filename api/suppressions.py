@@ -1,0 +1,72 @@
+"""``/api/suppressions`` (the tenant's list) and the public one-click ``/unsubscribe/{token}``."""
+
+from __future__ import annotations
+
+import html
+
+import orjson
+from aiohttp import web
+
+from api import app as api_app
+from engine import suppressions
+from engine.errors import BadRequest, ValidationError
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Unsubscribe</title></head>
+<body style="font-family: sans-serif; max-width: 32em; margin: 4em auto">{body}</body></html>"""
+
+
+async def index(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise ValidationError("limit: must be a whole number", {"field": "limit"}) from None
+    result = await suppressions.list_suppressions(
+        request.app[api_app.SERVICES].pool, request[api_app.TENANT],
+        limit=limit, after=request.query.get("cursor"),
+    )  # fmt: skip
+    return api_app.json_response(result)
+
+
+async def add(request: web.Request) -> web.Response:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    added = await suppressions.add_suppressions(
+        request.app[api_app.SERVICES].pool, request[api_app.TENANT], body
+    )
+    return api_app.json_response({"added": added}, status=201)
+
+
+async def remove(request: web.Request) -> web.Response:
+    await suppressions.remove_suppression(
+        request.app[api_app.SERVICES].pool, request[api_app.TENANT], request.match_info["email"]
+    )
+    return web.Response(status=204)
+
+
+async def confirm(request: web.Request) -> web.Response:
+    """A page with one button: a GET (a link scanner, a preview) never unsubscribes."""
+    settings = request.app[api_app.SETTINGS]
+    _, email = suppressions.read_token(settings.unsubscribe_secret, request.match_info["token"])
+    body = (f"<p>Stop e-mail to <b>{html.escape(email)}</b>?</p><form method='post'>"
+            "<button name='List-Unsubscribe' value='One-Click'>Unsubscribe</button></form>")  # fmt: skip
+    return web.Response(text=_PAGE.format(body=body), content_type="text/html")
+
+
+async def one_click(request: web.Request) -> web.Response:
+    """RFC 8058 one-click unsubscribe (and the confirmation page's button)."""
+    services = request.app[api_app.SERVICES]
+    email = await suppressions.unsubscribe(
+        services.pool, services.settings.unsubscribe_secret, request.match_info["token"]
+    )
+    body = f"<p><b>{html.escape(email)}</b> is unsubscribed.</p>"
+    return web.Response(text=_PAGE.format(body=body), content_type="text/html")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/suppressions", index)
+    app.router.add_post("/api/suppressions", add)
+    app.router.add_delete("/api/suppressions/{email}", remove)
+    app.router.add_get("/unsubscribe/{token}", confirm)
+    app.router.add_post("/unsubscribe/{token}", one_click)
