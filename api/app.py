@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from api import batches, ops, suppressions, webhooks
+from api import batches, ops, queue, suppressions, webhooks
 from engine import metrics
 from engine.config import Settings
 from engine.errors import BatchSenderError, PayloadTooLarge
@@ -128,4 +128,5 @@ def create_app(settings: Settings) -> web.Application:
     batches.add_routes(app)
     webhooks.add_routes(app)
     suppressions.add_routes(app)
+    queue.add_routes(app)
     return app

@@ -306,6 +306,19 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"204": {"description": "Removed"}, "401": _ERROR, "404": _ERROR},
             }
         },
+        "/api/queue/stats": {
+            "get": {
+                "summary": "Per stream and consumer: pending, ack-pending, redelivered, oldest age",
+                "responses": {"200": {"description": "Queue state"}, "401": _ERROR},
+            }
+        },
+        "/api/queue/dlq": {
+            "get": {
+                "summary": "The tenant's dead-lettered messages with their reasons, oldest first",
+                "parameters": _PAGING,
+                "responses": {"200": {"description": "A page"}, "401": _ERROR, "422": _ERROR},
+            }
+        },
         "/unsubscribe/{token}": {
             "get": {
                 "security": [],

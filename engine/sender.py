@@ -220,6 +220,7 @@ class Sender:
     ) -> None:
         body = orjson.dumps({
             "kind": "send",
+            "reason": "retryable provider errors past the retry budget",
             "batch_id": info.id,
             "tenant_id": info.tenant_id,
             "provider": info.provider,

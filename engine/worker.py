@@ -230,6 +230,7 @@ class Worker:
     ) -> None:
         body = orjson.dumps({
             "kind": "intake",
+            "tenant_id": msg.subject.rsplit(".", 1)[-1],
             "reason": exc.message,
             "code": exc.code,
             "details": exc.details,

@@ -1,0 +1,33 @@
+"""``/api/queue``: consumer state and the tenant's dead-lettered messages."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from api import app as api_app
+from engine import queues
+from engine.errors import ValidationError
+
+
+def _int(request: web.Request, name: str, default: int) -> int:
+    try:
+        return int(request.query.get(name, default))
+    except ValueError:
+        raise ValidationError(f"{name}: must be a whole number", {"field": name}) from None
+
+
+async def stats(request: web.Request) -> web.Response:
+    return api_app.json_response(await queues.queue_stats(request.app[api_app.SERVICES]))
+
+
+async def dlq(request: web.Request) -> web.Response:
+    result = await queues.dead_letters(
+        request.app[api_app.SERVICES], request[api_app.TENANT],
+        limit=_int(request, "limit", 50), after=_int(request, "cursor", 0),
+    )  # fmt: skip
+    return api_app.json_response(result)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/queue/stats", stats)
+    app.router.add_get("/api/queue/dlq", dlq)
