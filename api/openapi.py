@@ -319,6 +319,31 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"200": {"description": "A page"}, "401": _ERROR, "422": _ERROR},
             }
         },
+        "/api/queue/dlq/replay": {
+            "post": {
+                "summary": "Queue chosen dead letters (or all) again; they leave the DLQ",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "seqs": {"type": "array", "items": {"type": "integer"}},
+                                    "all": {"type": "boolean"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {"description": "How many were replayed"},
+                    "400": _ERROR,
+                    "401": _ERROR,
+                    "422": _ERROR,
+                },
+            }
+        },
         "/unsubscribe/{token}": {
             "get": {
                 "security": [],

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import orjson
 from aiohttp import web
 
 from api import app as api_app
 from engine import queues
-from engine.errors import ValidationError
+from engine.errors import BadRequest, ValidationError
 
 
 def _int(request: web.Request, name: str, default: int) -> int:
@@ -28,6 +29,25 @@ async def dlq(request: web.Request) -> web.Response:
     return api_app.json_response(result)
 
 
+async def replay(request: web.Request) -> web.Response:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    seqs = body.get("seqs") if isinstance(body, dict) else None
+    everything = isinstance(body, dict) and body.get("all") is True
+    valid = isinstance(seqs, list) and seqs and all(type(s) is int for s in seqs)
+    if everything == bool(valid):
+        raise ValidationError(
+            'send {"seqs": [...]} (from /api/queue/dlq) or {"all": true}', {"field": "seqs"}
+        )
+    replayed = await queues.replay(
+        request.app[api_app.SERVICES], request[api_app.TENANT], None if everything else seqs
+    )
+    return api_app.json_response({"replayed": replayed})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/queue/stats", stats)
     app.router.add_get("/api/queue/dlq", dlq)
+    app.router.add_post("/api/queue/dlq/replay", replay)

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -528,6 +528,31 @@ async def _suppress(conn: asyncpg.Connection, batch_id: uuid.UUID, tenant_id: st
     return int(result.split()[-1])
 
 
+async def _publish_chunks(
+    services: Services, batch_id: uuid.UUID, provider: str, tenant_id: str,
+    ranges: Iterable[tuple[int, int]], tag: str = "",
+) -> int:  # fmt: skip
+    """One chunk message per (first seq, count), published with a window of acks.
+
+    Message ids (``batch:first[:tag]``) let JetStream drop a chunk published twice.
+    """
+    subject = services.topology.send_subject(provider)
+    pending: list[asyncio.Future] = []
+    count = 0
+    for first, n in ranges:
+        body = orjson.dumps({"b": str(batch_id), "t": tenant_id, "p": provider, "f": first, "n": n})
+        msg_id = f"{batch_id}:{first}" + (f":{tag}" if tag else "")
+        pending.append(
+            await services.js.publish_async(subject, body, headers={"Nats-Msg-Id": msg_id})
+        )
+        count += 1
+        if len(pending) >= _PUBLISH_WINDOW:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+    return count
+
+
 async def queue_chunks(
     services: Services,
     batch_id: uuid.UUID,
@@ -536,31 +561,25 @@ async def queue_chunks(
     total: int,
     chunk_size: int,
 ) -> int:
-    """Publish one message per chunk of ``chunk_size`` recipients; mark the batch queued.
-
-    Message ids (``batch:first_seq``) let JetStream drop a chunk published twice when
-    queuing is retried after a crash.
-    """
-    subject = services.topology.send_subject(provider)
-    pending: list[asyncio.Future] = []
-    count = 0
-    for first in range(1, total + 1, chunk_size):
-        body = orjson.dumps(
-            {"b": str(batch_id), "t": tenant_id, "p": provider, "f": first,
-             "n": min(chunk_size, total - first + 1)}
-        )  # fmt: skip
-        pending.append(
-            await services.js.publish_async(
-                subject, body, headers={"Nats-Msg-Id": f"{batch_id}:{first}"}
-            )
-        )
-        count += 1
-        if len(pending) >= _PUBLISH_WINDOW:
-            await asyncio.gather(*pending)
-            pending.clear()
-    await asyncio.gather(*pending)
+    """Publish one message per chunk of ``chunk_size`` recipients; mark the batch queued."""
+    ranges = (
+        (first, min(chunk_size, total - first + 1)) for first in range(1, total + 1, chunk_size)
+    )
+    count = await _publish_chunks(services, batch_id, provider, tenant_id, ranges)
     await services.pool.execute("UPDATE batches SET queued_at = now() WHERE id = $1", batch_id)
     return count
+
+
+async def queue_chunks_for(
+    services: Services, batch_id: uuid.UUID, provider: str, tenant_id: str,
+    seqs: list[int], chunk_size: int, tag: str,
+) -> int:  # fmt: skip
+    """Chunks covering the given recipients again (a chunk sends only those still queued)."""
+    ranges: list[tuple[int, int]] = []
+    for seq in sorted(seqs):
+        if not ranges or seq >= ranges[-1][0] + chunk_size:
+            ranges.append((seq, chunk_size))
+    return await _publish_chunks(services, batch_id, provider, tenant_id, ranges, tag)
 
 
 def request_digest(*parts: bytes) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +11,33 @@ import orjson
 from nats.js.errors import NotFoundError
 
 from engine.errors import ValidationError
+from engine.intake import queue_chunks_for
 from engine.services import Services
+
+# A replayed intake message is published under a new Nats-Msg-Id (the first one is still
+# in JetStream's duplicate window) and carries its original id here.
+EXTERNAL_ID_HEADER = "BatchSender-External-Id"
+
+_REQUEUE_FAILED = """
+WITH u AS (
+    UPDATE recipients SET status = 'queued', error = NULL, updated_at = now()
+     WHERE batch_id = $1 AND seq = ANY($2::int[]) AND status = 'failed'
+ RETURNING seq
+), n AS (
+    SELECT count(*)::int AS n FROM u
+), counted AS (
+    INSERT INTO batch_counts (batch_id, status, n)
+    SELECT $1, s, d FROM n, LATERAL (VALUES ('failed', -n.n), ('queued', n.n)) AS v(s, d)
+     WHERE n.n > 0
+    ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
+), b AS (
+    UPDATE batches SET final_count = final_count - n.n,
+           status = CASE WHEN status = 'completed' THEN 'processing' ELSE status END,
+           completed_at = NULL
+      FROM n WHERE id = $1 AND n.n > 0
+)
+SELECT seq FROM u ORDER BY seq
+"""
 
 
 async def _oldest_age(services: Services, stream: str, seq: int) -> float | None:
@@ -66,3 +93,40 @@ async def dead_letters(
         seq += 1
     page = found[:limit]
     return {"data": page, "next_cursor": str(page[-1]["seq"]) if len(found) > limit else None}
+
+
+async def replay(services: Services, tenant_id: str, seqs: list[int] | None) -> int:
+    """Queue the tenant's chosen dead letters (all when ``seqs`` is None) again; return how
+    many. Intake messages are published again; recipients that failed after their retries
+    are set back to ``queued`` and their chunks queued. A replayed entry leaves the DLQ."""
+    stream = services.topology.dlq_stream
+    state = (await services.js.stream_info(stream)).state
+    wanted = range(state.first_seq, state.last_seq + 1) if seqs is None else sorted(set(seqs))
+    replayed = 0
+    for seq in wanted:
+        try:
+            msg = await services.js.get_msg(stream, seq)
+        except NotFoundError:
+            continue
+        entry = orjson.loads(msg.data)
+        if entry.get("tenant_id") != tenant_id:
+            continue
+        if entry["kind"] == "intake":
+            await services.js.publish(
+                entry["subject"], entry["data"].encode(),
+                headers={"Nats-Msg-Id": f"replay:{stream}:{seq}", EXTERNAL_ID_HEADER: entry["msg_id"]},
+            )  # fmt: skip
+        elif entry["kind"] == "send":
+            await _requeue_failed(services, entry, tag=f"replay{seq}")
+        await services.js.delete_msg(stream, seq)
+        replayed += 1
+    return replayed
+
+
+async def _requeue_failed(services: Services, entry: dict[str, Any], tag: str) -> None:
+    batch_id = uuid.UUID(entry["batch_id"])
+    async with services.pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(_REQUEUE_FAILED, batch_id, [f["seq"] for f in entry["failed"]])
+        chunk_size = await conn.fetchval("SELECT chunk_size FROM batches WHERE id = $1", batch_id)
+    await queue_chunks_for(services, batch_id, entry["provider"], entry["tenant_id"],
+                           [r["seq"] for r in rows], chunk_size, tag)  # fmt: skip

@@ -28,6 +28,7 @@ from engine.errors import BatchSenderError
 from engine.events import EventWriter
 from engine.intake import create_from_nats
 from engine.leader import Lease
+from engine.queues import EXTERNAL_ID_HEADER
 from engine.recovery import requeue_interrupted
 from engine.results import Columns, apply_results, decode
 from engine.sender import Sender
@@ -214,7 +215,10 @@ class Worker:
 
     async def _intake(self, services: Services, msgs: list[Msg]) -> None:
         for msg in msgs:
-            msg_id = (msg.headers or {}).get("Nats-Msg-Id") or f"seq:{msg.metadata.sequence.stream}"
+            headers = msg.headers or {}
+            # A replayed dead letter keeps its original id (see engine.queues.replay).
+            msg_id = (headers.get(EXTERNAL_ID_HEADER) or headers.get("Nats-Msg-Id")
+                      or f"seq:{msg.metadata.sequence.stream}")  # fmt: skip
             try:
                 created = await create_from_nats(services, msg.subject, msg.data, msg_id)
             except BatchSenderError as exc:
