@@ -46,6 +46,7 @@ class Worker:
     def __init__(self, settings: Settings, heartbeat_path: str | None = None):
         self.settings = settings
         self.heartbeat_path = heartbeat_path
+        self.parent = os.getppid()  # the supervisor: when it is gone, this worker drains
         self.stopping = asyncio.Event()
         self._chunks: dict[asyncio.Task, Msg] = {}
 
@@ -57,7 +58,15 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         heartbeat = asyncio.create_task(self._heartbeat())
-        services = await Services.open(self.settings, pool_size=8)
+        opening = asyncio.create_task(Services.open(self.settings, pool_size=8))
+        stopped = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({opening, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not opening.done():  # told to stop while still connecting (a service is down)
+            opening.cancel()
+            heartbeat.cancel()
+            return
+        stopped.cancel()
+        services = opening.result()
         providers = {name: build_provider(name, self.settings) for name in AVAILABLE}
         events = EventWriter(services)
         metrics.WORKER_PROCESSES.set(1)
@@ -103,11 +112,15 @@ class Worker:
             log.info("worker stopped", extra={"pid": os.getpid()})
 
     async def _heartbeat(self) -> None:
-        """Touch the heartbeat file, and keep the chunks in flight from being redelivered."""
+        """Touch the heartbeat file, keep the chunks in flight from being redelivered, and
+        drain when the supervisor is gone (killed with -9: nobody would stop this process)."""
         beats = 0
         while True:
             if self.heartbeat_path:
                 os.utime(self.heartbeat_path)
+            if os.getppid() != self.parent and not self.stopping.is_set():
+                log.warning("supervisor gone; draining")
+                self.stop()
             beats += 1
             if beats % int(SEND_ACK_WAIT / 3) == 0:
                 for msg in list(self._chunks.values()):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -178,3 +179,56 @@ def test_a_crash_loop_stops_the_supervisor(stack):
             proc.kill()
     assert code == 3
     assert 5 < len(killed) < 50
+
+
+def _children_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") >= 0
+
+
+def _wait(predicate, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_workers_of_a_killed_supervisor_drain_and_exit(stack):
+    proc = subprocess.Popen(command("worker", "-n", "1"), env=stack.environ,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert _wait(lambda: len(_children_of(proc.pid)) == 1, 30)
+        child = _children_of(proc.pid)[0]
+        time.sleep(2)  # connected and consuming
+        proc.kill()
+        proc.wait(10)
+        assert _wait(lambda: _gone(child), 30), "an orphaned worker kept running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_stop_signal_ends_workers_still_waiting_for_a_service(stack):
+    environ = {**stack.environ, "NATS_URL": "nats://127.0.0.1:1"}  # nothing listens: retries
+    proc = subprocess.Popen(command("worker", "-n", "1"), env=environ,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert _wait(lambda: len(_children_of(proc.pid)) == 1, 30)
+        child = _children_of(proc.pid)[0]
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert _gone(child)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
