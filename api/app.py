@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -12,7 +13,7 @@ from aiohttp import web
 from api import batches, ops, queue, suppressions, webhooks
 from engine import metrics
 from engine.config import Settings
-from engine.errors import BatchSenderError, PayloadTooLarge
+from engine.errors import BadRequest, BatchSenderError, PayloadTooLarge, ValidationError
 from engine.health import HealthChecker
 from engine.services import Services
 from engine.tenants import authenticate
@@ -40,6 +41,24 @@ def json_response(
     return web.Response(
         status=status, body=orjson.dumps(data), content_type="application/json", headers=headers
     )
+
+
+async def json_body(request: web.Request) -> Any:
+    """The request body as JSON; ``BadRequest`` when it is not JSON."""
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def query_int(request: web.Request, name: str, default: int | None = None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValidationError(f"{name}: must be a whole number", {"field": name}) from None
 
 
 @web.middleware

@@ -11,16 +11,6 @@ from engine.errors import BadRequest, UnsupportedMediaType, ValidationError
 _STREAM_CHUNK = 1 << 20
 
 
-def _int_query(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValidationError(f"{name}: must be a whole number", {"field": name}) from None
-
-
 async def create(request: web.Request) -> web.Response:
     services = request.app[api_app.SERVICES]
     kind = request.content_type
@@ -64,7 +54,7 @@ async def index(request: web.Request) -> web.Response:
         request[api_app.TENANT],
         status=request.query.get("status"),
         external_id=request.query.get("external_id"),
-        limit=_int_query(request, "limit"),
+        limit=api_app.query_int(request, "limit"),
         cursor=request.query.get("cursor"),
     )
     return api_app.json_response(result)
@@ -83,7 +73,7 @@ async def recipients(request: web.Request) -> web.Response:
         request[api_app.TENANT],
         request.match_info["id"],
         status=request.query.get("status"),
-        limit=_int_query(request, "limit"),
+        limit=api_app.query_int(request, "limit"),
         cursor=request.query.get("cursor"),
     )
     return api_app.json_response(result)

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import orjson
 from aiohttp import web
 
 from api import app as api_app
 from engine import queues
-from engine.errors import BadRequest, ValidationError
-
-
-def _int(request: web.Request, name: str, default: int) -> int:
-    try:
-        return int(request.query.get(name, default))
-    except ValueError:
-        raise ValidationError(f"{name}: must be a whole number", {"field": name}) from None
+from engine.errors import ValidationError
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -24,16 +16,13 @@ async def stats(request: web.Request) -> web.Response:
 async def dlq(request: web.Request) -> web.Response:
     result = await queues.dead_letters(
         request.app[api_app.SERVICES], request[api_app.TENANT],
-        limit=_int(request, "limit", 50), after=_int(request, "cursor", 0),
+        limit=api_app.query_int(request, "limit", 50), after=api_app.query_int(request, "cursor", 0),
     )  # fmt: skip
     return api_app.json_response(result)
 
 
 async def replay(request: web.Request) -> web.Response:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    body = await api_app.json_body(request)
     seqs = body.get("seqs") if isinstance(body, dict) else None
     everything = isinstance(body, dict) and body.get("all") is True
     valid = isinstance(seqs, list) and seqs and all(type(s) is int for s in seqs)

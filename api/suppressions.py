@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import html
 
-import orjson
 from aiohttp import web
 
 from api import app as api_app
 from engine import suppressions
-from engine.errors import BadRequest, ValidationError
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Unsubscribe</title></head>
 <body style="font-family: sans-serif; max-width: 32em; margin: 4em auto">{body}</body></html>"""
 
 
 async def index(request: web.Request) -> web.Response:
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise ValidationError("limit: must be a whole number", {"field": "limit"}) from None
+    limit = api_app.query_int(request, "limit", 100)
     result = await suppressions.list_suppressions(
         request.app[api_app.SERVICES].pool, request[api_app.TENANT],
         limit=limit, after=request.query.get("cursor"),
@@ -28,10 +23,7 @@ async def index(request: web.Request) -> web.Response:
 
 
 async def add(request: web.Request) -> web.Response:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    body = await api_app.json_body(request)
     added = await suppressions.add_suppressions(
         request.app[api_app.SERVICES].pool, request[api_app.TENANT], body
     )

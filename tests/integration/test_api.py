@@ -6,11 +6,9 @@ import dataclasses
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,6 +19,7 @@ from engine.intake import create_batch, list_rows, parse_batch_fields
 from engine.services import Services
 from engine.tenants import create_key
 from providers.mock import sign
+from tests.integration.conftest import bearer
 
 FIELDS = {
     "name": "API test",
@@ -29,16 +28,6 @@ FIELDS = {
     "html": "<p>Code {{ code }}</p>",
     "provider": "mock",
 }
-
-
-@pytest.fixture(scope="module")
-async def client(migrated: Settings) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(create_app(migrated), host="127.0.0.1")) as test_client:
-        yield test_client
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def people(count: int) -> list[dict[str, Any]]:

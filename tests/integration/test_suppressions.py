@@ -3,25 +3,12 @@ PostgreSQL; suppressed addresses are skipped by later batches."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from api.app import create_app
-from engine.config import Settings
 from engine.errors import NotFound
 from engine.suppressions import read_token, unsubscribe_headers, unsubscribe_token
-
-
-@pytest.fixture(scope="module")
-async def client(migrated: Settings) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(create_app(migrated), host="127.0.0.1")) as test_client:
-        yield test_client
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
+from tests.integration.conftest import bearer
 
 
 async def test_add_list_remove(client: TestClient, tenant: tuple[str, str]) -> None:
