@@ -44,7 +44,13 @@ _PAGING = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
 ]
-_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+
+
+def _path(name: str, **schema: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", **schema}}
+
+
+_ID = _path("id", format="uuid")
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -300,9 +306,7 @@ OPENAPI: dict[str, Any] = {
         "/api/suppressions/{email}": {
             "delete": {
                 "summary": "Send to an address again",
-                "parameters": [
-                    {"name": "email", "in": "path", "required": True, "schema": {"type": "string"}}
-                ],
+                "parameters": [_path("email")],
                 "responses": {"204": {"description": "Removed"}, "401": _ERROR, "404": _ERROR},
             }
         },
@@ -348,17 +352,13 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "security": [],
                 "summary": "Confirmation page of a List-Unsubscribe link",
-                "parameters": [
-                    {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}
-                ],
+                "parameters": [_path("token")],
                 "responses": {"200": {"description": "HTML"}, "404": _ERROR},
             },
             "post": {
                 "security": [],
                 "summary": "One-click unsubscribe (RFC 8058)",
-                "parameters": [
-                    {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}
-                ],
+                "parameters": [_path("token")],
                 "responses": {"200": {"description": "HTML"}, "404": _ERROR},
             },
         },
@@ -366,14 +366,7 @@ OPENAPI: dict[str, Any] = {
             "post": {
                 "security": [],
                 "summary": "Provider delivery events (signature checked per provider)",
-                "parameters": [
-                    {
-                        "name": "provider",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                ],
+                "parameters": [_path("provider")],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
                 "responses": {
                     "200": {"description": "Accepted"},
