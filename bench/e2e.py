@@ -30,12 +30,10 @@ import aiohttp
 import orjson
 
 from bench.profile import Profiler
-from bench.stack import Stack, environ_for, isolated_environ
-from engine.config import Settings, load_settings
-from engine.db import create_pool
+from bench.stack import Stack, environ_for, isolated_environ, mock_stats, tenant_key
+from engine.config import load_settings
 from engine.migrate import drop_all, migrate_all
 from engine.publisher import BatchRequest, Publisher, Recipient
-from engine.tenants import create_key
 
 TEMPLATE = {
     "name": "bench",
@@ -109,20 +107,6 @@ async def run_nats(stack: Stack, key: str, tenant: str, total: int) -> float:
     return done.timestamp() - started_wall
 
 
-async def mock_stats(stack: Stack) -> dict:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{stack.mock}/v1/stats") as response:
-            return orjson.loads(await response.read())
-
-
-async def tenant_key(settings: Settings, tenant: str) -> str:
-    pool = await create_pool(settings, max_size=1)
-    try:
-        return await create_key(pool, tenant)
-    finally:
-        await pool.close()
-
-
 def machine() -> str:
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -161,7 +145,8 @@ async def measure_e2e(
             profiler.stop()
         nats_s = await run_nats(stack, key, "bench", nats_recipients) if nats_recipients else None
         peaks = stack.peak_rss_mb()
-        stats = await mock_stats(stack)
+        async with aiohttp.ClientSession() as session:
+            stats = await mock_stats(session, stack.mock)
     except BaseException:
         print(stack.tail(), file=sys.stderr)
         raise

@@ -25,145 +25,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import shutil
-import sys
-import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
-from bench.e2e import machine, ndjson_body, tenant_key
-from bench.stack import Stack, environ_for, free_port, isolated_environ
+from bench.e2e import machine, ndjson_body
+from bench.stack import UNLIMITED, WebhookTap, deployment, mock_stats
 from engine.adapters import CHUNK_SIZES
-from engine.config import load_settings
-from engine.migrate import drop_all, migrate_all
-from providers.mock import SIGNATURE_HEADER
 
-UNLIMITED = "100000000/10000000"  # a system / tenant / provider rate that never binds
 TOLERANCE = 0.03
-
-
-# --- a throw-away deployment whose provider webhooks pass through this program -----------
-
-
-class WebhookTap:
-    """Stands between the mock provider and the API: records when the mock accepted each
-    message (every delivery event carries it) and forwards the post unchanged."""
-
-    def __init__(self, forward_to: str) -> None:
-        self.forward_to = forward_to
-        self.port = free_port()
-        self.accepted_at: dict[str, float] = {}  # ref -> epoch seconds
-        self._waiting: dict[str, asyncio.Future[float]] = {}
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/webhooks/mock"
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        app = web.Application(client_max_size=64 << 20)
-        app.router.add_post("/webhooks/mock", self._receive)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
-
-    async def _receive(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        for event in orjson.loads(body):
-            ref, at = event["ref"], float(event["timestamp"])
-            self.accepted_at.setdefault(ref, at)
-            waiter = self._waiting.pop(ref, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(at)
-        assert self._session is not None
-        headers = {"Content-Type": "application/json"}
-        if SIGNATURE_HEADER in request.headers:
-            headers[SIGNATURE_HEADER] = request.headers[SIGNATURE_HEADER]
-        try:
-            async with self._session.post(self.forward_to, data=body, headers=headers) as resp:
-                return web.Response(status=resp.status, body=await resp.read())
-        except (TimeoutError, aiohttp.ClientError):
-            return web.Response(status=502)  # the mock posts it again later
-
-    async def accepted(self, ref: str, give_up_s: float) -> float:
-        """When the mock accepted ``ref`` (epoch seconds), waiting for its webhook."""
-        if ref in self.accepted_at:
-            return self.accepted_at[ref]
-        waiter = self._waiting.setdefault(ref, asyncio.get_running_loop().create_future())
-        return await asyncio.wait_for(waiter, give_up_s)
-
-
-@dataclass(frozen=True, slots=True)
-class Deployment:
-    stack: Stack
-    key: str  # an API key of tenant "bench"
-    tap: WebhookTap
-
-
-def _stop(stack: Stack) -> None:
-    """Workers first (they drain what they hold, bounded by DRAIN_TIMEOUT), then the rest,
-    so chunks in flight do not retry against a provider that is already gone."""
-    stack.stop("worker")
-    stack.stop_all()
-
-
-@asynccontextmanager
-async def deployment(
-    tag: str, overrides: dict[str, str], mock_options: tuple[str, ...] = ()
-) -> AsyncIterator[Deployment]:
-    """Start mock provider, API and workers on their own databases, streams and keys, the
-    mock's webhooks going through a ``WebhookTap``. Everything is stopped and dropped on
-    the way out, also when the body (or the start) failed; the logs are kept then."""
-    environ = isolated_environ(f"{tag}{uuid.uuid4().hex[:8]}")
-    environ.update(overrides)
-    settings = load_settings(environ)
-    logs = Path(tempfile.mkdtemp(prefix=f"bench-{tag}-"))
-    stack = Stack(settings, environ_for(environ), logs)
-    tap = WebhookTap(f"{stack.api}/webhooks/mock")
-    failed = True
-    try:
-        await migrate_all(settings)
-        key = await tenant_key(settings, "bench")
-        await tap.start()
-        # start_all names the API as the webhook URL; a second --webhook-url wins (argparse).
-        options = (*mock_options, "--webhook-url", tap.url)
-        await asyncio.to_thread(stack.start_all, options)
-        yield Deployment(stack, key, tap)
-        failed = False
-    except BaseException:
-        print(stack.tail(), file=sys.stderr)
-        print(f"logs kept in {logs}", file=sys.stderr)
-        raise
-    finally:
-        await asyncio.to_thread(_stop, stack)
-        await tap.stop()
-        await drop_all(settings)
-        shutil.rmtree(settings.metrics_dir, ignore_errors=True)
-        if not failed:
-            shutil.rmtree(logs, ignore_errors=True)
-
-
-async def mock_stats(session: aiohttp.ClientSession, mock: str) -> dict[str, Any]:
-    async with session.get(f"{mock}/v1/stats") as response:
-        response.raise_for_status()
-        return orjson.loads(await response.read())
 
 
 # --- the benchmark ----------------------------------------------------------------------
