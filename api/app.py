@@ -13,7 +13,13 @@ from aiohttp import web
 from api import batches, ops, queue, suppressions, webhooks
 from engine import metrics
 from engine.config import Settings
-from engine.errors import BadRequest, BatchSenderError, PayloadTooLarge, ValidationError
+from engine.errors import (
+    BadRequest,
+    BatchSenderError,
+    PayloadTooLarge,
+    TooManyRequests,
+    ValidationError,
+)
 from engine.health import HealthChecker
 from engine.services import Services
 from engine.tenants import authenticate
@@ -30,9 +36,12 @@ _AUTH_CACHE_SECONDS = 10.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(status: int, code: str, message: str, details: object = None) -> web.Response:
+def error_response(
+    status: int, code: str, message: str, details: object = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:  # fmt: skip
     body = {"error": {"code": code, "message": message, "details": details}}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    return json_response(body, status, headers)
 
 
 def json_response(
@@ -65,6 +74,9 @@ def query_int(request: web.Request, name: str, default: int | None = None) -> in
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except TooManyRequests as exc:
+        headers = {"Retry-After": str(exc.retry_after)}
+        return error_response(exc.status, exc.code, exc.message, exc.details, headers)
     except BatchSenderError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.details)
     except web.HTTPRequestEntityTooLarge:

@@ -1,12 +1,19 @@
-"""``/api/batches``: create (JSON, streamed NDJSON or CSV), list, show, recipients."""
+"""``/api/batches``: create (JSON, streamed NDJSON or CSV), list, show, recipients, and the
+controls: pause, resume, cancel, send (a draft)."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from api import app as api_app
-from engine import batches, intake
+from engine import batches, control, intake
 from engine.errors import BadRequest, UnsupportedMediaType, ValidationError
+from engine.services import Services
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 _STREAM_CHUNK = 1 << 20
 
@@ -79,8 +86,19 @@ async def recipients(request: web.Request) -> web.Response:
     return api_app.json_response(result)
 
 
+def _control(action: Callable[[Services, str, str], Awaitable[dict[str, Any]]]) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        services, tenant = request.app[api_app.SERVICES], request[api_app.TENANT]
+        return api_app.json_response(await action(services, tenant, request.match_info["id"]))
+
+    return handler
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/batches", create)
     app.router.add_get("/api/batches", index)
     app.router.add_get("/api/batches/{id}", show)
     app.router.add_get("/api/batches/{id}/recipients", recipients)
+    for name, action in (("pause", control.pause), ("resume", control.resume),
+                         ("cancel", control.cancel), ("send", control.send)):  # fmt: skip
+        app.router.add_post(f"/api/batches/{{id}}/{name}", _control(action))

@@ -2,6 +2,7 @@
 
 batchsender migrate                  schema for PostgreSQL and ClickHouse (idempotent)
 batchsender keys create --tenant T   a new API key for tenant T (printed once)
+batchsender tenants limits T [...]   show or set tenant T's limits (0 or '' = default)
 batchsender api                      the REST API (API_PORT)
 batchsender worker [-n N]            the supervisor and its N worker processes
 batchsender mock-provider [...]      a local provider that records sends, posts webhooks
@@ -62,6 +63,36 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
             await pool.close()
 
     print(asyncio.run(run()))
+    return 0
+
+
+def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
+    from engine import tenants
+    from engine.db import create_pool
+    from engine.errors import BatchSenderError
+
+    async def run() -> tenants.Limits:
+        pool = await create_pool(settings, max_size=1)
+        try:
+            await tenants.set_limits(
+                pool, args.tenant, max_batch_recipients=args.max_batch_recipients,
+                max_active_batches=args.max_active_batches, send_rate=args.send_rate,
+            )  # fmt: skip
+            return await tenants.limits(pool, args.tenant, settings)
+        finally:
+            await pool.close()
+
+    try:
+        limits = asyncio.run(run())
+    except BatchSenderError as exc:
+        print(f"batchsender: {exc.message}", file=sys.stderr)
+        return 2
+    rate = (
+        limits.send_rate
+        or f"{settings.tenant_rate.per_second:g}/{settings.tenant_rate.burst} (default)"
+    )
+    print(f"tenant {args.tenant}: at most {limits.max_batch_recipients} recipients per batch, "
+          f"{limits.max_active_batches} unfinished batches, sending at {rate} per second")  # fmt: skip
     return 0
 
 
@@ -187,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tenant", required=True, help="tenant id: lower-case letters, digits, - or _"
     )
     create.set_defaults(func=cmd_keys)
+    tenants = sub.add_parser("tenants", help="tenants").add_subparsers(dest="action", required=True)
+    limits = tenants.add_parser("limits", help="show or set a tenant's limits")
+    limits.add_argument("tenant")
+    limits.add_argument("--max-batch-recipients", type=int, help="per batch (0: server default)")
+    limits.add_argument("--max-active-batches", type=int, help="unfinished at once (0: default)")
+    limits.add_argument("--send-rate", help="'<per_second>/<burst>' ('': TENANT_RATE)")
+    limits.set_defaults(func=cmd_limits)
     sub.add_parser("api", help="run the REST API").set_defaults(func=cmd_api)
     worker = sub.add_parser("worker", help="run the supervisor and its worker processes")
     worker.add_argument(

@@ -205,6 +205,7 @@ OPENAPI: dict[str, Any] = {
                     "413": _ERROR,
                     "415": _ERROR,
                     "422": _ERROR,
+                    "429": _ERROR,
                 },
             },
             "get": {
@@ -241,6 +242,29 @@ OPENAPI: dict[str, Any] = {
                     "404": _ERROR,
                 },
             }
+        },
+        **{
+            f"/api/batches/{{id}}/{action}": {
+                "post": {
+                    "summary": summary,
+                    "parameters": [_ID],
+                    "responses": {
+                        "200": {
+                            "description": "The batch after the change",
+                            "content": {"application/json": {"schema": _ref("Batch")}},
+                        },
+                        "401": _ERROR,
+                        "404": _ERROR,
+                        "409": _ERROR,
+                    },
+                }
+            }
+            for action, summary in (
+                ("pause", "Stop new sends within about a second (queued or processing)"),
+                ("resume", "Continue a paused batch where it stopped"),
+                ("cancel", "End an unfinished batch; unsent recipients become cancelled"),
+                ("send", "Queue a draft (or schedule it when scheduled_at is ahead)"),
+            )
         },
         "/api/batches/{id}/recipients": {
             "get": {

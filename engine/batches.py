@@ -84,7 +84,7 @@ def _make_cursor(*parts: Any) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(parts)).decode()
 
 
-def _batch_uuid(batch_id: str) -> uuid.UUID:
+def batch_uuid(batch_id: str) -> uuid.UUID:
     try:
         return uuid.UUID(batch_id)
     except ValueError:
@@ -123,7 +123,7 @@ async def get_batch(pool: asyncpg.Pool, tenant_id: str, batch_id: str) -> dict[s
     """The batch with its recipient counts per status."""
     row = await pool.fetchrow(
         f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = $1 AND tenant_id = $2 AND status <> 'creating'",
-        _batch_uuid(batch_id), tenant_id,
+        batch_uuid(batch_id), tenant_id,
     )  # fmt: skip
     if row is None:
         raise NotFound(f"batch {batch_id!r} not found")
@@ -143,7 +143,7 @@ async def list_recipients(
         raise ValidationError(
             f"status: one of {', '.join(RECIPIENT_STATUSES)}", {"field": "status"}
         )
-    bid = _batch_uuid(batch_id)
+    bid = batch_uuid(batch_id)
     if not await pool.fetchval(
         "SELECT 1 FROM batches WHERE id = $1 AND tenant_id = $2 AND status <> 'creating'",
         bid,

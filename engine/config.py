@@ -70,7 +70,8 @@ def _bool(value: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _rate(value: str) -> Rate:
+def parse_rate(value: str) -> Rate:
+    """``'<per_second>/<burst>'`` (burst defaults to one second's worth)."""
     per_second, _, burst = value.partition("/")
     rate = Rate(float(per_second), int(burst or max(1, int(float(per_second)))))
     if not 0 < rate.per_second < math.inf or rate.burst < 1:
@@ -84,7 +85,7 @@ def _rates(value: str) -> dict[str, Rate]:
         name, sep, spec = item.partition("=")
         if not sep or not name:
             raise ValueError("must be 'provider=<per_second>/<burst>,...'")
-        result[name.strip()] = _rate(spec)
+        result[name.strip()] = parse_rate(spec)
     return result
 
 
@@ -133,13 +134,15 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], str | Callable[[dict[str, Any]], 
     "WORKER_CONCURRENCY": (_int(1, 4096), "32"),
     "WORKER_HEARTBEAT_TIMEOUT": (_float(1, 3600), "30"),
     "DRAIN_TIMEOUT": (_float(1, 3600), "30"),
-    "SYSTEM_RATE": (_rate, "1000000/100000"),
-    "TENANT_RATE": (_rate, "1000000/100000"),
+    "SYSTEM_RATE": (parse_rate, "1000000/100000"),
+    "TENANT_RATE": (parse_rate, "1000000/100000"),
     "PROVIDER_RATES": (_rates, "mock=1000000/100000,smtp=100/100"),
     "SEND_MAX_ATTEMPTS": (_int(1, 50), "5"),
     "RETRY_BASE_SECONDS": (_float(0.01, 600), "0.5"),
     "MAX_BODY_BYTES": (_int(1024, 1 << 40), str(64 << 20)),
     "MAX_RECIPIENTS": (_int(1, 100_000_000), "5000000"),
+    "TENANT_MAX_ACTIVE_BATCHES": (_int(1, 1_000_000), "1000"),
+    "STALL_SECONDS": (_float(5, 86400), "60"),
     "CLICKHOUSE_FLUSH_ROWS": (_int(1, 10_000_000), "25000"),
     "CLICKHOUSE_FLUSH_SECONDS": (_float(0.05, 600), "1"),
     "MOCK_PROVIDER_URL": (_url("http", "https"), "http://127.0.0.1:6100"),
@@ -180,6 +183,8 @@ class Settings:
     retry_base_seconds: float
     max_body_bytes: int
     max_recipients: int
+    tenant_max_active_batches: int
+    stall_seconds: float
     clickhouse_flush_rows: int
     clickhouse_flush_seconds: float
     mock_provider_url: str

@@ -56,3 +56,16 @@ class Conflict(BatchSenderError):
 class UnsupportedMediaType(BatchSenderError):
     status = 415
     code = "unsupported_media_type"
+
+
+class TooManyRequests(BatchSenderError):
+    """A tenant limit; ``retry_after`` seconds is when trying again may succeed."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(
+        self, message: str, details: Any = None, *, retry_after: int, code: str | None = None
+    ):
+        super().__init__(message, details, code=code)
+        self.retry_after = retry_after

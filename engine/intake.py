@@ -24,10 +24,20 @@ import asyncpg
 import orjson
 from asyncpg.pgproto.pgproto import UUID as PgUUID
 
+from engine import tenants
 from engine.adapters import AVAILABLE, CHUNK_SIZES
-from engine.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ValidationError
+from engine.cells import cells_of
+from engine.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+    ValidationError,
+)
 from engine.services import Services
 from engine.templates import BatchTemplate
+from engine.tenants import Limits
 
 log = logging.getLogger(__name__)
 
@@ -293,13 +303,16 @@ _RECIPIENT_KEYS = frozenset({"email", "name", "vars"})
 class _RecipientCopier:
     """Validates blocks of rows and turns them into COPY records; remembers the bad ones."""
 
-    def __init__(self, batch_id: uuid.UUID, template: BatchTemplate, status: str, limit: int):
+    def __init__(
+        self, batch_id: uuid.UUID, template: BatchTemplate, status: str, limits: Limits,
+        first: int = 1,
+    ) -> None:  # fmt: skip
         self.batch_id = PgUUID(str(batch_id))  # asyncpg's own type: copied without conversion
         self.required = template.required_vars
         self.template = template
         self.status = status
-        self.limit = limit
-        self.count = 0
+        self.limits = limits
+        self.count = first - 1  # rows before this upload (appending to a draft)
         self.invalid = 0
         self.errors: list[dict[str, Any]] = []
 
@@ -336,10 +349,13 @@ class _RecipientCopier:
         """
         first = self.count + 1
         self.count += len(block)
-        if self.count > self.limit:
-            raise PayloadTooLarge(
-                f"a batch may have at most {self.limit} recipients", {"max_recipients": self.limit}
-            )
+        limit = self.limits.max_batch_recipients
+        if self.count > limit:
+            message = f"a batch may have at most {limit} recipients; split it into several"
+            if self.limits.own_recipient_limit:
+                raise TooManyRequests(message, {"limit": "max_batch_recipients", "value": limit},
+                                      retry_after=3600, code="too_many_recipients")  # fmt: skip
+            raise PayloadTooLarge(message, {"max_recipients": limit})
         out = []
         append, match, known = out.append, _EMAIL.fullmatch, _RECIPIENT_KEYS.issuperset
         batch_id, status, required = self.batch_id, self.status, self.required
@@ -439,13 +455,11 @@ async def create_batch(
     batch_id = uuid.uuid4()
     status = _initial_status(spec)
     chunk_size = CHUNK_SIZES[spec.provider]
-    copier = _RecipientCopier(
-        batch_id,
-        spec.template,
-        "queued" if status == "queued" else "pending",
-        services.settings.max_recipients,
-    )
     async with services.pool.acquire() as conn:
+        tenant_limits = await tenants.limits(conn, tenant_id, services.settings)
+        copier = _RecipientCopier(
+            batch_id, spec.template, "queued" if status == "queued" else "pending", tenant_limits
+        )
         for column, value in (("external_id", external_id), ("idempotency_key", idempotency_key)):
             if value is None:
                 continue
@@ -458,6 +472,7 @@ async def create_batch(
                         code="idempotency_conflict",
                     )
                 return _replay(found)
+        await tenants.check_active_batches(conn, tenant_id, tenant_limits)
         try:
             async with conn.transaction():
                 await conn.execute(
@@ -522,28 +537,82 @@ async def _suppress(conn: asyncpg.Connection, batch_id: uuid.UUID, tenant_id: st
     result = await conn.execute(
         """UPDATE recipients r SET status = 'suppressed', error = s.reason, updated_at = now()
            FROM suppressions s
-           WHERE r.batch_id = $1 AND s.tenant_id = $2 AND s.email = lower(r.email)""",
+           WHERE r.batch_id = $1 AND s.tenant_id = $2 AND s.email = lower(r.email)
+             AND r.status IN ('pending', 'queued')""",
         batch_id, tenant_id,
     )  # fmt: skip
     return int(result.split()[-1])
 
 
+async def start_batch(services: Services, batch_id: uuid.UUID, *, from_status: str) -> str | None:
+    """Queue a ``draft`` (its send) or a due ``scheduled`` batch: its recipients become
+    ``queued`` (addresses suppressed since it was created are skipped) and its chunks are
+    published. Returns the new status, or None when the batch was not in ``from_status``.
+    If the process dies before the chunks are out, the leader queues them
+    (``engine.recovery``)."""
+    async with services.pool.acquire() as conn:
+        async with conn.transaction():
+            batch = await conn.fetchrow(
+                """SELECT tenant_id, provider, chunk_size, total_recipients FROM batches
+                    WHERE id = $1 AND status = $2 FOR UPDATE""",
+                batch_id, from_status,
+            )  # fmt: skip
+            if batch is None:
+                return None
+            await _suppress(conn, batch_id, batch["tenant_id"])
+            await conn.execute(
+                "UPDATE recipients SET status = 'queued' WHERE batch_id = $1 AND status = 'pending'",
+                batch_id,
+            )
+            await conn.execute("DELETE FROM batch_counts WHERE batch_id = $1", batch_id)
+            status = await conn.fetchval(_RECOUNT, batch_id)
+    if status == "queued":
+        await queue_chunks(services, batch_id, batch["provider"], batch["tenant_id"],
+                           batch["total_recipients"], batch["chunk_size"])  # fmt: skip
+    return status
+
+
+# A batch's counts from its recipients (at a start, when nothing is being sent yet).
+_RECOUNT = """
+WITH c AS (
+    SELECT status, count(*)::int AS n FROM recipients WHERE batch_id = $1 GROUP BY status
+), counted AS (
+    INSERT INTO batch_counts (batch_id, status, n) SELECT $1, status, n FROM c
+), s AS (
+    SELECT coalesce(sum(n) FILTER (WHERE status = 'suppressed'), 0)::int AS suppressed,
+           coalesce(sum(n) FILTER (WHERE status = 'queued'), 0)::int AS queued
+      FROM c
+)
+UPDATE batches b
+   SET status = CASE WHEN s.queued = 0 THEN 'completed' ELSE 'queued' END,
+       suppressed_count = s.suppressed, final_count = s.suppressed, queued_at = NULL,
+       completed_at = CASE WHEN s.queued = 0 THEN now() END
+  FROM s WHERE b.id = $1
+RETURNING b.status
+"""
+
+
 async def _publish_chunks(
     services: Services, batch_id: uuid.UUID, provider: str, tenant_id: str,
-    ranges: Iterable[tuple[int, int]], tag: str = "",
+    ranges: Iterable[tuple[int, int]], tag: str = "", generation: int = 0,
 ) -> int:  # fmt: skip
     """One chunk message per (first seq, count), published with a window of acks.
 
-    Message ids (``batch:first[:tag]``) let JetStream drop a chunk published twice.
+    Message ids (``batch:first[:tag]``) let JetStream drop a chunk published twice; a
+    resume, cancel, replay or recovery publishes under its own tag.
     """
     subject = services.topology.send_subject(provider)
     pending: list[asyncio.Future] = []
     count = 0
     for first, n in ranges:
-        body = orjson.dumps({"b": str(batch_id), "t": tenant_id, "p": provider, "f": first, "n": n})
+        chunk = {"b": str(batch_id), "t": tenant_id, "p": provider, "f": first, "n": n}
+        if generation:
+            chunk["g"] = generation
         msg_id = f"{batch_id}:{first}" + (f":{tag}" if tag else "")
         pending.append(
-            await services.js.publish_async(subject, body, headers={"Nats-Msg-Id": msg_id})
+            await services.js.publish_async(
+                subject, orjson.dumps(chunk), headers={"Nats-Msg-Id": msg_id}
+            )
         )
         count += 1
         if len(pending) >= _PUBLISH_WINDOW:
@@ -561,7 +630,7 @@ async def queue_chunks(
     total: int,
     chunk_size: int,
 ) -> int:
-    """Publish one message per chunk of ``chunk_size`` recipients; mark the batch queued."""
+    """Publish one message per cell of ``chunk_size`` recipients; mark the batch queued."""
     ranges = (
         (first, min(chunk_size, total - first + 1)) for first in range(1, total + 1, chunk_size)
     )
@@ -570,16 +639,31 @@ async def queue_chunks(
     return count
 
 
-async def queue_chunks_for(
+async def queue_cells(
     services: Services, batch_id: uuid.UUID, provider: str, tenant_id: str,
-    seqs: list[int], chunk_size: int, tag: str,
+    seqs: Iterable[int], chunk_size: int, tag: str, generation: int = 0,
 ) -> int:  # fmt: skip
-    """Chunks covering the given recipients again (a chunk sends only those still queued)."""
-    ranges: list[tuple[int, int]] = []
-    for seq in sorted(seqs):
-        if not ranges or seq >= ranges[-1][0] + chunk_size:
-            ranges.append((seq, chunk_size))
-    return await _publish_chunks(services, batch_id, provider, tenant_id, ranges, tag)
+    """Chunks for the cells holding the given recipients again (a chunk sends only those
+    still queued and not done: see ``engine.cells``)."""
+    ranges = [(first, chunk_size) for first in cells_of(seqs, chunk_size)]
+    return await _publish_chunks(services, batch_id, provider, tenant_id, ranges, tag, generation)
+
+
+async def queue_unfinished(services: Services, batch_id: uuid.UUID, tag: str) -> int:
+    """Chunks for every cell of the batch that still has ``queued`` recipients, carrying
+    the batch's current generation (resume and recovery)."""
+    batch = await services.pool.fetchrow(
+        "SELECT provider, tenant_id, chunk_size, generation FROM batches WHERE id = $1", batch_id
+    )
+    firsts = await services.pool.fetch(
+        """SELECT DISTINCT (seq - 1) / $2 * $2 + 1 AS first FROM recipients
+            WHERE batch_id = $1 AND status = 'queued'""",
+        batch_id, batch["chunk_size"],
+    )  # fmt: skip
+    return await queue_cells(
+        services, batch_id, batch["provider"], batch["tenant_id"],
+        [r["first"] for r in firsts], batch["chunk_size"], tag, batch["generation"],
+    )  # fmt: skip
 
 
 def request_digest(*parts: bytes) -> bytes:

@@ -10,8 +10,9 @@ from typing import Any
 import orjson
 from nats.js.errors import NotFoundError
 
+from engine.cells import Cells
 from engine.errors import ValidationError
-from engine.intake import queue_chunks_for
+from engine.intake import queue_cells
 from engine.services import Services
 
 # A replayed intake message is published under a new Nats-Msg-Id (the first one is still
@@ -128,5 +129,7 @@ async def _requeue_failed(services: Services, entry: dict[str, Any], tag: str) -
     async with services.pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(_REQUEUE_FAILED, batch_id, [f["seq"] for f in entry["failed"]])
         chunk_size = await conn.fetchval("SELECT chunk_size FROM batches WHERE id = $1", batch_id)
-    await queue_chunks_for(services, batch_id, entry["provider"], entry["tenant_id"],
-                           [r["seq"] for r in rows], chunk_size, tag)  # fmt: skip
+    seqs = [r["seq"] for r in rows]
+    await Cells(services).clear_done(entry["batch_id"], seqs)  # their results are void now
+    await queue_cells(services, batch_id, entry["provider"], entry["tenant_id"],
+                      seqs, chunk_size, tag)  # fmt: skip

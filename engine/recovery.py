@@ -1,20 +1,100 @@
-"""Chores the leader runs: queue the chunks of batches whose queuing was interrupted.
+"""Chores the leader runs (one process across all pods holds the lease: ``engine.leader``).
 
-A batch is committed before its chunk messages are published; if the API dies in between,
-the batch stays ``queued`` with no ``queued_at``. Publishing its chunks again is safe: chunk
-message ids de-duplicate in JetStream, and a worker only sends recipients still ``queued``.
+Every tick (``TICK`` seconds):
+- **scheduled batches** whose ``scheduled_at`` has come are queued (``start_batch``);
+- **cancelled batches** still holding ``queued`` recipients are settled: every cell no
+  worker is sending is claimed and its unsent recipients are recorded ``cancelled``, through
+  the results stream like any other result.
+
+Every few seconds:
+- **interrupted queuing**: a batch is committed before its chunk messages are published;
+  if the API died in between, the batch stays ``queued`` with no ``queued_at``; its chunks
+  are published again (message ids de-duplicate; workers send only what is still queued);
+- **stalled batches**: a batch with ``queued`` recipients whose progress stopped for
+  ``STALL_SECONDS`` while the send stream has nothing waiting (its messages were lost, its
+  workers died, Dragonfly lost its state) gets a chunk for every unfinished cell again.
+  Cell leases and the done bitmap make that safe (``engine.cells``).
 """
 
 from __future__ import annotations
 
 import logging
 
-from engine.intake import queue_chunks
+from engine import results
+from engine.cells import Cells, Claim, cell_first
+from engine.intake import queue_chunks, queue_unfinished, start_batch
+from engine.results import Columns
 from engine.services import Services
 
 log = logging.getLogger(__name__)
 
-STALE_SECONDS = 30
+TICK = 0.5
+SLOW_EVERY = 6  # ticks between the slower chores
+INTERRUPTED_SECONDS = 30
+_SETTLE_GROUP = 1_000  # cells claimed and settled together
+
+
+async def run(services: Services, cells: Cells, tick: int) -> None:
+    await start_due(services)
+    await settle_cancelled(services, cells)
+    if tick % SLOW_EVERY == 0:
+        await requeue_interrupted(services)
+        await recover_stalled(services)
+
+
+async def start_due(services: Services) -> int:
+    due = await services.pool.fetch(
+        """SELECT id FROM batches WHERE status = 'scheduled' AND scheduled_at <= now()
+            ORDER BY scheduled_at LIMIT 100"""
+    )
+    for row in due:
+        status = await start_batch(services, row["id"], from_status="scheduled")
+        log.info("scheduled batch started", extra={"batch_id": str(row["id"]), "status": status})
+    return len(due)
+
+
+async def settle_cancelled(services: Services, cells: Cells) -> int:
+    """Record ``cancelled`` for the unsent recipients of cancelled batches; return how many."""
+    settled = 0
+    for batch in await services.pool.fetch(
+        """SELECT id, tenant_id, provider, chunk_size FROM batches
+            WHERE status = 'cancelled' AND final_count < total_recipients"""
+    ):
+        batch_id, size = str(batch["id"]), batch["chunk_size"]
+        rows = await services.pool.fetch(
+            "SELECT seq, email FROM recipients WHERE batch_id = $1 AND status = 'queued' ORDER BY seq",
+            batch["id"],
+        )
+        by_cell: dict[int, list] = {}
+        for row in rows:
+            by_cell.setdefault(cell_first(row["seq"], size), []).append(row)
+        firsts = list(by_cell)
+        for start in range(0, len(firsts), _SETTLE_GROUP):
+            claimed: list[tuple[Claim, list[int]]] = []
+            out = Columns()
+            published = False
+            try:
+                for first in firsts[start : start + _SETTLE_GROUP]:
+                    claim = await cells.claim(batch_id, first, size)
+                    if claim is None:  # a worker is in this cell; it records the rest itself
+                        continue
+                    seqs: list[int] = []
+                    claimed.append((claim, seqs))
+                    for row in by_cell[first]:
+                        if not claim.done(row["seq"]):
+                            seqs.append(row["seq"])
+                            domain = row["email"].rpartition("@")[2].lower()
+                            out.append(batch_id, row["seq"], "cancelled", attempts=0, domain=domain)
+                if out:
+                    await results.publish(services, batch["tenant_id"], batch["provider"], out)
+                published = True
+            finally:
+                for claim, seqs in claimed:
+                    await cells.finish(claim, seqs if published else [])
+            settled += len(out)
+        if settled:
+            log.info("cancelled recipients settled", extra={"batch_id": batch_id, "n": settled})
+    return settled
 
 
 async def requeue_interrupted(services: Services) -> int:
@@ -22,7 +102,7 @@ async def requeue_interrupted(services: Services) -> int:
         """SELECT id, provider, tenant_id, total_recipients, chunk_size FROM batches
             WHERE status = 'queued' AND queued_at IS NULL
               AND created_at < now() - make_interval(secs => $1)""",
-        STALE_SECONDS,
+        INTERRUPTED_SECONDS,
     )
     for row in rows:
         chunks = await queue_chunks(services, row["id"], row["provider"], row["tenant_id"],
@@ -31,3 +111,27 @@ async def requeue_interrupted(services: Services) -> int:
             "re-queued an interrupted batch", extra={"batch_id": str(row["id"]), "chunks": chunks}
         )
     return len(rows)
+
+
+async def recover_stalled(services: Services) -> int:
+    """Publish the unfinished cells of batches whose progress stopped; return how many
+    batches. Nothing is done while the send stream still has messages waiting (a long
+    backlog is not a stall)."""
+    topology = services.topology
+    waiting = await services.js.consumer_info(topology.send_stream, "send")
+    if waiting.num_pending:
+        return 0
+    stalled = await services.pool.fetch(
+        """UPDATE batches SET generation = generation + 1, progress_at = now()
+            WHERE status IN ('queued', 'processing') AND final_count < total_recipients
+              AND queued_at IS NOT NULL
+              AND coalesce(progress_at, queued_at) < now() - make_interval(secs => $1)
+        RETURNING id, generation""",
+        services.settings.stall_seconds,
+    )
+    for row in stalled:
+        chunks = await queue_unfinished(services, row["id"], tag=f"g{row['generation']}")
+        log.warning(
+            "recovered a stalled batch", extra={"batch_id": str(row["id"]), "chunks": chunks}
+        )
+    return len(stalled)

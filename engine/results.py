@@ -7,8 +7,9 @@ completion; one transaction of set-based statements per flush) and ``results-ch`
 (``engine.events``: one ClickHouse insert per flush).
 
 Status rules. Sending yields a final status from ``queued`` (``sent``,
-``failed``, ...); each such transition counts once toward the batch's ``final_count``,
-and the batch is ``completed`` exactly when that count reaches ``total_recipients``.
+``failed``, ``cancelled``, ...); each such transition counts once toward the batch's
+``final_count``, and the batch is ``completed`` exactly when that count reaches
+``total_recipients`` (a cancelled batch stays ``cancelled``, a paused one ``paused``).
 Provider events move ``sent`` forward by rank (delivered < bounced < complained); an
 event that arrives before its send was recorded is itself the final transition, and the
 later ``sent`` is then ignored. Applying the same result twice changes nothing.
@@ -192,14 +193,15 @@ WITH v AS (  -- per recipient only its first result of this flush can be the fin
 UPDATE batches b
    SET final_count = b.final_count + t.n,
        started_at = coalesce(b.started_at, now()),
+       progress_at = now(),
        status = CASE
            WHEN b.final_count + t.n >= b.total_recipients
                 AND b.status IN ('queued', 'processing') THEN 'completed'
            WHEN b.status = 'queued' THEN 'processing'
-           ELSE b.status END,
+           ELSE b.status END,  -- a paused batch stays paused, a cancelled one cancelled
        completed_at = CASE
-           WHEN b.final_count + t.n >= b.total_recipients
-                AND b.status IN ('queued', 'processing') THEN now()
+           WHEN b.final_count + t.n >= b.total_recipients AND b.status <> 'paused'
+           THEN coalesce(b.completed_at, now())
            ELSE b.completed_at END
   FROM t
  WHERE b.id = t.batch_id

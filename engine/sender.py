@@ -1,13 +1,17 @@
-"""Sending one chunk: read its recipients, take tokens, call the provider, record results.
+"""Sending one chunk: claim its cell, read its recipients, take tokens, call the provider,
+record results.
 
-A chunk message names a recipient range of one batch. Only recipients still ``queued``
-are read (one query per chunk), so a chunk redelivered after its results were written
-sends nothing again. Results are published to NATS before the chunk is acknowledged.
+A chunk message names one cell of a batch (``engine.cells``). The worker that holds the
+cell's lease reads the recipients still ``queued`` whose result is not already on its way
+(the done bitmap), so a chunk redelivered or published again sends nothing twice. Results
+are published to NATS, then marked done, then the message is acknowledged.
 
-Duplicate bound after a crash: recipients handed to the provider whose results were not
-yet applied to PostgreSQL can be sent again when their chunk is redelivered; that is at
-most ``WORKER_CONCURRENCY`` chunks per killed process plus what the ``results-pg`` writer
-had not yet applied. Such chunks come back after ``SEND_ACK_WAIT`` (15 s).
+Batch control: the batch's status is re-read at most a second old before every provider
+call. ``paused``: the chunk stops there (results so far are published; the rest stays
+``queued`` for ``resume``, which publishes the cells again). ``cancelled``: the rest of the
+chunk is recorded ``cancelled``. A chunk of a paused batch that arrives is dropped (resume
+publishes it again); chunk messages carry the batch's generation, so a message published
+by a resume makes a worker re-read a status it cached before that resume.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import orjson
 from nats.aio.msg import Msg
 
 from engine import metrics, results
-from engine.config import Rate
+from engine.cells import Cells
+from engine.config import Rate, parse_rate
 from engine.ratelimit import TokenBuckets
 from engine.results import Columns
 from engine.services import Services
@@ -46,7 +51,13 @@ class BatchInfo:
     template: BatchTemplate
     dry_run: bool
     status: str
+    generation: int
+    tenant_rate: Rate | None
     loaded_at: float
+
+    @property
+    def sending(self) -> bool:
+        return self.status in ("queued", "processing")
 
 
 class BatchCache:
@@ -57,20 +68,23 @@ class BatchCache:
         self.size = size
         self._items: dict[str, BatchInfo] = {}
 
-    async def get(self, batch_id: str) -> BatchInfo | None:
+    async def get(self, batch_id: str, generation: int = 0) -> BatchInfo | None:
+        """The batch; its status at most ``_BATCH_TTL`` old, and no older than a message of
+        a later ``generation`` (published by a resume)."""
         info = self._items.get(batch_id)
         now = time.monotonic()
-        if info is not None and now - info.loaded_at < _BATCH_TTL:
+        if info is not None and now - info.loaded_at < _BATCH_TTL and generation <= info.generation:
             return info
         if info is not None:
-            info.status = await self.services.pool.fetchval(
-                "SELECT status FROM batches WHERE id = $1", uuid.UUID(batch_id)
+            row = await self.services.pool.fetchrow(
+                "SELECT status, generation FROM batches WHERE id = $1", uuid.UUID(batch_id)
             )
-            info.loaded_at = now
+            info.status, info.generation, info.loaded_at = row["status"], row["generation"], now
             return info
         row = await self.services.pool.fetchrow(
-            """SELECT tenant_id, provider, from_email, from_name, subject, html, text, dry_run,
-                      status FROM batches WHERE id = $1""",
+            """SELECT b.tenant_id, b.provider, b.from_email, b.from_name, b.subject, b.html,
+                      b.text, b.dry_run, b.status, b.generation, t.send_rate
+                 FROM batches b JOIN tenants t ON t.id = b.tenant_id WHERE b.id = $1""",
             uuid.UUID(batch_id),
         )
         if row is None:
@@ -80,7 +94,8 @@ class BatchCache:
         info = BatchInfo(
             batch_id, row["tenant_id"], row["provider"], row["from_email"], row["from_name"],
             BatchTemplate(row["subject"], row["html"], row["text"]), row["dry_run"],
-            row["status"], now,
+            row["status"], row["generation"],
+            parse_rate(row["send_rate"]) if row["send_rate"] else None, now,
         )  # fmt: skip
         self._items[batch_id] = info
         return info
@@ -93,39 +108,52 @@ class Sender:
         self.providers = providers
         self.batches = BatchCache(services)
         self.buckets = TokenBuckets(services.redis)
+        self.cells = Cells(services)
 
     async def process(self, msg: Msg) -> None:
         """Handle one chunk message end to end; acknowledges it when done."""
         try:
             chunk = orjson.loads(msg.data)
             batch_id, first, count = chunk["b"], int(chunk["f"]), int(chunk["n"])
+            generation = int(chunk.get("g", 0))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.error("dropping malformed chunk message")
             await msg.term()
             return
-        info = await self.batches.get(batch_id)
-        if info is None or info.status in ("cancelled", "failed", "completed"):
-            await msg.ack()
+        info = await self.batches.get(batch_id, generation)
+        if info is None or not (info.sending or info.status == "cancelled"):
+            await msg.ack()  # done, failed, or paused (resume publishes its cells again)
             return
-        if info.status == "paused":
-            await msg.nak(delay=1.0)
+        claim = await self.cells.claim(batch_id, first, count)
+        if claim is None:  # another worker holds this cell; by the next look it is done
+            await msg.nak(delay=2.0)
             return
-        rows = await self.services.pool.fetch(
-            """SELECT seq, email, name, vars FROM recipients
-                WHERE batch_id = $1 AND seq >= $2 AND seq < $3 AND status = 'queued'
-                ORDER BY seq""",
-            uuid.UUID(batch_id), first, first + count,
-        )  # fmt: skip
-        if rows:
-            out = await self._send(info, rows, msg)
-            await results.publish(self.services, info.tenant_id, info.provider, out)
+        published: list[int] = []  # only results durable in NATS are marked done
+        try:
+            rows = await self.services.pool.fetch(
+                """SELECT seq, email, name, vars FROM recipients
+                    WHERE batch_id = $1 AND seq >= $2 AND seq < $3 AND status = 'queued'
+                    ORDER BY seq""",
+                uuid.UUID(batch_id), first, first + count,
+            )  # fmt: skip
+            rows = [r for r in rows if not claim.done(r["seq"])]
+            if rows:
+                out = await self._send(info, rows, msg)
+                if out:
+                    await results.publish(self.services, info.tenant_id, info.provider, out)
+                    published = out.seq
+        finally:
+            await self.cells.finish(claim, published)
         await msg.ack()
 
     async def _send(self, info: BatchInfo, rows: list, msg: Msg) -> Columns:
         out = Columns()
-        if info.dry_run:
+        if info.dry_run or info.status == "cancelled":
+            status, note = (
+                ("cancelled", None) if info.status == "cancelled" else ("sent", "dry-run")
+            )
             for r in rows:
-                out.append(info.id, r["seq"], "sent", "dry-run", None, 0, 0, _domain(r["email"]))
+                out.append(info.id, r["seq"], status, note, None, 0, 0, _domain(r["email"]))
             return out
         provider = self.providers[info.provider]
         configured = self.settings.provider_rate(info.provider)
@@ -141,7 +169,8 @@ class Sender:
             retry, retry_after = [], 0.0
             for start in range(0, len(pending), step):
                 part = pending[start : start + step]
-                await self._take_tokens(info, len(part), rate, msg)
+                if not await self._take_tokens(info, len(part), rate, msg):
+                    return self._stopped(info, out, pending[start:] + retry)
                 sent_at = time.perf_counter()
                 answers = await provider.send_batch([self._message(info, r) for r in part])
                 elapsed = time.perf_counter() - sent_at
@@ -159,17 +188,29 @@ class Sender:
                                    attempt, latency_ms, _domain(row["email"]))  # fmt: skip
                         if answer.retryable:
                             exhausted.append((row["seq"], answer.error, attempt))
-            if retry:
-                await self._backoff(attempt, retry_after, msg)
-                attempt += 1
+            if retry and not await self._backoff(info, attempt, retry_after, msg):
+                return self._stopped(info, out, retry)
+            attempt += 1
             pending = retry
-        sent = out.status.count("sent")
-        metrics.EMAILS.labels(info.provider, "sent").inc(sent)
-        if len(out) > sent:
-            metrics.EMAILS.labels(info.provider, "failed").inc(len(out) - sent)
+        self._count(info, out)
         if exhausted:
             await self._dead_letter(info, exhausted)
         return out
+
+    def _stopped(self, info: BatchInfo, out: Columns, unsent: list) -> Columns:
+        """The batch was paused or cancelled mid-chunk: a cancel ends the unsent recipients
+        here; a pause leaves them ``queued`` for the resume."""
+        self._count(info, out)
+        if info.status == "cancelled":
+            for r in unsent:
+                out.append(info.id, r["seq"], "cancelled", None, None, 0, 0, _domain(r["email"]))
+        return out
+
+    def _count(self, info: BatchInfo, out: Columns) -> None:
+        sent, failed = out.status.count("sent"), out.status.count("failed")
+        metrics.EMAILS.labels(info.provider, "sent").inc(sent)
+        if failed:
+            metrics.EMAILS.labels(info.provider, "failed").inc(failed)
 
     def _message(self, info: BatchInfo, row) -> Message:
         rendered = info.template.render(row["email"], row["name"], row["vars"])
@@ -183,37 +224,47 @@ class Sender:
             rendered.subject, rendered.html, rendered.text, headers,
         )  # fmt: skip
 
-    async def _take_tokens(self, info: BatchInfo, n: int, rate: Rate, msg: Msg) -> None:
-        """Reserve ``n`` tokens in all three buckets; keep the chunk alive while waiting."""
+    async def _still_sending(self, info: BatchInfo) -> bool:
+        await self.batches.get(info.id)  # refreshes ``info`` in place when it is a second old
+        return info.sending
+
+    async def _take_tokens(self, info: BatchInfo, n: int, rate: Rate, msg: Msg) -> bool:
+        """Reserve ``n`` tokens in all three buckets, keeping the chunk alive while waiting;
+        False (nothing taken) once the batch is no longer sending."""
         key = self.services.key
         buckets = [
             (key("rl", "system"), self.settings.system_rate),
             (key("rl", "provider", info.provider), rate),
-            (key("rl", "tenant", info.tenant_id), self.settings.tenant_rate),
+            (key("rl", "tenant", info.tenant_id), info.tenant_rate or self.settings.tenant_rate),
         ]
         waited = 0.0
-        while True:
+        while await self._still_sending(info):
             reservation = await self.buckets.reserve(n, buckets)
             if reservation.granted:
                 if reservation.wait > 0:
                     await asyncio.sleep(reservation.wait)
                 waited += reservation.wait
-                break
+                metrics.RATE_LIMIT_WAIT.labels(info.provider).observe(waited)
+                return True
             await msg.in_progress()
             pause = min(1.0, max(0.01, reservation.wait - self.buckets.max_wait))
             await asyncio.sleep(pause)
             waited += pause
-        metrics.RATE_LIMIT_WAIT.labels(info.provider).observe(waited)
+        return False
 
-    async def _backoff(self, attempt: int, retry_after: float, msg: Msg) -> None:
-        """Exponential backoff with full jitter, at least the provider's Retry-After."""
+    async def _backoff(self, info: BatchInfo, attempt: int, retry_after: float, msg: Msg) -> bool:
+        """Exponential backoff with full jitter, at least the provider's Retry-After; False
+        when the batch stopped sending meanwhile."""
         base = self.settings.retry_base_seconds * (2 ** (attempt - 1))
         delay = max(retry_after, random.uniform(base / 2, base))
         while delay > 0:
             await msg.in_progress()
-            step = min(delay, 10.0)
+            step = min(delay, 1.0)
             await asyncio.sleep(step)
             delay -= step
+            if not await self._still_sending(info):
+                return False
+        return True
 
     async def _dead_letter(
         self, info: BatchInfo, failed: list[tuple[int, str | None, int]]

@@ -21,15 +21,15 @@ import orjson
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from engine import metrics
+from engine import metrics, recovery
 from engine.adapters import AVAILABLE, build_provider
+from engine.cells import Cells
 from engine.config import Settings
-from engine.errors import BatchSenderError
+from engine.errors import BatchSenderError, TooManyRequests
 from engine.events import EventWriter
 from engine.intake import create_from_nats
 from engine.leader import Lease
 from engine.queues import EXTERNAL_ID_HEADER
-from engine.recovery import requeue_interrupted
 from engine.results import Columns, apply_results, decode
 from engine.sender import Sender
 from engine.services import Services
@@ -49,6 +49,7 @@ class Worker:
         self.parent = os.getppid()  # the supervisor: when it is gone, this worker drains
         self.stopping = asyncio.Event()
         self._chunks: dict[asyncio.Task, Msg] = {}
+        self._sender: Sender | None = None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -72,7 +73,7 @@ class Worker:
         metrics.WORKER_PROCESSES.set(1)
         log.info("worker started", extra={"pid": os.getpid()})
         try:
-            sender = Sender(services, providers)
+            sender = self._sender = Sender(services, providers)
             topo = services.topology
             # A loop that fails takes the others down with it (TaskGroup); the process then
             # exits non-zero and the supervisor starts a fresh one.
@@ -97,7 +98,7 @@ class Worker:
                         lambda msgs: self._intake(services, msgs),
                     )
                 )
-                loops.create_task(self._lead(services))  # fmt: skip
+                loops.create_task(self._lead(services, sender.cells))  # fmt: skip
         except BaseException:
             log.exception("worker loop failed; exiting")
             raise
@@ -112,8 +113,9 @@ class Worker:
             log.info("worker stopped", extra={"pid": os.getpid()})
 
     async def _heartbeat(self) -> None:
-        """Touch the heartbeat file, keep the chunks in flight from being redelivered, and
-        drain when the supervisor is gone (killed with -9: nobody would stop this process)."""
+        """Touch the heartbeat file, keep the chunks in flight from being redelivered and
+        their cells leased, and drain when the supervisor is gone (killed with -9: nobody
+        would stop this process)."""
         beats = 0
         while True:
             if self.heartbeat_path:
@@ -126,6 +128,9 @@ class Worker:
                 for msg in list(self._chunks.values()):
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
+                if self._sender is not None:
+                    with contextlib.suppress(Exception):
+                        await self._sender.cells.renew()
             await asyncio.sleep(1.0)
 
     async def _subscribe(self, js: JetStreamContext, stream: str, durable: str):
@@ -235,6 +240,10 @@ class Worker:
             try:
                 created = await create_from_nats(services, msg.subject, msg.data, msg_id)
             except BatchSenderError as exc:
+                if isinstance(exc, TooManyRequests) and exc.code == "too_many_active_batches":
+                    log.info("intake message waits: %s", exc.message)  # later, not never
+                    await msg.nak(delay=exc.retry_after)
+                    continue
                 log.warning("intake message dead-lettered: %s", exc.message)
                 await self._dead_letter_intake(services, msg, msg_id, exc)
                 await msg.ack()
@@ -257,16 +266,18 @@ class Worker:
         })  # fmt: skip
         await services.js.publish(services.topology.dlq_subject("intake"), body)
 
-    async def _lead(self, services: Services) -> None:
-        """Hold the leader lease when free and run the leader's chores every few seconds."""
+    async def _lead(self, services: Services, cells: Cells) -> None:
+        """Hold the leader lease when free and run the leader's chores while holding it."""
         lease = Lease(services.redis, services.key("leader"))
+        tick = 0
         while not self.stopping.is_set():
             try:
                 if await lease.hold():
-                    await requeue_interrupted(services)
+                    await recovery.run(services, cells, tick)
+                    tick += 1
             except Exception:
                 log.exception("leader chores failed")
-            await self._sleep(3.0)
+            await self._sleep(recovery.TICK)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

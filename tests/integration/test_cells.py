@@ -1,0 +1,90 @@
+"""Cell leases, the done bitmap and the rebuild after lost state, on the real Dragonfly/Redis
+and NATS (engine.cells)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import nats.errors
+import pytest
+
+from engine import results
+from engine.cells import Cells, cell_first, cells_of
+from engine.results import Columns
+from engine.services import Services
+
+
+@pytest.fixture
+async def cells(services: Services) -> Cells:
+    await services.redis.set(services.key("state"), "1")  # a deployment with its state
+    return Cells(services)
+
+
+def test_cells_are_aligned_to_the_chunk_grid():
+    assert [cell_first(s, 100) for s in (1, 100, 101, 250)] == [1, 1, 101, 201]
+    assert cells_of([250, 3, 99, 101, 1000], 100) == [1, 101, 201, 901]
+
+
+async def test_one_holder_per_cell_until_it_gives_the_cell_back(cells: Cells):
+    batch = str(uuid.uuid4())
+    first = await cells.claim(batch, 101, 100)
+    assert first is not None
+    assert await cells.claim(batch, 101, 100) is None  # a second message for the same cell
+    other = await cells.claim(batch, 201, 100)  # another cell is free
+    assert other is not None
+    await cells.finish(first, [])
+    again = await cells.claim(batch, 101, 100)
+    assert again is not None
+    await cells.finish(again, [])
+    await cells.finish(other, [])
+
+
+async def test_recipients_with_published_results_are_done_for_the_next_holder(cells: Cells):
+    batch = str(uuid.uuid4())
+    claim = await cells.claim(batch, 1, 100)
+    assert not any(claim.done(seq) for seq in range(1, 101))
+    await cells.finish(claim, [1, 2, 50, 99])
+    claim = await cells.claim(batch, 1, 100)
+    assert [seq for seq in range(1, 101) if claim.done(seq)] == [1, 2, 50, 99]
+    await cells.finish(claim, [])
+    await cells.clear_done(batch, [2, 99])  # queued again by a dead-letter replay
+    claim = await cells.claim(batch, 1, 100)
+    assert [seq for seq in range(1, 101) if claim.done(seq)] == [1, 50]
+    await cells.finish(claim, [])
+
+
+async def test_finish_by_a_holder_whose_lease_was_taken_over_keeps_the_new_lease(cells: Cells):
+    batch = str(uuid.uuid4())
+    stale = await cells.claim(batch, 1, 100)
+    await cells.services.redis.delete(cells.services.key("cell", batch, "1"))  # expired
+    fresh = await cells.claim(batch, 1, 100)
+    assert fresh is not None
+    await cells.finish(stale, [7])  # its results still count as done ...
+    assert await cells.claim(batch, 1, 100) is None  # ... but the new holder keeps the cell
+    assert await cells.renew() >= 1  # the heartbeat extends what this process holds
+    await cells.finish(fresh, [])
+
+
+async def test_lost_state_waits_until_postgres_has_every_published_result(services, cells):
+    await services.redis.delete(services.key("state"))
+    columns = Columns()
+    columns.append(str(uuid.uuid4()), 1, "sent", "m1")
+    await results.publish(services, None, "mock", columns)  # not yet applied by results-pg
+    claiming = asyncio.create_task(cells.claim(str(uuid.uuid4()), 1, 100))
+    await asyncio.sleep(1.5)
+    assert not claiming.done(), "sending must wait while results are not in PostgreSQL"
+    # The results-pg writer catches up (here: this test takes its messages).
+    sub = await services.js.pull_subscribe_bind("results-pg", services.topology.results_stream)
+    for _ in range(100):
+        info = await services.js.consumer_info(services.topology.results_stream, "results-pg")
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            break
+        with contextlib.suppress(nats.errors.TimeoutError):
+            for msg in await sub.fetch(100, timeout=1):
+                await msg.ack()
+    claim = await asyncio.wait_for(claiming, 10)
+    assert claim is not None
+    assert await services.redis.exists(services.key("state"))
+    await cells.finish(claim, [])
