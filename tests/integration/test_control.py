@@ -1,0 +1,203 @@
+"""Batch control through the API and the leader's chores, on the real PostgreSQL, NATS and
+Redis (no workers run here: what the workers do with it is tested in tests/e2e)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+
+from engine import recovery, tenants
+from engine.cells import Cells
+from engine.errors import ValidationError
+from engine.intake import create_batch, list_rows
+from engine.results import decode
+from engine.services import Services
+from tests.integration.conftest import bearer
+from tests.integration.test_intake import chunks_since, last_seq, recipients, spec
+
+
+async def _create(services: Services, tenant_id: str, total: int, **fields) -> str:
+    created = await create_batch(services, tenant_id, spec(**fields), list_rows(recipients(total)))
+    return created.id
+
+
+async def _status(services: Services, batch_id: str) -> str:
+    return await services.pool.fetchval(
+        "SELECT status FROM batches WHERE id = $1", uuid.UUID(batch_id)
+    )
+
+
+async def _results_since(services: Services, seq: int) -> list:
+    stream = services.topology.results_stream
+    end = (await services.js.stream_info(stream)).state.last_seq
+    return [decode((await services.js.get_msg(stream, n)).data) for n in range(seq + 1, end + 1)]
+
+
+async def _results_seq(services: Services) -> int:
+    return (await services.js.stream_info(services.topology.results_stream)).state.last_seq
+
+
+async def test_pause_resume_cancel_follow_the_batch_state(client, services, tenant):
+    tenant_id, key = tenant
+    batch_id = await _create(services, tenant_id, 250)
+    url = f"/api/batches/{batch_id}"
+
+    response = await client.post(f"{url}/pause", headers=bearer(key))
+    assert response.status == 200 and (await response.json())["status"] == "paused"
+    response = await client.post(f"{url}/pause", headers=bearer(key))
+    assert response.status == 409
+    assert (await response.json())["error"]["code"] == "invalid_state"
+
+    before = await last_seq(services)
+    response = await client.post(f"{url}/resume", headers=bearer(key))
+    body = await response.json()
+    assert response.status == 200 and body["status"] == "queued"  # nothing sent yet
+    chunks = await chunks_since(services, before, batch_id)
+    # One chunk per cell still holding queued recipients, under a new id (JetStream would
+    # drop a re-publish under the first id) and with the batch's new generation.
+    assert [(c["f"], c["g"]) for c in chunks] == [(1, 1), (101, 1), (201, 1)]
+    assert all(c["_id"].endswith(":g1") for c in chunks)
+
+    other = await tenants.create_key(services.pool, f"t{uuid.uuid4().hex[:10]}")
+    response = await client.post(f"{url}/pause", headers=bearer(other))
+    assert response.status == 404  # another tenant's batch does not exist for it
+
+    response = await client.post(f"{url}/cancel", headers=bearer(key))
+    assert response.status == 200 and (await response.json())["status"] == "cancelled"
+    for action in ("resume", "pause", "cancel", "send"):
+        response = await client.post(f"{url}/{action}", headers=bearer(key))
+        assert response.status == 409, action
+
+
+async def test_cancelling_a_scheduled_batch_ends_every_recipient_at_once(client, services, tenant):
+    tenant_id, key = tenant
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    batch_id = await _create(services, tenant_id, 120, scheduled_at=later)
+    response = await client.post(f"/api/batches/{batch_id}/cancel", headers=bearer(key))
+    batch = await response.json()
+    assert batch["status"] == "cancelled"
+    assert batch["counts"]["cancelled"] == 120 and batch["counts"]["pending"] == 0
+    assert batch["progress"]["final"] == 120 and batch["completed_at"]
+
+
+async def test_a_due_scheduled_batch_is_started_by_the_leader(services, tenant):
+    tenant_id, _ = tenant
+    soon = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    batch_id = await _create(services, tenant_id, 150, scheduled_at=soon)
+    await recovery.start_due(services)
+    assert await _status(services, batch_id) == "scheduled"  # not yet
+    # One address was suppressed after the batch was created: skipped at its start.
+    await services.pool.execute(
+        "INSERT INTO suppressions (tenant_id, email, reason) VALUES ($1, 'user7@example.com', 'manual')",
+        tenant_id,
+    )
+    await services.pool.execute(
+        "UPDATE batches SET scheduled_at = now() - interval '1 second' WHERE id = $1",
+        uuid.UUID(batch_id),
+    )
+    before = await last_seq(services)
+    assert await recovery.start_due(services) >= 1
+    assert await _status(services, batch_id) == "queued"
+    chunks = await chunks_since(services, before, batch_id)
+    assert [(c["f"], c["n"]) for c in chunks] == [(1, 100), (101, 50)]
+    counts = dict(
+        await services.pool.fetch(
+            "SELECT status, n FROM batch_counts WHERE batch_id = $1", uuid.UUID(batch_id)
+        )
+    )
+    assert counts == {"queued": 149, "suppressed": 1}
+
+
+async def test_sending_a_draft_queues_it(client, services, tenant):
+    tenant_id, key = tenant
+    batch_id = await _create(services, tenant_id, 30, draft=True)
+    before = await last_seq(services)
+    response = await client.post(f"/api/batches/{batch_id}/send", headers=bearer(key))
+    batch = await response.json()
+    assert response.status == 200 and batch["status"] == "queued"
+    assert batch["counts"]["queued"] == 30 and batch["counts"]["pending"] == 0
+    assert len(await chunks_since(services, before, batch_id)) == 1
+
+
+async def test_the_leader_settles_a_cancelled_batch_around_cells_in_flight(services, tenant):
+    tenant_id, _ = tenant
+    await services.redis.set(services.key("state"), "1")
+    batch_id = await _create(services, tenant_id, 250)
+    cells = Cells(services)
+    in_flight = await Cells(services).claim(batch_id, 101, 100)  # a worker is in cell 101
+    await cells.finish(await cells.claim(batch_id, 1, 100), [1, 2])  # results on their way
+    await services.pool.execute(
+        "UPDATE batches SET status = 'cancelled' WHERE id = $1", uuid.UUID(batch_id)
+    )
+    seq = await _results_seq(services)
+    assert await recovery.settle_cancelled(services, cells) >= 148
+    published = [r for m in await _results_since(services, seq) for r in m.rows]
+    mine = sorted(r.seq for r in published if r.batch_id == batch_id)
+    assert mine == list(range(3, 101)) + list(range(201, 251))
+    assert {r.status for r in published if r.batch_id == batch_id} == {"cancelled"}
+
+    seq = await _results_seq(services)
+    await recovery.settle_cancelled(services, cells)  # the same recipients are not settled twice
+    assert not [
+        r for m in await _results_since(services, seq) for r in m.rows if r.batch_id == batch_id
+    ]
+    await cells.finish(in_flight, [101])  # the worker stopped after one recipient
+    await recovery.settle_cancelled(services, cells)
+    published = [r for m in await _results_since(services, seq) for r in m.rows]
+    assert sorted(r.seq for r in published if r.batch_id == batch_id) == list(range(102, 201))
+
+
+async def test_a_stalled_batch_gets_its_unfinished_cells_again(services, tenant):
+    tenant_id, _ = tenant
+    batch_id = await _create(services, tenant_id, 250)
+    await services.pool.execute(  # cell 101 is done; nothing moved for ten minutes
+        """UPDATE recipients SET status = 'sent' WHERE batch_id = $1 AND seq BETWEEN 101 AND 200""",
+        uuid.UUID(batch_id),
+    )
+    await services.pool.execute(
+        "UPDATE batches SET queued_at = now() - interval '10 minutes' WHERE id = $1",
+        uuid.UUID(batch_id),
+    )
+    await services.js.purge_stream(services.topology.send_stream)  # its messages were lost
+    before = await last_seq(services)
+    assert await recovery.recover_stalled(services) >= 1
+    chunks = await chunks_since(services, before, batch_id)
+    assert [(c["f"], c["g"]) for c in chunks] == [(1, 1), (201, 1)]
+    await recovery.recover_stalled(services)  # its progress clock was reset: not again at once
+    assert len(await chunks_since(services, before, batch_id)) == len(chunks)
+
+
+async def test_tenant_limits_answer_429_and_create_nothing(client, services, tenant):
+    tenant_id, key = tenant
+    await tenants.set_limits(services.pool, tenant_id, max_active_batches=1, max_batch_recipients=5)
+    request = {
+        "name": "limits", "from_email": "a@example.com", "subject": "Hi", "text": "x",
+        "provider": "mock", "recipients": [{"email": f"l{i}@example.com"} for i in range(6)],
+    }  # fmt: skip
+    response = await client.post("/api/batches", data=orjson.dumps(request), headers=bearer(key))
+    assert response.status == 429
+    assert (await response.json())["error"]["code"] == "too_many_recipients"
+    assert response.headers["Retry-After"].isdigit()
+
+    request["recipients"] = request["recipients"][:5]
+    response = await client.post("/api/batches", data=orjson.dumps(request), headers=bearer(key))
+    assert response.status == 201
+    response = await client.post("/api/batches", data=orjson.dumps(request), headers=bearer(key))
+    assert response.status == 429
+    error = (await response.json())["error"]
+    assert error["code"] == "too_many_active_batches" and "1" in error["message"]
+    assert int(response.headers["Retry-After"]) > 0
+    count = await services.pool.fetchval(
+        "SELECT count(*) FROM batches WHERE tenant_id = $1", tenant_id
+    )
+    assert count == 1
+
+    with pytest.raises(ValidationError):
+        await tenants.set_limits(services.pool, tenant_id, send_rate="fast")
+    await tenants.set_limits(services.pool, tenant_id, max_active_batches=0, send_rate="50/5")
+    limits = await tenants.limits(services.pool, tenant_id, services.settings)
+    assert limits.max_active_batches == services.settings.tenant_max_active_batches
+    assert limits.max_batch_recipients == 5 and limits.send_rate == "50/5"
