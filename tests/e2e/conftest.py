@@ -3,6 +3,7 @@ and ``worker``, on this session's isolated settings."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 import uuid
@@ -19,7 +20,7 @@ from engine.migrate import drop_all, migrate_all
 from engine.tenants import create_key
 from tests.conftest import SESSION
 
-__all__ = ["Client", "Stack", "command", "eventually"]
+__all__ = ["FINAL", "Client", "Stack", "command", "eventually", "final_at_least"]
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,8 @@ async def deployment() -> AsyncIterator[dict[str, str]]:
     """A deployment of its own for the running processes, apart from the one the
     integration tests use (they must see no worker consume their messages)."""
     environ = isolated_environ(f"e{SESSION}")
-    environ.update(WORKER_PROCESSES="2", WORKER_HEARTBEAT_TIMEOUT="5", DRAIN_TIMEOUT="20")
+    environ.update(WORKER_PROCESSES="2", WORKER_HEARTBEAT_TIMEOUT="5", DRAIN_TIMEOUT="20",
+                   STALL_SECONDS="5")  # fmt: skip
     await migrate_all(load_settings(environ))
     yield environ
     await drop_all(load_settings(environ))
@@ -60,6 +62,14 @@ async def tenant(stack: Stack) -> tuple[str, str]:
         await pool.close()
 
 
+FINAL = {"sent", "delivered", "bounced", "complained", "failed", "suppressed", "cancelled"}
+
+
+def final_at_least(n: int):
+    """A check for ``Client.until``: at least ``n`` recipients in a final status."""
+    return lambda batch: batch["progress"]["final"] >= n
+
+
 class Client:
     """A small HTTP client for the API and the mock provider."""
 
@@ -75,10 +85,69 @@ class Client:
                 kind = response.headers.get("Content-Type", "")
                 return response.status, orjson.loads(body) if "json" in kind else body.decode()
 
+    async def post_json(self, url: str, body: object) -> tuple[int, object]:
+        return await self.request("POST", url, data=orjson.dumps(body),
+                                  headers={"Content-Type": "application/json"})  # fmt: skip
+
+    async def create(self, total: int, *, emails: list[str] | None = None, **fields) -> str:
+        """A batch of ``total`` recipients (or the given addresses) to the mock provider."""
+        emails = emails or [f"r{i}@example.com" for i in range(total)]
+        body = {"name": "e2e", "from_email": "ops@example.com", "subject": "Hi {{ name }}",
+                "text": "x", "provider": "mock",
+                "recipients": [{"email": e, "name": f"R{i}"} for i, e in enumerate(emails)],
+                **fields}  # fmt: skip
+        status, created = await self.post_json(f"{self.stack.api}/api/batches", body)
+        assert status == 201, created
+        return created["id"]
+
+    async def batch(self, batch_id: str) -> dict:
+        _, batch = await self.request("GET", f"{self.stack.api}/api/batches/{batch_id}")
+        return batch
+
+    async def until(self, batch_id: str, what: str, check, within: float = 240) -> dict:
+        """The batch once ``check(batch)`` holds."""
+
+        async def probe():
+            batch = await self.batch(batch_id)
+            return batch if check(batch) else None
+
+        return await eventually(probe, within, what=what)
+
+    async def received(self, batch_id: str) -> dict[str, int]:
+        """How many times the mock provider accepted each recipient of the batch."""
+        _, received = await self.request("GET", f"{self.stack.mock}/v1/received")
+        return {ref: n for ref, n in received["refs"].items() if ref.startswith(batch_id)}
+
+    async def mock_config(self, **values) -> None:
+        """Latency (``latency_ms``) and injected failures (``failure_rate``) of the mock."""
+        status, _ = await self.post_json(f"{self.stack.mock}/v1/config", values)
+        assert status == 200
+
+
+async def ensure_workers(stack: Stack) -> None:
+    """The supervisor running with its two worker processes (a test may have stopped it)."""
+    proc = stack.procs.get("worker")
+    if proc is None or proc.poll() is not None:
+        stack.start("worker", "worker")
+
+    async def two():
+        return len(stack.worker_children()) == 2
+
+    await eventually(two, 60, what="2 worker processes")
+
+
+@pytest.fixture
+async def client(stack: Stack, tenant: tuple[str, str]) -> AsyncIterator[Client]:
+    """A fresh tenant's client; the workers running, the mock provider reset afterwards."""
+    await ensure_workers(stack)
+    c = Client(stack, tenant[1])
+    yield c
+    await c.mock_config(latency_ms=0, failure_rate=0.0)
+    await ensure_workers(stack)
+
 
 async def eventually(predicate, within: float, interval: float = 0.25, what: str = "condition"):
     """Await ``predicate()`` until it returns something truthy (behaviour, not timing)."""
-    import asyncio
 
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:

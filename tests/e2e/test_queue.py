@@ -77,16 +77,10 @@ async def _other_tenant_sees(stack):
     return page["data"]
 
 
-async def _config(client: Client, **values) -> None:
-    status, _ = await client.request("POST", f"{client.stack.mock}/v1/config", data=orjson.dumps(values),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    assert status == 200
-
-
 async def test_recipients_failed_past_their_retries_are_replayed_from_the_dlq(stack, tenant):
     _, key = tenant
     client = Client(stack, key)
-    await _config(client, failure_rate=1.0)  # every call 503 (or 429): retries run out
+    await client.mock_config(failure_rate=1.0)  # every call 503 (or 429): retries run out
     body = {"name": "doomed", "from_email": "a@example.com", "subject": "Hi", "text": "x",
             "provider": "mock", "recipients": [{"email": f"d{i}@example.com"} for i in range(150)]}  # fmt: skip
     try:
@@ -101,7 +95,7 @@ async def test_recipients_failed_past_their_retries_are_replayed_from_the_dlq(st
         batch = await eventually(failed, 60, what="every recipient failed")
         assert batch["counts"]["failed"] == 150
     finally:
-        await _config(client, failure_rate=0.0)
+        await client.mock_config(failure_rate=0.0)
     _, page = await client.request("GET", f"{stack.api}/api/queue/dlq")
     mine = [e for e in page["data"] if e.get("batch_id") == created["id"]]
     assert mine and sum(len(e["failed"]) for e in mine) == 150
