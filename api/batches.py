@@ -3,7 +3,7 @@ controls: pause, resume, cancel, send (a draft)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +16,8 @@ from engine.services import Services
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 _STREAM_CHUNK = 1 << 20
+_JSON = ("application/json", "application/octet-stream", "")
+_STREAMED = ("application/x-ndjson", "application/jsonl", "text/csv")
 
 
 async def create(request: web.Request) -> web.Response:
@@ -25,16 +27,15 @@ async def create(request: web.Request) -> web.Response:
     if key is not None and not 1 <= len(key) <= 255:
         raise ValidationError("Idempotency-Key: 1 to 255 characters", {"header": "Idempotency-Key"})
     query = dict(request.query)
-    if kind in ("application/json", "application/octet-stream", ""):
+    if kind in _JSON:
         body = await request.read()
         spec, rows = intake.parse_json_request(body)
         digest = intake.request_digest(body)
-    elif kind in ("application/x-ndjson", "application/jsonl", "text/csv"):
-        chunks = request.content.iter_chunked(_STREAM_CHUNK)
+    elif kind in _STREAMED:
         if kind == "text/csv":
-            fields, rows = query, intake.csv_rows(chunks)
+            fields, rows = query, _streamed_rows(request)
         else:
-            header, rows = await intake.split_ndjson_header(intake.ndjson_rows(chunks))
+            header, rows = await intake.split_ndjson_header(_streamed_rows(request))
             fields = {**query, **(header or {})}
         spec = intake.parse_batch_fields(fields, allow_recipients=False)
         # A streamed body is bound by its parameters and length (it is not buffered).
@@ -42,9 +43,7 @@ async def create(request: web.Request) -> web.Response:
             request.query_string.encode(), str(request.content_length).encode()
         )
     else:
-        raise UnsupportedMediaType(
-            f"unsupported Content-Type {kind!r}: use application/json, application/x-ndjson or text/csv"
-        )
+        raise _unsupported(kind)
     try:
         created = await intake.create_batch(
             services, request[api_app.TENANT], spec, rows, idempotency_key=key, request_hash=digest
@@ -53,6 +52,41 @@ async def create(request: web.Request) -> web.Response:
         raise BadRequest("the body is not UTF-8", code="invalid_encoding") from None
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None
     return api_app.json_response(created.as_dict(), status=201, headers=headers)
+
+
+async def append(request: web.Request) -> web.Response:
+    """More recipients for a draft: JSON (``{"recipients": [...]}``), NDJSON or CSV."""
+    kind = request.content_type
+    if kind in _JSON:
+        body = await api_app.json_body(request)
+        items = body.get("recipients") if isinstance(body, dict) else body
+        if not isinstance(items, list):
+            raise ValidationError("recipients: must be a list", {"field": "recipients"})
+        rows = intake.list_rows(items)
+    elif kind in _STREAMED:
+        rows = _streamed_rows(request)
+    else:
+        raise _unsupported(kind)
+    try:
+        added = await intake.append_recipients(
+            request.app[api_app.SERVICES], request[api_app.TENANT], request.match_info["id"], rows
+        )
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8", code="invalid_encoding") from None
+    return api_app.json_response(added.as_dict())
+
+
+def _streamed_rows(request: web.Request) -> AsyncIterator[list[Any]]:
+    chunks = request.content.iter_chunked(_STREAM_CHUNK)
+    if request.content_type == "text/csv":
+        return intake.csv_rows(chunks)
+    return intake.ndjson_rows(chunks)
+
+
+def _unsupported(kind: str) -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        f"unsupported Content-Type {kind!r}: use application/json, application/x-ndjson or text/csv"
+    )
 
 
 async def index(request: web.Request) -> web.Response:
@@ -99,6 +133,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/batches", index)
     app.router.add_get("/api/batches/{id}", show)
     app.router.add_get("/api/batches/{id}/recipients", recipients)
+    app.router.add_post("/api/batches/{id}/recipients", append)
     for name, action in (("pause", control.pause), ("resume", control.resume),
                          ("cancel", control.cancel), ("send", control.send)):  # fmt: skip
         app.router.add_post(f"/api/batches/{{id}}/{name}", _control(action))

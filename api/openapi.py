@@ -267,6 +267,36 @@ OPENAPI: dict[str, Any] = {
             )
         },
         "/api/batches/{id}/recipients": {
+            "post": {
+                "summary": "Add recipients to a draft (numbered after its others)",
+                "parameters": [_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "recipients": {"type": "array", "items": _ref("Recipient")}
+                                },
+                            }
+                        },
+                        "application/x-ndjson": {"schema": {"type": "string"}},
+                        "text/csv": {"schema": {"type": "string"}},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "The draft's new size",
+                        "content": {"application/json": {"schema": _ref("Created")}},
+                    },
+                    "401": _ERROR,
+                    "404": _ERROR,
+                    "409": _ERROR,
+                    "415": _ERROR,
+                    "422": _ERROR,
+                },
+            },
             "get": {
                 "summary": "Recipients of a batch in order",
                 "parameters": [
@@ -287,7 +317,7 @@ OPENAPI: dict[str, Any] = {
                     "404": _ERROR,
                     "422": _ERROR,
                 },
-            }
+            },
         },
         "/api/suppressions": {
             "get": {

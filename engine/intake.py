@@ -26,6 +26,7 @@ from asyncpg.pgproto.pgproto import UUID as PgUUID
 
 from engine import tenants
 from engine.adapters import AVAILABLE, CHUNK_SIZES
+from engine.batches import batch_uuid
 from engine.cells import cells_of
 from engine.errors import (
     BadRequest,
@@ -526,6 +527,49 @@ async def create_batch(
     if final_status == "queued":
         await queue_chunks(services, batch_id, spec.provider, tenant_id, total, chunk_size)
     return Created(str(batch_id), final_status, total, suppressed)
+
+
+async def append_recipients(
+    services: Services, tenant_id: str, batch_id: str, rows: AsyncIterable[Any]
+) -> Created:
+    """Add recipients to a draft (numbered after those it has), all or nothing."""
+    bid = batch_uuid(batch_id)
+    async with services.pool.acquire() as conn, conn.transaction():
+        batch = await conn.fetchrow(
+            """SELECT status, subject, html, text, total_recipients FROM batches
+                WHERE id = $1 AND tenant_id = $2 AND status <> 'creating' FOR UPDATE""",
+            bid, tenant_id,
+        )  # fmt: skip
+        if batch is None:
+            raise NotFound(f"batch {batch_id!r} not found")
+        if batch["status"] != "draft":
+            raise Conflict(f"recipients can only be added to a draft; this batch is "
+                           f"{batch['status']}", {"status": batch["status"]},
+                           code="invalid_state")  # fmt: skip
+        before = batch["total_recipients"]
+        copier = _RecipientCopier(
+            bid, BatchTemplate(batch["subject"], batch["html"], batch["text"]), "pending",
+            await tenants.limits(conn, tenant_id, services.settings), first=before + 1,
+        )  # fmt: skip
+        await copier.copy(conn, rows)
+        added = copier.count - before
+        if added == 0:
+            raise ValidationError("recipients: must not be empty", {"field": "recipients"},
+                                  code="no_recipients")  # fmt: skip
+        suppressed = await _suppress(conn, bid, tenant_id)
+        total_suppressed = await conn.fetchval(
+            """UPDATE batches SET total_recipients = $2, suppressed_count = suppressed_count + $3,
+                      final_count = final_count + $3
+                WHERE id = $1 RETURNING suppressed_count""",
+            bid, copier.count, suppressed,
+        )  # fmt: skip
+        await conn.execute(
+            """INSERT INTO batch_counts (batch_id, status, n)
+               SELECT $1, status, n FROM unnest($2::text[], $3::int[]) AS c(status, n) WHERE n > 0
+               ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n""",
+            bid, ["pending", "suppressed"], [added - suppressed, suppressed],
+        )  # fmt: skip
+    return Created(batch_id, "draft", copier.count, total_suppressed)
 
 
 async def _suppress(conn: asyncpg.Connection, batch_id: uuid.UUID, tenant_id: str) -> int:

@@ -201,3 +201,31 @@ async def test_tenant_limits_answer_429_and_create_nothing(client, services, ten
     limits = await tenants.limits(services.pool, tenant_id, services.settings)
     assert limits.max_active_batches == services.settings.tenant_max_active_batches
     assert limits.max_batch_recipients == 5 and limits.send_rate == "50/5"
+
+
+async def test_recipients_are_added_to_a_draft_then_it_is_sent(client, services, tenant):
+    tenant_id, key = tenant
+    batch_id = await _create(services, tenant_id, 3, draft=True)
+    url = f"/api/batches/{batch_id}/recipients"
+    more = {
+        "recipients": [{"email": f"more{i}@example.com", "vars": {"code": "X"}} for i in range(4)]
+    }
+    response = await client.post(url, data=orjson.dumps(more), headers=bearer(key))
+    assert response.status == 200 and (await response.json())["total_recipients"] == 7
+    csv = b"email,code\nc1@example.com,A\nc2@example.com,B\n"
+    response = await client.post(url, data=csv, headers={**bearer(key), "Content-Type": "text/csv"})
+    assert response.status == 200 and (await response.json())["total_recipients"] == 9
+    bad = {"recipients": [{"email": "ok@example.com", "vars": {"code": "Y"}}, {"email": "nope"}]}
+    response = await client.post(url, data=orjson.dumps(bad), headers=bearer(key))
+    assert response.status == 422  # all or nothing: the good row is not added either
+    seqs = [r["seq"] for r in await services.pool.fetch(
+        "SELECT seq FROM recipients WHERE batch_id = $1 ORDER BY seq", uuid.UUID(batch_id))]  # fmt: skip
+    assert seqs == list(range(1, 10))
+
+    before = await last_seq(services)
+    response = await client.post(f"/api/batches/{batch_id}/send", headers=bearer(key))
+    batch = await response.json()
+    assert batch["status"] == "queued" and batch["counts"]["queued"] == 9
+    assert [c["n"] for c in await chunks_since(services, before, batch_id)] == [9]
+    response = await client.post(url, data=orjson.dumps(more), headers=bearer(key))
+    assert response.status == 409  # not a draft any more
