@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -76,6 +77,31 @@ def mark_process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+def forget_dead_processes() -> None:
+    """Drop the live gauges of processes that are gone without being reaped by their
+    supervisor (a supervisor killed with -9): they would count as live for ever."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rpartition("_")[2])
+        if not _alive(pid):
+            mark_process_dead(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    try:  # a zombie (dead, not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 class _Snapshot:
     """Scrape-time series, gathered beforehand on the event loop."""
 
@@ -116,6 +142,7 @@ async def _batches(services) -> GaugeMetricFamily:
 
 async def render_metrics(services) -> bytes:
     """All processes' metrics plus the scrape-time series, in Prometheus text format."""
+    forget_dead_processes()
     families: list[GaugeMetricFamily] = []
     for gather in (_queue_depth, _batches):
         try:

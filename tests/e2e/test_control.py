@@ -111,7 +111,7 @@ async def _mock_stats(client: Client) -> dict:
 async def test_a_flaky_provider_still_ends_every_recipient_sent_or_failed(stack, client):
     """30 % of provider calls fail with 503 (every fifth failure a 429 with Retry-After);
     invalid mailboxes are a permanent error: failed at once, never retried."""
-    good = [f"f{i}@example.com" for i in range(2_000)]
+    good = [f"f{i}@example.com" for i in range(10_000)]  # about 100 provider calls
     invalid = [f"nobody{i}@invalid.test" for i in range(100)]
     before = await _mock_stats(client)
     await client.mock_config(failure_rate=0.3)
@@ -122,7 +122,8 @@ async def test_a_flaky_provider_still_ends_every_recipient_sent_or_failed(stack,
 
     counts = batch["counts"]
     assert sum(counts[s] for s in FINAL) == len(good) + len(invalid)
-    assert after["failed_requests"] - before["failed_requests"] >= 5  # 503s and a 429 or more
+    # about 30 failed calls; five or more include a 429 (every fifth failure is one)
+    assert after["failed_requests"] - before["failed_requests"] >= 5
     assert after["rejected"] - before["rejected"] == len(invalid), "permanent: asked once each"
     failed = []
     cursor = None
