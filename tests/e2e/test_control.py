@@ -137,7 +137,9 @@ async def test_a_flaky_provider_still_ends_every_recipient_sent_or_failed(stack,
             break
     permanent = [r for r in failed if r["email"].endswith("@invalid.test")]
     assert len(permanent) == len(invalid)
-    assert all(r["attempts"] == 1 and "does not exist" in r["error"] for r in permanent)
+    # Rejected once each (the mock's count above); a call may have failed whole with a 503
+    # first, so an invalid address can be on its second or third attempt when it is rejected.
+    assert all("does not exist" in r["error"] for r in permanent)
     exhausted = [r for r in failed if not r["email"].endswith("@invalid.test")]
     assert all(r["attempts"] == stack.settings.send_max_attempts for r in exhausted)
     assert all("503" in r["error"] or "429" in r["error"] for r in exhausted)
