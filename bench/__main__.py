@@ -8,7 +8,8 @@
 1. Floor (bench/floor.py): the infrastructure alone on the same data shapes.
 2. BatchSender (bench/e2e.py): one REST batch per size through the mock provider (100
    recipients per request, 20 ms per request, rate limits not binding), first byte of the
-   POST to last recipient final; one batch published over NATS with the largest size.
+   POST to last recipient final; one batch published over NATS with the largest size; and
+   one batch (at most 1,000,000) with a delivery webhook per recipient.
 3. Peers (bench/peers.py): Celery and Dramatiq, one task per recipient, tuned as their docs
    advise, on the same mock provider.
 4. Rate accuracy (bench/rate.py) and latency (bench/latency.py).
@@ -64,14 +65,21 @@ def summary(r: dict[str, Any]) -> tuple[list[str], bool]:
 
     runs = r["e2e"]
     big = runs[-1]
+    target_run = next((run for run in runs if run["recipients"] == 1_000_000), big)
     floor = r["floor"]
     lines.append(f"machine: {r['machine']}")
-    lines.append("BatchSender, REST batch, mock 20 ms per 100-recipient request:")
+    lines.append("BatchSender, REST batch, mock 20 ms per 100-recipient request, no webhooks:")
     for run in runs:
         per_100k = run["e2e_s"] / run["recipients"] * 100_000
         lines.append(
             f"  {run['recipients']:>10,}: intake {run['intake_s']:6.2f} s ({run['intake_per_s']:>9,.0f}/s),"
             f" end to end {run['e2e_s']:7.2f} s ({run['e2e_per_s']:>7,.0f}/s), {per_100k:5.2f} s per 100k"
+        )
+    hooked = r.get("e2e_webhooks")
+    if hooked:
+        lines.append(
+            f"  with a delivered webhook per recipient, {hooked['recipients']:,}: end to end"
+            f" {hooked['e2e_s']:.2f} s ({hooked['e2e_per_s']:,.0f}/s)"
         )
     if big["nats_s"]:
         lines.append(f"  NATS batch of {big['nats_recipients']:,}: {big['nats_per_s']:,.0f}/s")
@@ -89,10 +97,11 @@ def summary(r: dict[str, Any]) -> tuple[list[str], bool]:
             peer_rates[name] = peer["per_second"]
             lines.append(f"Peer {name}: {peer['per_second']:,.0f}/s ({peer.get('note', '')})")
     lines.append("Targets:")
-    target(f"end to end ≥ 25,000/s for {big['recipients']:,}: {big['e2e_per_s']:,.0f}/s",
-           big["e2e_per_s"] >= 25_000)  # fmt: skip
-    target(f"intake ≥ 200,000/s (1,000,000 in ≤ 5 s): {big['intake_per_s']:,.0f}/s",
-           big["intake_per_s"] >= 200_000)  # fmt: skip
+    t = target_run
+    target(f"end to end ≥ 25,000/s for {t['recipients']:,}: {t['e2e_per_s']:,.0f}/s",
+           t["e2e_per_s"] >= 25_000)  # fmt: skip
+    target(f"intake ≥ 200,000/s ({t['recipients']:,} in {t['intake_s']:.2f} s): "
+           f"{t['intake_per_s']:,.0f}/s", t["intake_per_s"] >= 200_000)  # fmt: skip
     target(
         f"API RSS ≤ 300 MB: {big['peak_rss_mb'].get('api', 0):.0f} MB",
         big["peak_rss_mb"].get("api", 0) <= 300,
@@ -105,8 +114,12 @@ def summary(r: dict[str, Any]) -> tuple[list[str], bool]:
     for name, per_second in peer_rates.items():
         ratio = big["e2e_per_s"] / per_second
         target(f"≥ 10× {name}: {ratio:.1f}×", ratio >= 10)
-    ratio = big["e2e_per_s"] / floor["combined_webhook"]
-    target(f"≥ 50 % of the floor (with webhooks): {100 * ratio:.0f} %", ratio >= 0.5)
+    ratio = big["e2e_per_s"] / floor["combined_send"]
+    target(f"≥ 50 % of the floor: {100 * ratio:.0f} %", ratio >= 0.5)
+    if hooked:
+        ratio = hooked["e2e_per_s"] / floor["combined_webhook"]
+        target(f"with webhooks, ≥ 50 % of the floor with webhooks: {100 * ratio:.0f} %",
+               ratio >= 0.5)  # fmt: skip
     first, last = runs[0], runs[-1]
     growth = (last["e2e_s"] / last["recipients"]) / (first["e2e_s"] / first["recipients"])
     target(f"cost grows linearly: time per recipient ×{growth:.2f} from {first['recipients']:,} "
@@ -141,6 +154,9 @@ async def main(args: argparse.Namespace) -> int:
         )
         if args.json:  # kept as it goes: a later failure loses nothing measured
             args.json.write_text(json.dumps(result, indent=1, default=str))
+    hooked_size = min(sizes[-1], 1_000_000)
+    print(f"BatchSender {hooked_size:,} with delivery webhooks ...", file=sys.stderr)
+    result["e2e_webhooks"] = await measure_e2e(hooked_size, latency_ms=LATENCY_MS, webhooks=True)
     print("peers ...", file=sys.stderr)
     result["peers"] = await asyncio.to_thread(_peers, 1_000 if args.quick else args.peer_run)
     print("rate accuracy ...", file=sys.stderr)
@@ -151,7 +167,7 @@ async def main(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
-    exactly_once = all(run["exactly_once"] for run in result["e2e"])
+    exactly_once = all(run["exactly_once"] for run in [*result["e2e"], result["e2e_webhooks"]])
     print("every recipient exactly once: " + ("yes" if exactly_once else "NO"))
     return 0 if exactly_once and (met or not args.strict) else 1
 

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +120,13 @@ def machine() -> str:
 
 async def measure_e2e(
     recipients: int, *, workers: int = 2, latency_ms: float = 0.0, concurrency: int = 32,
-    nats_recipients: int = 0, profile: str | None = None,
+    nats_recipients: int = 0, profile: str | None = None, webhooks: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """One REST batch (and optionally one NATS batch) through a throw-away deployment."""
+    """One REST batch (and optionally one NATS batch) through a throw-away deployment.
+
+    ``webhooks``: the mock provider also posts a signed ``delivered`` event per recipient
+    to the API, which records it (a second status write per recipient). Issue 3's scenario
+    is the send path alone; the webhook run shows the cost of following every message."""
     tag = f"b{uuid.uuid4().hex[:8]}"
     environ = isolated_environ(tag)
     environ.update(
@@ -135,7 +140,9 @@ async def measure_e2e(
     profiler = Profiler(Path(profile)) if profile else None
     try:
         key = await tenant_key(settings, "bench")
-        await asyncio.to_thread(stack.start_all, ("--latency-ms", str(latency_ms)))
+        await asyncio.to_thread(
+            partial(stack.start_all, ("--latency-ms", str(latency_ms)), webhooks=webhooks)
+        )
         if profiler:
             profiler.start(stack.pids())
         cpu_before = stack.cpu_seconds()
@@ -156,6 +163,7 @@ async def measure_e2e(
     seconds = sorted(int(k) for k in stats["per_second"])
     return {
         "recipients": recipients, "workers": workers, "latency_ms": latency_ms,
+        "webhooks": webhooks,
         "intake_s": rest["intake_s"], "intake_per_s": recipients / rest["intake_s"],
         "e2e_s": rest["e2e_s"], "e2e_per_s": recipients / rest["e2e_s"],
         "nats_recipients": nats_recipients, "nats_s": nats_s,
@@ -172,7 +180,8 @@ def report(r: dict[str, Any]) -> bool:
     n = r["recipients"]
     print(f"machine:            {machine()}")
     print(
-        f"workers:            {r['workers']} processes, mock latency {r['latency_ms']} ms/request"
+        f"workers:            {r['workers']} processes, mock latency {r['latency_ms']} ms/request, "
+        f"delivery webhooks {'on' if r['webhooks'] else 'off'}"
     )
     print(f"recipients:         {n:,} (REST, streamed NDJSON)")
     print(f"intake:             {r['intake_s']:.2f} s  = {r['intake_per_s']:,.0f} recipients/s")
@@ -206,7 +215,7 @@ async def main(args: argparse.Namespace) -> int:
     result = await measure_e2e(
         args.recipients, workers=args.workers, latency_ms=args.latency_ms,
         concurrency=args.concurrency, nats_recipients=args.nats_recipients if args.nats else 0,
-        profile=args.profile,
+        profile=args.profile, webhooks=args.webhooks,
     )  # fmt: skip
     return 0 if report(result) else 1
 
@@ -223,6 +232,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32, help="chunks in flight per worker")
     parser.add_argument("--nats", action="store_true", help="also send one batch over NATS")
     parser.add_argument("--nats-recipients", type=int, default=10_000)
+    parser.add_argument("--webhooks", action="store_true",
+                        help="the mock posts a delivered webhook per recipient (a second status write)")  # fmt: skip
     parser.add_argument(
         "--profile", metavar="DIR", help="py-spy every process into DIR and summarise"
     )

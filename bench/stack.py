@@ -104,11 +104,12 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def start_all(self, mock_options: tuple[str, ...] = ()) -> None:
-        """Mock provider (posting webhooks to the API), API and worker; wait until up."""
+    def start_all(self, mock_options: tuple[str, ...] = (), *, webhooks: bool = True) -> None:
+        """Mock provider (posting delivery webhooks to the API unless ``webhooks`` is
+        false), API and worker; wait until up."""
         port = self.mock.rsplit(":", 1)[1]
-        self.start("mock", "mock-provider", "--port", port,
-                   "--webhook-url", f"{self.api}/webhooks/mock",
+        hooks = ("--webhook-url", f"{self.api}/webhooks/mock") if webhooks else ()
+        self.start("mock", "mock-provider", "--port", port, *hooks,
                    "--webhook-secret", self.settings.mock_webhook_secret, *mock_options)  # fmt: skip
         self.start("api", "api")
         self.start("worker", "worker")
