@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from engine import runtime
 from engine.config import Settings, export_process_env, load_settings
 from engine.errors import ConfigError
 
@@ -105,8 +106,10 @@ def cmd_api(_args: argparse.Namespace, settings: Settings) -> int:
 
     asyncio.run(migrate_all(settings))
     uvloop.install()
+    app = create_app(settings)
+    runtime.tune_gc(runtime.INTAKE)
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.api_host,
         port=settings.api_port,
         access_log=None,
@@ -118,12 +121,14 @@ def cmd_api(_args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from engine.supervisor import Supervisor
 
+    runtime.tune_gc(runtime.WORKER)  # the workers inherit it (and freeze their own modules)
     return Supervisor(settings, args.processes).run()
 
 
 def cmd_mock_provider(args: argparse.Namespace, _settings: Settings | None) -> int:
     from providers import mock_server
 
+    runtime.tune_gc(runtime.WORKER)
     mock_server.main(args.rest)
     return 0
 

@@ -81,7 +81,7 @@ def request_spreads(accepted_at: dict[str, float], size: int) -> list[float]:
 async def _upload(session: aiohttp.ClientSession, api: str, key: str, total: int) -> str:
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-ndjson"}
     async with session.post(
-        f"{api}/api/batches", data=ndjson_body(total), headers=headers
+        f"{api}/api/batches", data=b"".join(ndjson_body(total)), headers=headers
     ) as response:
         created = orjson.loads(await response.read())
         if response.status != 201:

@@ -200,38 +200,48 @@ def _summary(errors: list[dict[str, Any]], invalid_rows: int = 0) -> str:
 # --- recipient sources -------------------------------------------------------------
 
 
-async def _lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[bytes]]:
-    """Split a byte stream into lists of complete lines (many at a time, for speed)."""
+async def _text(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Re-cut a byte stream at line ends: each piece is whole lines, without the last
+    line break (many lines at a time, for speed)."""
     rest = b""
     async for chunk in chunks:
         if not chunk:
             continue
-        lines = (rest + chunk).split(b"\n")
-        rest = lines.pop()
-        if lines:
-            yield lines
+        data = rest + chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            rest = data
+            continue
+        rest = data[cut + 1 :]
+        yield data[:cut]
     if rest.strip():
-        yield [rest]
+        yield rest
+
+
+async def _lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[bytes]]:
+    """Split a byte stream into lists of complete lines."""
+    async for text in _text(chunks):
+        yield text.split(b"\n")
 
 
 async def ndjson_rows(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]:
     """Blocks of rows of an NDJSON stream. A line that is not JSON becomes a ``BadRow``.
 
-    A block of lines is parsed as one JSON array (one orjson call instead of one per line);
-    only a block with a bad line is parsed again line by line to find it.
+    A block of lines is parsed as one JSON array (one orjson call instead of one per line:
+    the line breaks become commas); only a block with a bad or blank line is parsed again
+    line by line.
     """
-    async for lines in _lines(chunks):
-        lines = [line for line in lines if line.strip()]
-        if not lines:
-            continue
+    async for text in _text(chunks):
         try:
-            block = orjson.loads(b"[" + b",".join(lines) + b"]")
-            if len(block) == len(lines):
+            block = orjson.loads(b"[" + text.replace(b"\n", b",") + b"]")
+            if len(block) == text.count(b"\n") + 1:  # one value per line
                 yield block
                 continue
         except orjson.JSONDecodeError:
             pass
-        yield [_loads_or_bad(line) for line in lines]
+        lines = [line for line in text.split(b"\n") if line.strip()]
+        if lines:
+            yield [_loads_or_bad(line) for line in lines]
 
 
 def _loads_or_bad(line: bytes) -> Any:

@@ -219,8 +219,10 @@ class Supervisor:
             os.close(self._wake_w)
             import uvloop
 
+            from engine import runtime
             from engine.worker import Worker
 
+            runtime.tune_gc(runtime.WORKER)
             uvloop.run(Worker(self.settings, heartbeat).run())
         except BaseException:
             log.exception("worker crashed")
