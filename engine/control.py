@@ -62,7 +62,7 @@ async def pause(services: Services, tenant_id: str, batch_id: str) -> dict[str, 
 
 async def resume(services: Services, tenant_id: str, batch_id: str) -> dict[str, Any]:
     bid = batches.batch_uuid(batch_id)
-    status = await services.pool.fetchval(
+    row = await services.pool.fetchrow(
         """UPDATE batches
               SET status = CASE WHEN final_count >= total_recipients THEN 'completed'
                                 WHEN started_at IS NULL THEN 'queued' ELSE 'processing' END,
@@ -70,16 +70,13 @@ async def resume(services: Services, tenant_id: str, batch_id: str) -> dict[str,
                                       THEN coalesce(completed_at, now()) END,
                   generation = generation + 1, paused_at = NULL, progress_at = now()
             WHERE id = $1 AND tenant_id = $2 AND status = 'paused'
-        RETURNING status""",
+        RETURNING status, generation""",
         bid, tenant_id,
     )  # fmt: skip
-    if status is None:
+    if row is None:
         raise await _conflict(services, tenant_id, batch_id, "resumed")
-    if status != "completed":
-        generation = await services.pool.fetchval(
-            "SELECT generation FROM batches WHERE id = $1", bid
-        )
-        chunks = await queue_unfinished(services, bid, tag=f"g{generation}")
+    if row["status"] != "completed":
+        chunks = await queue_unfinished(services, bid, tag=f"g{row['generation']}")
         log.info("batch resumed", extra={"batch_id": batch_id, "chunks": chunks})
     return await batches.get_batch(services.pool, tenant_id, batch_id)
 

@@ -515,12 +515,8 @@ async def create_batch(
                        WHERE id = $1""",
                     batch_id, final_status, total, suppressed,
                 )  # fmt: skip
-                await conn.execute(
-                    """INSERT INTO batch_counts (batch_id, status, n)
-                       SELECT $1, status, n FROM unnest($2::text[], $3::int[]) AS c(status, n)
-                        WHERE n > 0""",
-                    batch_id, [copier.status, "suppressed"], [total - suppressed, suppressed],
-                )  # fmt: skip
+                await _add_counts(conn, batch_id, {copier.status: total - suppressed,
+                                                   "suppressed": suppressed})  # fmt: skip
         except asyncpg.UniqueViolationError:
             # A concurrent create with the same external id / idempotency key won the race.
             for column, value in (
@@ -573,13 +569,20 @@ async def append_recipients(
                 WHERE id = $1 RETURNING suppressed_count""",
             bid, copier.count, suppressed,
         )  # fmt: skip
-        await conn.execute(
-            """INSERT INTO batch_counts (batch_id, status, n)
-               SELECT $1, status, n FROM unnest($2::text[], $3::int[]) AS c(status, n) WHERE n > 0
-               ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n""",
-            bid, ["pending", "suppressed"], [added - suppressed, suppressed],
-        )  # fmt: skip
+        await _add_counts(conn, bid, {"pending": added - suppressed, "suppressed": suppressed})
     return Created(batch_id, "draft", copier.count, total_suppressed)
+
+
+async def _add_counts(
+    conn: asyncpg.Connection, batch_id: uuid.UUID, counts: dict[str, int]
+) -> None:
+    """Add to the batch's recipient counts per status (``batch_counts``)."""
+    await conn.execute(
+        """INSERT INTO batch_counts (batch_id, status, n)
+           SELECT $1, status, n FROM unnest($2::text[], $3::int[]) AS c(status, n) WHERE n > 0
+           ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n""",
+        batch_id, list(counts), list(counts.values()),
+    )  # fmt: skip
 
 
 async def _suppress(conn: asyncpg.Connection, batch_id: uuid.UUID, tenant_id: str) -> int:
