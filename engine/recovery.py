@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 TICK = 0.5
 SLOW_EVERY = 6  # ticks between the slower chores
 INTERRUPTED_SECONDS = 30
-_SETTLE_GROUP = 1_000  # cells claimed and settled together
+# Recipients settled per results message: more than the largest chunk (a page always holds
+# a whole cell), small enough for NATS's 1 MB message limit.
+_SETTLE_ROWS = 5_000
 
 
 async def run(services: Services, cells: Cells, tick: int) -> None:
@@ -54,47 +56,59 @@ async def start_due(services: Services) -> int:
 
 
 async def settle_cancelled(services: Services, cells: Cells) -> int:
-    """Record ``cancelled`` for the unsent recipients of cancelled batches; return how many."""
+    """Record ``cancelled`` for the unsent recipients of cancelled batches; return how many.
+    The recipients are read a page at a time (memory stays flat for any batch size), and
+    each page's results go out as one results message."""
     settled = 0
     for batch in await services.pool.fetch(
         """SELECT id, tenant_id, provider, chunk_size FROM batches
             WHERE status = 'cancelled' AND final_count < total_recipients"""
     ):
-        batch_id, size = str(batch["id"]), batch["chunk_size"]
-        rows = await services.pool.fetch(
-            "SELECT seq, email FROM recipients WHERE batch_id = $1 AND status = 'queued' ORDER BY seq",
-            batch["id"],
-        )
-        by_cell: dict[int, list] = {}
-        for row in rows:
-            by_cell.setdefault(cell_first(row["seq"], size), []).append(row)
-        firsts = list(by_cell)
-        for start in range(0, len(firsts), _SETTLE_GROUP):
-            claimed: list[tuple[Claim, list[int]]] = []
-            out = Columns()
-            published = False
-            try:
-                for first in firsts[start : start + _SETTLE_GROUP]:
-                    claim = await cells.claim(batch_id, first, size)
-                    if claim is None:  # a worker is in this cell; it records the rest itself
-                        continue
-                    seqs: list[int] = []
-                    claimed.append((claim, seqs))
-                    for row in by_cell[first]:
-                        if not claim.done(row["seq"]):
-                            seqs.append(row["seq"])
-                            domain = row["email"].rpartition("@")[2].lower()
-                            out.append(batch_id, row["seq"], "cancelled", attempts=0, domain=domain)
-                if out:
-                    await results.publish(services, batch["tenant_id"], batch["provider"], out)
-                published = True
-            finally:
-                for claim, seqs in claimed:
-                    await cells.finish(claim, seqs if published else [])
-            settled += len(out)
-        if settled:
-            log.info("cancelled recipients settled", extra={"batch_id": batch_id, "n": settled})
+        size, after = batch["chunk_size"], 1
+        while after:
+            rows = await services.pool.fetch(
+                """SELECT seq, email FROM recipients
+                    WHERE batch_id = $1 AND status = 'queued' AND seq >= $2
+                    ORDER BY seq LIMIT $3""",
+                batch["id"], after, _SETTLE_ROWS,
+            )  # fmt: skip
+            after = 0
+            if len(rows) == _SETTLE_ROWS:  # the page may end inside a cell: that cell goes next
+                after = cell_first(rows[-1]["seq"], size)
+                whole = [r for r in rows if r["seq"] < after]
+                rows, after = (whole, after) if whole else (rows, rows[-1]["seq"] + 1)
+            settled += await _settle_page(services, cells, batch, rows)
     return settled
+
+
+async def _settle_page(services: Services, cells: Cells, batch, rows: list) -> int:
+    batch_id, size = str(batch["id"]), batch["chunk_size"]
+    by_cell: dict[int, list] = {}
+    for row in rows:
+        by_cell.setdefault(cell_first(row["seq"], size), []).append(row)
+    claimed: list[tuple[Claim, list[int]]] = []
+    out = Columns()
+    published = False
+    try:
+        for first, cell_rows in by_cell.items():
+            claim = await cells.claim(batch_id, first, size)
+            if claim is None:  # a worker is in this cell; it records the rest itself
+                continue
+            seqs: list[int] = []
+            claimed.append((claim, seqs))
+            for row in cell_rows:
+                if not claim.done(row["seq"]):
+                    seqs.append(row["seq"])
+                    domain = row["email"].rpartition("@")[2].lower()
+                    out.append(batch_id, row["seq"], "cancelled", attempts=0, domain=domain)
+        if out:
+            await results.publish(services, batch["tenant_id"], batch["provider"], out)
+            log.info("cancelled recipients settled", extra={"batch_id": batch_id, "n": len(out)})
+        published = True
+    finally:
+        for claim, seqs in claimed:
+            await cells.finish(claim, seqs if published else [])
+    return len(out)
 
 
 async def requeue_interrupted(services: Services) -> int:

@@ -229,3 +229,17 @@ async def test_recipients_are_added_to_a_draft_then_it_is_sent(client, services,
     assert [c["n"] for c in await chunks_since(services, before, batch_id)] == [9]
     response = await client.post(url, data=orjson.dumps(more), headers=bearer(key))
     assert response.status == 409  # not a draft any more
+
+
+async def test_a_large_cancelled_batch_is_settled_in_pages(services, tenant):
+    tenant_id, _ = tenant
+    await services.redis.set(services.key("state"), "1")
+    batch_id = await _create(services, tenant_id, 12_345)
+    await services.pool.execute(
+        "UPDATE batches SET status = 'cancelled' WHERE id = $1", uuid.UUID(batch_id)
+    )
+    seq = await _results_seq(services)
+    await recovery.settle_cancelled(services, Cells(services))
+    messages = [m for m in await _results_since(services, seq) if m.rows[0].batch_id == batch_id]
+    assert sorted(r.seq for m in messages for r in m.rows) == list(range(1, 12_346))
+    assert len(messages) == 3 and max(len(m.rows) for m in messages) <= 5_000  # NATS's 1 MB
