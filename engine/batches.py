@@ -174,3 +174,32 @@ async def list_recipients(
     ]
     next_cursor = _make_cursor(page[-1]["seq"]) if len(rows) > size else None
     return {"data": data, "next_cursor": next_cursor}
+
+
+_MOVE = """
+WITH u AS (
+    UPDATE recipients
+       SET status = $3, updated_at = now(), error = CASE WHEN $5 THEN NULL ELSE error END
+     WHERE batch_id = $1 AND status = $2 AND ($4::int[] IS NULL OR seq = ANY($4::int[]))
+ RETURNING seq
+), n AS (
+    SELECT count(*)::int AS n FROM u
+), counted AS (
+    INSERT INTO batch_counts (batch_id, status, n)
+    SELECT $1, s, d FROM n, LATERAL (VALUES ($2::text, -n.n), ($3::text, n.n)) AS v(s, d)
+     WHERE n.n > 0
+    ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
+)
+SELECT seq FROM u ORDER BY seq
+"""
+
+
+async def move_recipients(
+    conn: asyncpg.Connection, batch_id: uuid.UUID, from_status: str, to_status: str,
+    seqs: list[int] | None = None, *, clear_error: bool = False,
+) -> list[int]:  # fmt: skip
+    """Move a batch's recipients (all, or the given ``seqs``) that are in ``from_status``
+    to ``to_status``, keeping ``batch_counts`` in step; return the seqs moved. The caller
+    adjusts the batch's own row (``final_count``, status) in the same transaction."""
+    rows = await conn.fetch(_MOVE, batch_id, from_status, to_status, seqs, clear_error)
+    return [r["seq"] for r in rows]

@@ -81,23 +81,6 @@ async def resume(services: Services, tenant_id: str, batch_id: str) -> dict[str,
     return await batches.get_batch(services.pool, tenant_id, batch_id)
 
 
-_CANCEL_PENDING = """
-WITH u AS (
-    UPDATE recipients SET status = 'cancelled', updated_at = now()
-     WHERE batch_id = $1 AND status = 'pending'
- RETURNING 1
-), n AS (
-    SELECT count(*)::int AS n FROM u
-), counted AS (
-    INSERT INTO batch_counts (batch_id, status, n)
-    SELECT $1, s, d FROM n, LATERAL (VALUES ('pending', -n.n), ('cancelled', n.n)) AS v(s, d)
-     WHERE n.n > 0
-    ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
-)
-UPDATE batches SET final_count = final_count + n.n, completed_at = now() FROM n WHERE id = $1
-"""
-
-
 async def cancel(services: Services, tenant_id: str, batch_id: str) -> dict[str, Any]:
     bid = batches.batch_uuid(batch_id)
     async with services.pool.acquire() as conn, conn.transaction():
@@ -111,7 +94,12 @@ async def cancel(services: Services, tenant_id: str, batch_id: str) -> dict[str,
                 "UPDATE batches SET status = 'cancelled', cancelled_at = now() WHERE id = $1", bid
             )
             if before in ("draft", "scheduled"):  # nothing was ever queued: end it here
-                await conn.execute(_CANCEL_PENDING, bid)
+                moved = await batches.move_recipients(conn, bid, "pending", "cancelled")
+                await conn.execute(
+                    """UPDATE batches SET final_count = final_count + $2, completed_at = now()
+                        WHERE id = $1""",
+                    bid, len(moved),
+                )  # fmt: skip
     if before is None:
         raise await _conflict(services, tenant_id, batch_id, "cancelled")
     log.info("batch cancelled", extra={"batch_id": batch_id, "was": before})

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from nats.js.errors import NotFoundError
 
+from engine.batches import move_recipients
 from engine.cells import Cells
 from engine.errors import ValidationError
 from engine.intake import queue_cells
@@ -18,27 +19,6 @@ from engine.services import Services
 # A replayed intake message is published under a new Nats-Msg-Id (the first one is still
 # in JetStream's duplicate window) and carries its original id here.
 EXTERNAL_ID_HEADER = "BatchSender-External-Id"
-
-_REQUEUE_FAILED = """
-WITH u AS (
-    UPDATE recipients SET status = 'queued', error = NULL, updated_at = now()
-     WHERE batch_id = $1 AND seq = ANY($2::int[]) AND status = 'failed'
- RETURNING seq
-), n AS (
-    SELECT count(*)::int AS n FROM u
-), counted AS (
-    INSERT INTO batch_counts (batch_id, status, n)
-    SELECT $1, s, d FROM n, LATERAL (VALUES ('failed', -n.n), ('queued', n.n)) AS v(s, d)
-     WHERE n.n > 0
-    ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
-), b AS (
-    UPDATE batches SET final_count = final_count - n.n,
-           status = CASE WHEN status = 'completed' THEN 'processing' ELSE status END,
-           completed_at = NULL
-      FROM n WHERE id = $1 AND n.n > 0
-)
-SELECT seq FROM u ORDER BY seq
-"""
 
 
 async def _oldest_age(services: Services, stream: str, seq: int) -> float | None:
@@ -127,9 +107,16 @@ async def replay(services: Services, tenant_id: str, seqs: list[int] | None) -> 
 async def _requeue_failed(services: Services, entry: dict[str, Any], tag: str) -> None:
     batch_id = uuid.UUID(entry["batch_id"])
     async with services.pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(_REQUEUE_FAILED, batch_id, [f["seq"] for f in entry["failed"]])
-        chunk_size = await conn.fetchval("SELECT chunk_size FROM batches WHERE id = $1", batch_id)
-    seqs = [r["seq"] for r in rows]
+        seqs = await move_recipients(conn, batch_id, "failed", "queued",
+                                     [f["seq"] for f in entry["failed"]], clear_error=True)  # fmt: skip
+        chunk_size = await conn.fetchval(
+            """UPDATE batches SET final_count = final_count - $2,
+                      status = CASE WHEN status = 'completed' AND $2 > 0 THEN 'processing'
+                                    ELSE status END,
+                      completed_at = CASE WHEN $2 > 0 THEN NULL ELSE completed_at END
+                WHERE id = $1 RETURNING chunk_size""",
+            batch_id, len(seqs),
+        )  # fmt: skip
     await Cells(services).clear_done(entry["batch_id"], seqs)  # their results are void now
     await queue_cells(services, batch_id, entry["provider"], entry["tenant_id"],
                       seqs, chunk_size, tag)  # fmt: skip
