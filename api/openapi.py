@@ -46,6 +46,21 @@ _PAGING = [
 ]
 
 
+def _object(
+    properties: dict[str, Any], *, required: list[str] | None = None, streamed: bool = False
+) -> dict[str, Any]:
+    """A request body: a JSON object with these properties (``streamed``: or NDJSON/CSV)."""
+    schema: dict[str, Any] = {"type": "object"}
+    if required:
+        schema["required"] = required
+    content = {"application/json": {"schema": {**schema, "properties": properties}}}
+    if streamed:
+        content |= {
+            kind: {"schema": {"type": "string"}} for kind in ("application/x-ndjson", "text/csv")
+        }
+    return {"required": True, "content": content}
+
+
 def _path(name: str, **schema: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", **schema}}
 
@@ -270,21 +285,9 @@ OPENAPI: dict[str, Any] = {
             "post": {
                 "summary": "Add recipients to a draft (numbered after its others)",
                 "parameters": [_ID],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {
-                                    "recipients": {"type": "array", "items": _ref("Recipient")}
-                                },
-                            }
-                        },
-                        "application/x-ndjson": {"schema": {"type": "string"}},
-                        "text/csv": {"schema": {"type": "string"}},
-                    },
-                },
+                "requestBody": _object(
+                    {"recipients": {"type": "array", "items": _ref("Recipient")}}, streamed=True
+                ),
                 "responses": {
                     "200": {
                         "description": "The draft's new size",
@@ -331,24 +334,13 @@ OPENAPI: dict[str, Any] = {
             },
             "post": {
                 "summary": "Suppress addresses",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["emails"],
-                                "properties": {
-                                    "emails": {
-                                        "type": "array",
-                                        "items": {"type": "string", "format": "email"},
-                                    },
-                                    "reason": {"type": "string"},
-                                },
-                            }
-                        }
+                "requestBody": _object(
+                    {
+                        "emails": {"type": "array", "items": {"type": "string", "format": "email"}},
+                        "reason": {"type": "string"},
                     },
-                },
+                    required=["emails"],
+                ),
                 "responses": {
                     "201": {"description": "How many were new"},
                     "400": _ERROR,
@@ -380,20 +372,12 @@ OPENAPI: dict[str, Any] = {
         "/api/queue/dlq/replay": {
             "post": {
                 "summary": "Queue chosen dead letters (or all) again; they leave the DLQ",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {
-                                    "seqs": {"type": "array", "items": {"type": "integer"}},
-                                    "all": {"type": "boolean"},
-                                },
-                            }
-                        }
-                    },
-                },
+                "requestBody": _object(
+                    {
+                        "seqs": {"type": "array", "items": {"type": "integer"}},
+                        "all": {"type": "boolean"},
+                    }
+                ),
                 "responses": {
                     "200": {"description": "How many were replayed"},
                     "400": _ERROR,
