@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import orjson
 
+from engine import deadletters
 from engine.services import Services
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,27 @@ def decode(data: bytes) -> ResultMessage:
         raise ValueError(f"not a results message: {exc!r}") from None
 
 
+async def dead_letter(services: Services, consumer: str, data: bytes, reason: str) -> None:
+    """Dead-letter a results message that ``consumer`` gave up on (``engine.deadletters``),
+    under the tenant it names or, for webhook results, the tenant of its first batch."""
+    await deadletters.publish(services, "results", await _tenant_of(services, data), reason,
+                              consumer=consumer, data=deadletters.text_of(data))  # fmt: skip
+
+
+async def _tenant_of(services: Services, data: bytes) -> str | None:
+    try:
+        body = orjson.loads(data)
+        if isinstance(body.get("t"), str):
+            return body["t"]
+        batch = body["b"] if isinstance(body["b"], str) else body["b"][0]
+        return await services.pool.fetchval(
+            "SELECT tenant_id FROM batches WHERE id = $1", uuid.UUID(batch)
+        )
+    except Exception as exc:  # a poison message may name nothing usable
+        log.info("dead-lettered results message without a tenant (%r)", exc)
+        return None
+
+
 async def publish(services: Services, tenant_id: str | None, provider: str,
                   columns: Columns, msg_id: str | None = None) -> None:  # fmt: skip
     """Make results durable in NATS (waits for the stream's acknowledgement)."""
@@ -258,6 +281,59 @@ def _arrays(columns: Columns, with_details: bool) -> list[list[Any]]:
     if with_details:
         arrays += [columns.error, [min(a, 32767) for a in columns.attempts]]
     return arrays
+
+
+# Errors that mean PostgreSQL (or asyncpg, encoding the arrays) refused the values of a
+# results message: a seq outside int4, a batch id that is no uuid, a status the schema
+# does not allow, a value of the wrong type. Applying it again would fail the same way.
+REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, TypeError, ValueError)
+
+
+@dataclass(slots=True)
+class Flush:
+    """What ``apply_flush`` did: (batch id, status) of the batches touched, and the parts
+    that failed on their own, with their errors, by position."""
+
+    touched: list[tuple[str, str]]
+    failed: dict[int, Exception]
+
+
+async def apply_flush(pool: asyncpg.Pool, parts: list[Columns]) -> Flush:
+    """Apply the results of many messages (``parts``) in one transaction.
+
+    When that fails while PostgreSQL answers, one part is at fault (or a few): the parts
+    are applied by halves, recursively, so that every part that can be applied is, and
+    each part that fails on its own is returned in ``failed`` (``REFUSED`` errors: its
+    values; others: worth a retry). When PostgreSQL does not answer, the error propagates:
+    no part is at fault. Applying a part twice changes nothing, so a half that is applied
+    again after a later failure does no harm.
+    """
+    flush = Flush([], {})
+
+    async def attempt(first: int, end: int) -> None:
+        if end - first == 1:
+            columns = parts[first]
+        else:
+            columns = Columns()
+            for part in parts[first:end]:
+                columns.extend(part)
+        try:
+            async with pool.acquire() as conn:
+                flush.touched.extend(await apply_results(conn, columns))
+        except Exception as exc:
+            if end - first == 1:
+                flush.failed[first] = exc
+                return
+            await pool.fetchval("SELECT 1")  # raises while PostgreSQL is down
+            log.warning("a flush of %d results messages failed (%r); applying it by halves",
+                        end - first, exc)  # fmt: skip
+            middle = (first + end) // 2
+            await attempt(first, middle)
+            await attempt(middle, end)
+
+    if parts:
+        await attempt(0, len(parts))
+    return flush
 
 
 async def apply_results(conn: asyncpg.Connection, columns: Columns) -> list[tuple[str, str]]:

@@ -12,6 +12,12 @@ call. ``paused``: the chunk stops there (results so far are published; the rest 
 chunk is recorded ``cancelled``. A chunk of a paused batch that arrives is dropped (resume
 publishes it again); chunk messages carry the batch's generation, so a message published
 by a resume makes a worker re-read a status it cached before that resume.
+
+A recipient whose message cannot be built (its template fails for its values: ``{{ 1/0 }}``,
+``{{ x + 1 }}`` with text in ``x``, a sandbox refusal; an address that cannot be written)
+is ``failed`` with the reason at once and dead-lettered; the rest of the chunk goes on. A
+chunk that fails as a whole on its last allowed delivery is given up (``give_up``): its
+unsent recipients become ``failed`` the same way, so the batch still completes.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from nats.aio.msg import Msg
 
-from engine import metrics, results
+from engine import deadletters, metrics, results
 from engine.cells import Cells
 from engine.config import Rate, parse_rate
 from engine.ratelimit import TokenBuckets
@@ -34,11 +42,12 @@ from engine.results import Columns
 from engine.services import Services
 from engine.suppressions import unsubscribe_headers
 from engine.templates import BatchTemplate
-from providers.base import Message, Provider
+from providers.base import Message, Provider, check_address, header_safe
 
 log = logging.getLogger(__name__)
 
 _BATCH_TTL = 1.0  # seconds a batch's status is trusted before it is read again
+_MAX_SEQ = 2**31 - 1  # recipients.seq is an int4
 
 
 @dataclass(slots=True)
@@ -89,11 +98,16 @@ class BatchCache:
         )
         if row is None:
             return None
+        # A template that needs Jinja2 takes a while to compile: off the event loop.
+        template = await asyncio.to_thread(BatchTemplate, row["subject"], row["html"], row["text"])
+        if (loaded := self._items.get(batch_id)) is not None:
+            return loaded  # loaded meanwhile by another chunk: one BatchInfo per batch
         if len(self._items) >= self.size:
             self._items.pop(next(iter(self._items)))
         info = BatchInfo(
-            batch_id, row["tenant_id"], row["provider"], row["from_email"], row["from_name"],
-            BatchTemplate(row["subject"], row["html"], row["text"]), row["dry_run"],
+            batch_id, row["tenant_id"], row["provider"], row["from_email"],
+            header_safe(row["from_name"]) if row["from_name"] else row["from_name"],
+            template, row["dry_run"],
             row["status"], row["generation"],
             parse_rate(row["send_rate"]) if row["send_rate"] else None, now,
         )  # fmt: skip
@@ -109,16 +123,16 @@ class Sender:
         self.batches = BatchCache(services)
         self.buckets = TokenBuckets(services.redis)
         self.cells = Cells(services)
+        # The unsubscribe links are written into headers: their only part that is not
+        # header-safe by construction (the token is base64url) is checked once here.
+        self.public_url = header_safe(self.settings.public_url)
 
     async def process(self, msg: Msg) -> None:
         """Handle one chunk message end to end; acknowledges it when done."""
         try:
-            chunk = orjson.loads(msg.data)
-            batch_id, first, count = chunk["b"], int(chunk["f"]), int(chunk["n"])
-            generation = int(chunk.get("g", 0))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.error("dropping malformed chunk message")
-            await msg.term()
+            batch_id, first, count, generation = _parse_chunk(msg.data)
+        except ValueError as exc:
+            await self._dead_letter_chunk(msg, str(exc))
             return
         info = await self.batches.get(batch_id, generation)
         if info is None or not (info.sending or info.status == "cancelled"):
@@ -146,6 +160,48 @@ class Sender:
             await self.cells.finish(claim, published)
         await msg.ack()
 
+    async def give_up(self, msg: Msg, reason: str) -> None:
+        """The chunk failed as a whole on its last allowed delivery: its recipients still
+        to send become ``failed`` with ``reason`` (and are dead-lettered, so a replay queues
+        them again), then the message is terminated. A cell another worker holds is left to
+        that worker. Raises, changing nothing, while PostgreSQL, Dragonfly or NATS do not
+        answer (the chunk is then tried again)."""
+        try:
+            batch_id, first, count, _ = _parse_chunk(msg.data)
+        except ValueError as exc:
+            await self._dead_letter_chunk(msg, f"{exc}; {reason}")
+            return
+        batch = await self.services.pool.fetchrow(
+            "SELECT tenant_id, provider FROM batches WHERE id = $1", uuid.UUID(batch_id)
+        )
+        claim = await self.cells.claim(batch_id, first, count) if batch else None
+        if batch is None or claim is None:  # no batch; or its holder sends the cell
+            log.warning("chunk given up: %s", reason, extra={"batch_id": batch_id})
+            await msg.term()
+            return
+        published: list[int] = []
+        try:
+            rows = await self.services.pool.fetch(
+                """SELECT seq, email FROM recipients
+                    WHERE batch_id = $1 AND seq >= $2 AND seq < $3 AND status = 'queued'""",
+                uuid.UUID(batch_id), first, first + count,
+            )  # fmt: skip
+            out = Columns()
+            for r in rows:
+                if not claim.done(r["seq"]):
+                    out.append(batch_id, r["seq"], "failed", None, reason, 0, 0,
+                               _domain(r["email"]))  # fmt: skip
+            if out:
+                await self._dead_letter(batch_id, batch["tenant_id"], batch["provider"],
+                                        "the chunk failed on every delivery",
+                                        [(seq, reason, 0) for seq in out.seq])  # fmt: skip
+                await results.publish(self.services, batch["tenant_id"], batch["provider"], out)
+                metrics.EMAILS.labels(batch["provider"], "failed").inc(len(out))
+                published = out.seq
+        finally:
+            await self.cells.finish(claim, published)
+        await msg.term()
+
     async def _send(self, info: BatchInfo, rows: list, msg: Msg) -> Columns:
         out = Columns()
         if info.dry_run or info.status == "cancelled":
@@ -155,6 +211,29 @@ class Sender:
             for r in rows:
                 out.append(info.id, r["seq"], status, note, None, 0, 0, _domain(r["email"]))
             return out
+        exhausted: list[tuple[int, str | None, int]] = []  # retryable, past the retry budget
+        unbuildable: list[tuple[int, str | None, int]] = []  # no message could be built
+        await self._deliver(info, rows, msg, out, exhausted, unbuildable)
+        self._count(info, out)
+        if unbuildable:
+            await self._dead_letter(info.id, info.tenant_id, info.provider,
+                                    "the message could not be built", unbuildable)  # fmt: skip
+        if exhausted:
+            await self._dead_letter(info.id, info.tenant_id, info.provider,
+                                    "retryable provider errors past the retry budget", exhausted)  # fmt: skip
+        return out
+
+    async def _deliver(
+        self,
+        info: BatchInfo,
+        rows: list,
+        msg: Msg,
+        out: Columns,
+        exhausted: list[tuple[int, str | None, int]],
+        unbuildable: list[tuple[int, str | None, int]],
+    ) -> None:
+        """Provider calls with retries, until every row has a result or the batch stops
+        sending (paused: the rest stays ``queued``; cancelled: the rest is ``cancelled``)."""
         provider = self.providers[info.provider]
         configured = self.settings.provider_rate(info.provider)
         # Provider calls of at most half the burst, and the bucket one call smaller than the
@@ -162,17 +241,20 @@ class Sender:
         # limit of rate + burst in any second, measured at the provider (bench/rate.py).
         step = max(1, min(provider.max_batch, configured.burst // 2))
         rate = Rate(configured.per_second, max(step, configured.burst - step))
-        exhausted: list[tuple[int, str | None, int]] = []  # retryable, past the retry budget
         pending = list(rows)
         attempt = 1
         while pending:
             retry, retry_after = [], 0.0
             for start in range(0, len(pending), step):
-                part = pending[start : start + step]
+                part, messages = self._messages(info, pending[start : start + step], attempt,
+                                                out, unbuildable)  # fmt: skip
+                if not part:
+                    continue
                 if not await self._take_tokens(info, len(part), rate, msg):
-                    return self._stopped(info, out, pending[start:] + retry)
+                    self._stopped(info, out, part + pending[start + step :] + retry)
+                    return
                 sent_at = time.perf_counter()
-                answers = await provider.send_batch([self._message(info, r) for r in part])
+                answers = await provider.send_batch(messages)
                 elapsed = time.perf_counter() - sent_at
                 metrics.SEND_SECONDS.labels(info.provider).observe(elapsed)
                 latency_ms = int(elapsed * 1000)
@@ -189,22 +271,17 @@ class Sender:
                         if answer.retryable:
                             exhausted.append((row["seq"], answer.error, attempt))
             if retry and not await self._backoff(info, attempt, retry_after, msg):
-                return self._stopped(info, out, retry)
+                self._stopped(info, out, retry)
+                return
             attempt += 1
             pending = retry
-        self._count(info, out)
-        if exhausted:
-            await self._dead_letter(info, exhausted)
-        return out
 
-    def _stopped(self, info: BatchInfo, out: Columns, unsent: list) -> Columns:
+    def _stopped(self, info: BatchInfo, out: Columns, unsent: list) -> None:
         """The batch was paused or cancelled mid-chunk: a cancel ends the unsent recipients
         here; a pause leaves them ``queued`` for the resume."""
-        self._count(info, out)
         if info.status == "cancelled":
             for r in unsent:
                 out.append(info.id, r["seq"], "cancelled", None, None, 0, 0, _domain(r["email"]))
-        return out
 
     def _count(self, info: BatchInfo, out: Columns) -> None:
         sent, failed = out.status.count("sent"), out.status.count("failed")
@@ -212,17 +289,30 @@ class Sender:
         if failed:
             metrics.EMAILS.labels(info.provider, "failed").inc(failed)
 
-    def _message(self, info: BatchInfo, row) -> Message:
-        rendered = info.template.render(row["email"], row["name"], row["vars"])
-        ref = f"{info.id}:{row['seq']}"
-        headers = unsubscribe_headers(
-            self.settings.public_url, self.settings.unsubscribe_secret, info.tenant_id, row["email"]
-        )
-        headers["X-BatchSender-Ref"] = ref
-        return Message(
-            ref, row["email"], row["name"], info.from_email, info.from_name,
-            rendered.subject, rendered.html, rendered.text, headers,
-        )  # fmt: skip
+    def _messages(
+        self,
+        info: BatchInfo,
+        rows: list,
+        attempt: int,
+        out: Columns,
+        unbuildable: list[tuple[int, str | None, int]],
+    ) -> tuple[list, list[Message]]:
+        """The rows whose message could be built, and their messages. A row whose message
+        cannot be built is ``failed`` with the reason here: it would fail the same way on
+        every attempt (templates come from clients, so any error rendering one is theirs)."""
+        built, messages = [], []
+        public_url, secret = self.public_url, self.settings.unsubscribe_secret
+        for row in rows:
+            try:
+                messages.append(build_message(info, row, public_url, secret))
+            except Exception as exc:
+                error = f"message could not be built: {deadletters.reason_of(exc)}"
+                out.append(info.id, row["seq"], "failed", None, error, attempt, 0,
+                           _domain(row["email"]))  # fmt: skip
+                unbuildable.append((row["seq"], error, attempt))
+            else:
+                built.append(row)
+        return built, messages
 
     async def _still_sending(self, info: BatchInfo) -> bool:
         await self.batches.get(info.id)  # refreshes ``info`` in place when it is a second old
@@ -266,18 +356,69 @@ class Sender:
                 return False
         return True
 
+    async def _dead_letter_chunk(self, msg: Msg, reason: str) -> None:
+        """A chunk message that names no batch (malformed) to the DLQ, and terminated."""
+        log.error("dead-lettering a chunk message: %s", reason)
+        await deadletters.publish(self.services, "chunk", _chunk_tenant(msg.data), reason,
+                                  data=deadletters.text_of(msg.data))  # fmt: skip
+        await msg.term()
+
     async def _dead_letter(
-        self, info: BatchInfo, failed: list[tuple[int, str | None, int]]
-    ) -> None:
-        body = orjson.dumps({
-            "kind": "send",
-            "reason": "retryable provider errors past the retry budget",
-            "batch_id": info.id,
-            "tenant_id": info.tenant_id,
-            "provider": info.provider,
-            "failed": [{"seq": seq, "error": error, "attempts": attempts} for seq, error, attempts in failed],
-        })  # fmt: skip
-        await self.services.js.publish(self.services.topology.dlq_subject("send"), body)
+        self, batch_id: str, tenant_id: str, provider: str, reason: str,
+        failed: list[tuple[int, str | None, int]],
+    ) -> None:  # fmt: skip
+        """Failed recipients of one chunk to the DLQ (a replay queues them again)."""
+        await deadletters.publish(
+            self.services, "send", tenant_id, reason, batch_id=batch_id, provider=provider,
+            failed=[{"seq": seq, "error": error, "attempts": attempts} for seq, error, attempts in failed],
+        )  # fmt: skip
+
+
+def build_message(
+    info: BatchInfo, row: Mapping[str, Any], public_url: str, unsubscribe_secret: str
+) -> Message:
+    """The personalised message of one recipient (``row``: email, name, vars, seq).
+
+    Its header fields are header-safe (``providers.base``): the rendered subject and the
+    recipient's name pass ``header_safe`` here, once per recipient, and the addresses
+    ``check_address``; the batch's sender name was made safe when the batch was read
+    (``BatchCache``); the custom headers are safe by construction (a header-safe
+    ``public_url``, a base64url token, the ref), so no time goes into checking them.
+    Raises what the template raises for this recipient's values, and ``ValueError``.
+    """
+    rendered = info.template.render(row["email"], row["name"], row["vars"])
+    ref = f"{info.id}:{row['seq']}"
+    headers = unsubscribe_headers(public_url, unsubscribe_secret, info.tenant_id, row["email"])
+    headers["X-BatchSender-Ref"] = ref
+    name = row["name"]
+    return Message(
+        ref, check_address(row["email"]), header_safe(name) if name else name,
+        check_address(info.from_email), info.from_name, header_safe(rendered.subject), rendered.html,
+        rendered.text, headers,
+    )  # fmt: skip
+
+
+def _parse_chunk(data: bytes) -> tuple[str, int, int, int]:
+    """(batch id, first seq, count, generation) of a chunk message; ``ValueError`` when it
+    is not one."""
+    try:
+        chunk = orjson.loads(data)
+        batch_id = str(uuid.UUID(chunk["b"]))
+        first, count, generation = int(chunk["f"]), int(chunk["n"]), int(chunk.get("g", 0))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"not a chunk message: {exc!r}") from None
+    if not (1 <= first <= _MAX_SEQ and 1 <= count <= _MAX_SEQ - first + 1):
+        raise ValueError(f"not a chunk message: seqs {first} to {first + count - 1}")
+    return batch_id, first, count, generation
+
+
+def _chunk_tenant(data: bytes) -> str | None:
+    """The tenant a (malformed) chunk message names, if any, for its dead letter."""
+    try:
+        tenant = orjson.loads(data).get("t")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return tenant if isinstance(tenant, str) else None
 
 
 def _domain(email: str) -> str:

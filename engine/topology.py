@@ -32,6 +32,34 @@ SEND_ACK_WAIT = 15.0
 
 
 @dataclass(frozen=True, slots=True)
+class Redelivery:
+    """How every consumer retries a message whose handling failed: back to NATS after
+    ``base_delay * 2 ** (n - 1)`` seconds (at most ``max_delay``) following its n-th
+    delivery, and dead-lettered on delivery ``max_deliveries`` if that fails too (see
+    ``engine.deadletters``). With the defaults a message fails for about five minutes
+    (2 + 4 + ... + 60 + 60 s) before it is given up.
+
+    The consumers keep ``max_deliver=-1``: JetStream's own bound would stop delivering a
+    message silently, with no dead letter and no reason, so the code gives up itself.
+    """
+
+    max_deliveries: int = 10
+    base_delay: float = 2.0
+    max_delay: float = 60.0
+
+    def delay(self, delivered: int) -> float:
+        """Seconds before a message that failed on its ``delivered``-th delivery returns."""
+        return min(self.max_delay, self.base_delay * 2 ** min(max(delivered, 1) - 1, 30))
+
+    def last(self, delivered: int) -> bool:
+        """Whether a failure on this delivery is the last one allowed."""
+        return delivered >= self.max_deliveries
+
+
+REDELIVERY = Redelivery()
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     prefix: str
 
@@ -109,7 +137,7 @@ class Topology:
                 durable_name=name,
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=ack_wait,
-                max_deliver=-1,  # never drop work; poison messages are dead-lettered by code
+                max_deliver=-1,  # bounded by the code, with a dead letter: see Redelivery
                 max_ack_pending=max_ack_pending,
                 max_waiting=4096,
             )

@@ -5,35 +5,43 @@ Four loops share the process: ``send`` (chunks, up to ``WORKER_CONCURRENCY`` at 
 (batches published to NATS). A heartbeat file touched by the event loop itself tells the
 supervisor the loop is alive. SIGTERM drains: fetching stops, chunks in flight finish and
 publish their results, the ClickHouse buffer is flushed, then the process exits.
+
+No message is redelivered for ever: a message whose handling fails comes back after a
+growing delay and is dead-lettered on its last allowed delivery (``engine.deadletters``,
+``engine.topology.Redelivery``); a message that can never succeed (malformed, refused by
+PostgreSQL) is dead-lettered at once. A results message PostgreSQL refuses does not hold
+back the others of its flush (``engine.results.apply_flush``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
 import nats.errors
-import orjson
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from engine import metrics, recovery
+from engine import deadletters, metrics, recovery, results
 from engine.adapters import AVAILABLE, build_provider
 from engine.cells import Cells
 from engine.config import Settings
+from engine.deadletters import reason_of, retry_or_give_up
 from engine.errors import BatchSenderError, TooManyRequests
 from engine.events import EventWriter
 from engine.intake import create_from_nats
 from engine.leader import Lease
 from engine.queues import EXTERNAL_ID_HEADER
-from engine.results import Columns, apply_results, decode
+from engine.results import REFUSED, Columns, apply_flush, decode
 from engine.sender import Sender
 from engine.services import Services
-from engine.topology import SEND_ACK_WAIT
+from engine.topology import REDELIVERY, SEND_ACK_WAIT, Redelivery
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +51,15 @@ RESULTS_FLUSH_MESSAGES = 500
 
 
 class Worker:
-    def __init__(self, settings: Settings, heartbeat_path: str | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        heartbeat_path: str | None = None,
+        redelivery: Redelivery = REDELIVERY,
+    ):
         self.settings = settings
         self.heartbeat_path = heartbeat_path
+        self.redelivery = redelivery
         self.parent = os.getppid()  # the supervisor: when it is gone, this worker drains
         self.stopping = asyncio.Event()
         self._chunks: dict[asyncio.Task, Msg] = {}
@@ -69,7 +83,7 @@ class Worker:
         stopped.cancel()
         services = opening.result()
         providers = {name: build_provider(name, self.settings) for name in AVAILABLE}
-        events = EventWriter(services)
+        events = EventWriter(services, self.redelivery)
         metrics.WORKER_PROCESSES.set(1)
         log.info("worker started", extra={"pid": os.getpid()})
         try:
@@ -79,25 +93,9 @@ class Worker:
             # exits non-zero and the supervisor starts a fresh one.
             async with asyncio.TaskGroup() as loops:
                 loops.create_task(self._send_loop(services.js, topo.send_stream, sender))
-                loops.create_task(
-                    self._consume(
-                        services.js,
-                        topo.results_stream,
-                        "results-pg",
-                        RESULTS_FLUSH_MESSAGES,
-                        lambda msgs: self._apply_results(services, msgs),
-                    )
-                )
+                loops.create_task(self._results_loop(services))
                 loops.create_task(self._event_loop(services.js, topo.results_stream, events))
-                loops.create_task(
-                    self._consume(
-                        services.js,
-                        topo.intake_stream,
-                        "intake",
-                        1,
-                        lambda msgs: self._intake(services, msgs),
-                    )
-                )
+                loops.create_task(self._intake_loop(services))
                 loops.create_task(self._lead(services, sender.cells))  # fmt: skip
         except BaseException:
             log.exception("worker loop failed; exiting")
@@ -133,13 +131,25 @@ class Worker:
                         await self._sender.cells.renew()
             await asyncio.sleep(1.0)
 
-    async def _subscribe(self, js: JetStreamContext, stream: str, durable: str):
+    @contextlib.asynccontextmanager
+    async def _subscription(
+        self, js: JetStreamContext, stream: str, durable: str
+    ) -> AsyncIterator[JetStreamContext.PullSubscription]:
+        """A pull subscription to a durable consumer, bound once NATS takes it, and
+        unsubscribed at the end: nats-py's drain would otherwise wait on it until its
+        timeout (the inbox of a fetch that timed out is never done)."""
         while True:
             try:
-                return await js.pull_subscribe_bind(durable, stream)
+                psub = await js.pull_subscribe_bind(durable, stream)
+                break
             except Exception as exc:
                 log.warning("cannot bind %s/%s (%r); retrying", stream, durable, exc)
                 await asyncio.sleep(1.0)
+        try:
+            yield psub
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
 
     async def _fetch(self, psub, batch: int, wait: float = 1.0) -> list[Msg]:
         try:
@@ -152,17 +162,17 @@ class Worker:
             return []
 
     async def _send_loop(self, js: JetStreamContext, stream: str, sender: Sender) -> None:
-        psub = await self._subscribe(js, stream, "send")
         limit = self.settings.worker_concurrency
-        while not self.stopping.is_set():
-            free = limit - len(self._chunks)
-            if free <= 0:
-                await asyncio.wait(self._chunks, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            for msg in await self._fetch(psub, min(free, 64)):
-                task = asyncio.create_task(self._chunk(sender, msg))
-                self._chunks[task] = msg
-                task.add_done_callback(self._chunks.pop)
+        async with self._subscription(js, stream, "send") as psub:
+            while not self.stopping.is_set():
+                free = limit - len(self._chunks)
+                if free <= 0:
+                    await asyncio.wait(self._chunks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                for msg in await self._fetch(psub, min(free, 64)):
+                    task = asyncio.create_task(self._chunk(sender, msg))
+                    self._chunks[task] = msg
+                    task.add_done_callback(self._chunks.pop)
         if self._chunks:  # drain: let chunks in flight finish and record their results
             await asyncio.wait(self._chunks, timeout=self.settings.drain_timeout)
 
@@ -170,10 +180,8 @@ class Worker:
         metrics.CHUNKS_IN_FLIGHT.inc()
         try:
             await sender.process(msg)
-        except Exception:
-            log.exception("chunk failed; it will be redelivered")
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=2.0)
+        except Exception as exc:
+            await retry_or_give_up("send", msg, exc, sender.give_up, self.redelivery)
         finally:
             metrics.CHUNKS_IN_FLIGHT.dec()
 
@@ -184,59 +192,99 @@ class Worker:
         durable: str,
         batch: int,
         handle: Callable[[list[Msg]], Awaitable[None]],
+        give_up: Callable[[Msg, str], Awaitable[None]],
     ) -> None:
-        psub = await self._subscribe(js, stream, durable)
-        while not self.stopping.is_set():
-            msgs = await self._fetch(psub, batch)
-            if not msgs:
-                continue
-            try:
-                await handle(msgs)
-            except Exception:
-                log.exception(
-                    "%s: handling %d messages failed; they will be redelivered", durable, len(msgs)
-                )
-                for msg in msgs:
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=2.0)
+        """Fetch up to ``batch`` messages at a time and ``handle`` them; when that raises,
+        each message is retried or, on its last delivery, given up (``give_up``)."""
+        async with self._subscription(js, stream, durable) as psub:
+            while not self.stopping.is_set():
+                msgs = await self._fetch(psub, batch)
+                if not msgs:
+                    continue
+                try:
+                    await handle(msgs)
+                except Exception as exc:
+                    for msg in msgs:  # (an acknowledged one ignores the nak)
+                        await retry_or_give_up(durable, msg, exc, give_up, self.redelivery)
+
+    async def _results_loop(self, services: Services) -> None:
+        await self._consume(
+            services.js,
+            services.topology.results_stream,
+            "results-pg",
+            RESULTS_FLUSH_MESSAGES,
+            lambda msgs: self._apply_results(services, msgs),
+            lambda msg, reason: self._give_up_results(services, msg, reason),
+        )
+
+    async def _intake_loop(self, services: Services) -> None:
+        await self._consume(
+            services.js,
+            services.topology.intake_stream,
+            "intake",
+            1,
+            lambda msgs: self._intake(services, msgs),
+            lambda msg, reason: self._give_up_intake(services, msg, reason),
+        )
 
     async def _apply_results(self, services: Services, msgs: list[Msg]) -> None:
-        columns = Columns()
-        good = []
+        """One transaction for the flush; a message PostgreSQL refuses is dead-lettered and
+        the others applied; one that fails on its own otherwise comes back (bounded)."""
+        parts: list[Columns] = []
+        good: list[Msg] = []
         for msg in msgs:
             try:
-                columns.extend(decode(msg.data).columns)
+                parts.append(decode(msg.data).columns)
                 good.append(msg)
             except ValueError as exc:
-                log.error("dropping malformed results message: %s", exc)
-                await msg.term()
-        if columns:
-            async with services.pool.acquire() as conn:
-                touched = await apply_results(conn, columns)
-            metrics.STATUS_ROWS.inc(len(columns))
-            for batch_id, status in touched:
-                if status == "completed":
-                    log.info("batch completed", extra={"batch_id": batch_id})
-        for msg in good:
-            await msg.ack()
+                await self._refuse_results(services, msg, str(exc))
+        flush = await apply_flush(services.pool, parts)
+        metrics.STATUS_ROWS.inc(sum(len(p) for i, p in enumerate(parts) if i not in flush.failed))
+        for batch_id, status in flush.touched:
+            if status == "completed":
+                log.info("batch completed", extra={"batch_id": batch_id})
+        for index, msg in enumerate(good):
+            error = flush.failed.get(index)
+            if error is None:
+                await msg.ack()
+            elif isinstance(error, REFUSED):
+                await self._refuse_results(
+                    services, msg, f"PostgreSQL refused its values: {reason_of(error)}"
+                )
+            else:
+                give_up = functools.partial(self._give_up_results, services)
+                await retry_or_give_up("results-pg", msg, error, give_up, self.redelivery)
+
+    async def _refuse_results(self, services: Services, msg: Msg, reason: str) -> None:
+        log.error("results-pg: dead-lettering a results message: %s", reason)
+        await results.dead_letter(services, "results-pg", msg.data, reason)
+        await msg.term()
+
+    async def _give_up_results(self, services: Services, msg: Msg, reason: str) -> None:
+        await services.pool.fetchval("SELECT 1")  # raises while PostgreSQL is down: kept
+        await self._refuse_results(services, msg, reason)
 
     async def _event_loop(self, js: JetStreamContext, stream: str, writer: EventWriter) -> None:
-        psub = await self._subscribe(js, stream, "results-ch")
-        while not self.stopping.is_set():
-            if not writer.full:
-                msgs = await self._fetch(psub, 500, wait=self.settings.clickhouse_flush_seconds)
-                if msgs:
-                    await writer.add(msgs)
-            if writer.due and not await writer.flush():
-                await self._sleep(min(30.0, 2.0**writer.failures))
+        async with self._subscription(js, stream, "results-ch") as psub:
+            while not self.stopping.is_set():
+                if not writer.full:
+                    wait = self.settings.clickhouse_flush_seconds
+                    if msgs := await self._fetch(psub, 500, wait=wait):
+                        await self._add_events(writer, msgs)
+                if writer.due and not await writer.flush():
+                    await self._sleep(min(30.0, 2.0**writer.failures))
         await writer.flush()
+
+    async def _add_events(self, writer: EventWriter, msgs: list[Msg]) -> None:
+        try:
+            await writer.add(msgs)
+        except Exception as exc:  # PostgreSQL down (the tenant lookup): nothing was added
+            for msg in msgs:
+                await retry_or_give_up("results-ch", msg, exc, writer.give_up, self.redelivery)
 
     async def _intake(self, services: Services, msgs: list[Msg]) -> None:
         for msg in msgs:
-            headers = msg.headers or {}
-            # A replayed dead letter keeps its original id (see engine.queues.replay).
-            msg_id = (headers.get(EXTERNAL_ID_HEADER) or headers.get("Nats-Msg-Id")
-                      or f"seq:{msg.metadata.sequence.stream}")  # fmt: skip
+            msg_id = _intake_msg_id(msg)
             try:
                 created = await create_from_nats(services, msg.subject, msg.data, msg_id)
             except BatchSenderError as exc:
@@ -245,26 +293,22 @@ class Worker:
                     await msg.nak(delay=exc.retry_after)
                     continue
                 log.warning("intake message dead-lettered: %s", exc.message)
-                await self._dead_letter_intake(services, msg, msg_id, exc)
+                await _dead_letter_intake(services, msg, exc.message, exc.code, exc.details)
+                await msg.ack()
+                continue
+            except asyncpg.DataError as exc:  # a value PostgreSQL cannot store: every time
+                reason = f"PostgreSQL refused its values: {reason_of(exc)}"
+                log.warning("intake message dead-lettered: %s", reason)
+                await _dead_letter_intake(services, msg, reason, "refused_by_database", None)
                 await msg.ack()
                 continue
             log.info("intake batch recorded", extra={"batch_id": created.id, "msg_id": msg_id})
             await msg.ack()
 
-    async def _dead_letter_intake(
-        self, services: Services, msg: Msg, msg_id: str, exc: BatchSenderError
-    ) -> None:
-        body = orjson.dumps({
-            "kind": "intake",
-            "tenant_id": msg.subject.rsplit(".", 1)[-1],
-            "reason": exc.message,
-            "code": exc.code,
-            "details": exc.details,
-            "subject": msg.subject,
-            "msg_id": msg_id,
-            "data": msg.data.decode("utf-8", "replace"),
-        })  # fmt: skip
-        await services.js.publish(services.topology.dlq_subject("intake"), body)
+    async def _give_up_intake(self, services: Services, msg: Msg, reason: str) -> None:
+        await services.pool.fetchval("SELECT 1")  # raises while PostgreSQL is down: kept
+        await _dead_letter_intake(services, msg, reason, "processing_failed", None)
+        await msg.term()
 
     async def _lead(self, services: Services, cells: Cells) -> None:
         """Hold the leader lease when free and run the leader's chores while holding it."""
@@ -282,3 +326,20 @@ class Worker:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
+
+
+def _intake_msg_id(msg: Msg) -> str:
+    """The batch's external id: a replayed dead letter keeps its original id (see
+    ``engine.queues.replay``)."""
+    headers = msg.headers or {}
+    return (headers.get(EXTERNAL_ID_HEADER) or headers.get("Nats-Msg-Id")
+            or f"seq:{msg.metadata.sequence.stream}")  # fmt: skip
+
+
+async def _dead_letter_intake(
+    services: Services, msg: Msg, reason: str, code: str, details: object
+) -> None:
+    await deadletters.publish(
+        services, "intake", msg.subject.rsplit(".", 1)[-1], reason, code=code, details=details,
+        subject=msg.subject, msg_id=_intake_msg_id(msg), data=deadletters.text_of(msg.data),
+    )  # fmt: skip

@@ -3,17 +3,127 @@
 A provider takes a list of already-personalised messages (one chunk) and answers one
 result per message, in the same order. Errors are classified here, by the adapter that
 understands the provider: ``retryable`` (timeouts, connection errors, 429, 5xx) or not.
+
+Header fields carry text from clients (a rendered subject, names), so every header value
+a provider is given is one line: it passed ``header_safe`` (no control characters, no
+encoded word that decodes to one: ``{{ first }}`` holding
+``=?utf-8?q?Ann=0D=0AX-Injected:_x?=`` must not become a header), and its addresses
+``check_address``. The engine builds every ``Message`` so (``engine.sender.build_message``);
+an adapter that writes the MIME message itself applies them to what it writes as well.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
+
+# What may not appear in a header value: C0 and C1 controls (CR, LF, TAB, NUL, ...), the
+# Unicode line and paragraph separators (str.splitlines() breaks lines there, and so does
+# the email package) and lone surrogates (not encodable).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]+")
+# An RFC 2047 encoded word as the email package's parser accepts one: no "?" inside the
+# charset or the text. (It also accepts whitespace inside, with a defect.)
+_ENCODED_WORD = re.compile(r"=\?([^?]*)\?([qQbB])\?([^?]*)\?=")
+_Q_ESCAPE = re.compile(rb"=([a-fA-F0-9]{2})")
+_CTE = frozenset({"q?", "Q?", "b?", "B?"})
+
+
+def header_safe(value: str) -> str:
+    """``value`` made safe for a header: control characters and line breaks become one
+    space each run (as unfolding would read them), and when an encoded word decodes to a
+    control character, encoded words are replaced by their cleaned text and every other
+    ``=?`` is broken up (``= ?``), so nothing is decoded from it again.
+
+    A clean value (the common case) is returned as it is after ``_clean``.
+    """
+    if _clean(value):
+        return value
+    value = _CONTROLS.sub(" ", value)
+    if "=?" in value and _smuggles(value):
+        value = _ENCODED_WORD.sub(_cleaned_word, value).replace("=?", "= ?")
+    return value
+
+
+def _clean(value: str) -> bool:
+    """The fast check, at C speed: nothing to replace and no encoded word to look into
+    (``"?"`` is found by memchr; ``"=?"`` is searched for only when there is one)."""
+    return value.isprintable() and ("?" not in value or "=?" not in value)
+
+
+def _smuggles(value: str) -> bool:
+    """True when an encoded word in ``value`` decodes to a control character.
+
+    Every ``=?`` is tried as the start of one, overlapping ones included, since the parser
+    may start one at any of them. Linear: each search stops at the next ``?``.
+    """
+    start = value.find("=?")
+    while start >= 0:
+        sep = value.find("?", start + 2)
+        if sep < 0:
+            return False
+        if value[sep + 1 : sep + 3] in _CTE:
+            end = value.find("?", sep + 3)
+            if end < 0:
+                return False
+            if value[end + 1 : end + 2] == "=":
+                text = _decoded(value[start + 2 : sep], value[sep + 1], value[sep + 3 : end])
+                if text is not None and _CONTROLS.search(text):
+                    return True
+        start = value.find("=?", start + 1)
+    return False
+
+
+def _cleaned_word(match: re.Match[str]) -> str:
+    text = _decoded(match[1], match[2], match[3])
+    return match[0] if text is None else _CONTROLS.sub(" ", text)
+
+
+def _decoded(charset: str, cte: str, text: str) -> str | None:
+    """An encoded word's text decoded as the email package decodes it (None: it would not
+    take it for one)."""
+    try:
+        raw = text.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
+    if cte in "qQ":
+        raw = _Q_ESCAPE.sub(lambda m: bytes.fromhex(m[1].decode()), raw.replace(b"_", b" "))
+    else:
+        raw = _b_decoded(raw)
+    try:
+        return raw.decode(charset.partition("*")[0], "surrogateescape")
+    except (LookupError, ValueError, TypeError):  # unknown or odd charset: read as bytes
+        return raw.decode("ascii", "surrogateescape")
+
+
+def _b_decoded(raw: bytes) -> bytes:
+    try:
+        return base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True)
+    except binascii.Error:
+        pass
+    for attempt in (raw, raw + b"=="):
+        try:
+            return base64.b64decode(attempt)
+        except binascii.Error:
+            pass
+    return raw
+
+
+def check_address(address: str) -> str:
+    """``address`` when it can be written into a header as it is; ``ValueError`` when it
+    holds a control character or an encoded word that decodes to one (an address is not
+    text to clean: changed, it would be another address)."""
+    if _clean(address) or header_safe(address) == address:
+        return address
+    raise ValueError(f"address cannot be written in a header: {address!r}")
 
 
 @dataclass(slots=True)
 class Message:
-    """One personalised e-mail. ``ref`` is the engine's id of the recipient ("batch:seq")."""
+    """One personalised e-mail. ``ref`` is the engine's id of the recipient ("batch:seq");
+    its header fields are header-safe (see the module docstring)."""
 
     ref: str
     to_email: str

@@ -1,11 +1,24 @@
-"""SMTP provider: sends each chunk over a small pool of reused aiosmtplib connections."""
+"""SMTP provider: sends each chunk over a small pool of reused aiosmtplib connections.
+
+Every header value written passes ``header_safe`` here too (the engine's messages already
+did; this keeps the adapter safe for any caller, at the cost of nothing at SMTP speeds).
+Custom headers with an ASCII value (``List-Unsubscribe``, ``List-Unsubscribe-Post``, ...)
+are written as given, folded at spaces only: the email package would turn a long URL into
+RFC 2047 encoded words, which one-click unsubscribe (RFC 8058) clients do not decode.
+Anything the email package refuses while it builds or writes a message (``ValueError``,
+``HeaderWriteError`` on Pythons that check what they fold) fails that message
+permanently, not the chunk.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from dataclasses import dataclass
+from email.errors import MessageError
 from email.message import EmailMessage
+from email.policy import Policy
 from email.utils import formataddr, formatdate, make_msgid
 from typing import cast
 
@@ -17,27 +30,64 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from providers.base import Message, ProviderError, SendResult
+from providers.base import Message, ProviderError, SendResult, header_safe
 
 # Headers a caller may not set: they would break the MIME structure or leak recipients.
 _PROTECTED_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version", "bcc"})
-_SEND_ERRORS = (SMTPException, OSError, TimeoutError, ValueError)
+# The email package refusing what it is given (a bad address, a header it cannot write):
+# the message itself is at fault, so the failure is permanent.
+_MESSAGE_ERRORS = (MessageError, ValueError, TypeError, LookupError)
+_SEND_ERRORS = (SMTPException, OSError, TimeoutError, *_MESSAGE_ERRORS)
+_MAX_LINE = 998  # RFC 5322: characters per header line, CRLF excluded
+_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322: printable ASCII except ":"
+
+
+class _Verbatim(str):
+    """A header value written as given: never re-encoded, folded at spaces past the
+    policy's line length (78; a longer word stays whole, up to RFC 5322's 998). The email
+    package takes an object with a ``name`` as a ready header and calls its ``fold``."""
+
+    name: str
+
+    def __new__(cls, name: str, value: str) -> _Verbatim:
+        if not value.isprintable():  # written as is: nothing may break the line
+            raise ValueError(f"{name}: control characters in a header value")
+        if len(name) + 2 + max(map(len, value.split(" "))) > _MAX_LINE:
+            raise ValueError(f"{name}: a word too long for a header line")
+        header = super().__new__(cls, value)
+        header.name = name
+        return header
+
+    def fold(self, *, policy: Policy) -> str:
+        limit = policy.max_line_length or _MAX_LINE
+        first, *rest = self.split(" ")
+        lines, line = [], f"{self.name}: {first}"  # the first word stays beside the name
+        for word in rest:
+            if word and len(line) + 1 + len(word) > limit:  # no line of spaces only
+                lines.append(line)
+                line = ""
+            line += " " + word
+        lines.append(line)
+        return policy.linesep.join(lines) + policy.linesep
 
 
 def build_email(message: Message) -> EmailMessage:
     """The RFC 5322 message for one ``Message`` (text part and/or html alternative)."""
     email = EmailMessage()
-    email["From"] = formataddr((message.from_name or "", message.from_email))
-    email["To"] = formataddr((message.to_name or "", message.to_email))
-    email["Subject"] = message.subject
+    email["From"] = formataddr((header_safe(message.from_name or ""), message.from_email))
+    email["To"] = formataddr((header_safe(message.to_name or ""), message.to_email))
+    email["Subject"] = header_safe(message.subject)
     domain = message.from_email.rpartition("@")[2] or "localhost"
     email["Message-ID"] = make_msgid(domain=domain)
     email["Date"] = formatdate(usegmt=True)
     for name, value in message.headers.items():
         if name.lower() in _PROTECTED_HEADERS:
             continue
+        if _FIELD_NAME.fullmatch(name) is None:
+            raise ValueError(f"invalid header name: {name!r}")
         del email[name]
-        email[name] = value
+        value = header_safe(value)
+        email[name] = _Verbatim(name, value) if value.isascii() else value
     _set_body(email, message.text, message.html)
     return email
 
@@ -54,7 +104,8 @@ def _set_body(email: EmailMessage, text: str | None, html: str | None) -> None:
 
 
 def classify(exc: BaseException) -> tuple[str, bool]:
-    """``(error text, retryable)``: 5xx replies are permanent; 4xx and network errors retry."""
+    """``(error text, retryable)``: 5xx replies are permanent; 4xx and network errors retry;
+    anything else (the email package refusing the message) is permanent."""
     if isinstance(exc, SMTPRecipientsRefused):
         if not exc.recipients:
             return "recipient refused", False
@@ -152,9 +203,11 @@ class SmtpProvider:
     async def _send_one(self, client: aiosmtplib.SMTP, message: Message) -> SendResult:
         try:
             email = build_email(message)
-        except (ValueError, TypeError) as exc:
+        except _MESSAGE_ERRORS as exc:
             return _failed(message, f"invalid message: {exc}", retryable=False)
         try:
+            # The message is written before the SMTP transaction starts, so an email
+            # package error there leaves the connection usable.
             await _transmit(client, email, message)
         except _SEND_ERRORS as exc:
             if isinstance(exc, OSError | TimeoutError):  # the session state is unknown

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import email.errors
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,8 +14,16 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
+from engine.sender import BatchInfo, build_message
+from engine.templates import BatchTemplate
+from providers import smtp
 from providers.base import Message
 from providers.smtp import SmtpProvider, build_email
+
+# Raised by Pythons whose email package refuses to write a header it cannot fold safely.
+HeaderWriteError = getattr(
+    email.errors, "HeaderWriteError", type("HeaderWriteError", (email.errors.MessageError,), {})
+)
 
 
 class RecordingHandler:
@@ -23,6 +33,7 @@ class RecordingHandler:
         self.replies = replies or {}
         self.sessions = 0
         self.delivered: list[tuple[str, list[str], EmailMessage]] = []
+        self.raw: dict[str, bytes] = {}  # by first recipient: the bytes as received
 
     async def handle_EHLO(  # noqa: N802 - aiosmtpd hook name
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -45,6 +56,7 @@ class RecordingHandler:
         parsed = message_from_bytes(envelope.original_content, policy=policy.default)
         assert isinstance(parsed, EmailMessage)
         self.delivered.append((envelope.mail_from, list(envelope.rcpt_tos), parsed))
+        self.raw[envelope.rcpt_tos[0]] = envelope.original_content
         return "250 Message accepted for delivery"
 
     def by_recipient(self) -> dict[str, EmailMessage]:
@@ -197,6 +209,132 @@ def test_build_email_variants() -> None:
     assert html_only.get_content_type() == "text/html"
     assert html_only["Bcc"] is None and html_only["Reply-To"] == "r@x.test"
 
-    base.headers = {"X-Bad": "a\r\nBcc: spy@x.test"}
-    with pytest.raises(ValueError):
+    base.headers = {"X-Bad": "a\r\nBcc: spy@x.test"}  # one line: no Bcc header
+    written = build_email(base)
+    assert written["X-Bad"] == "a Bcc: spy@x.test" and written["Bcc"] is None
+
+    base.headers = {"Bcc: spy@x.test\r\nX-Bad": "v"}
+    with pytest.raises(ValueError, match="header name"):
         build_email(base)
+
+
+def header_block(raw: bytes) -> list[str]:
+    """The header lines of a message as received, unfolded, in order."""
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    return head.replace("\r\n ", " ").replace("\r\n\t", " ").split("\r\n")
+
+
+UNSUBSCRIBE = (
+    "<https://unsubscribe.sender.test/u/dGFiY2RlZmdoaWoKYW5uLmxvbmduYW1lQGV4YW1wbGUuY29tCg"
+    ".c2lnbmF0dXJlc2lnbmF0dXJlMTI>"
+)
+
+
+@pytest.mark.parametrize("built_by", ["engine", "caller"])
+@pytest.mark.parametrize(
+    "first",
+    ["=?utf-8?q?Ann=0D=0AX-Injected:_x?=", "=?utf-8?q?Ann=0D=0AX-Injected:_x=0D=0A=0D=0Abody?="],
+)
+async def test_encoded_crlf_in_a_variable_stays_inside_the_subject(
+    first: str, built_by: str
+) -> None:
+    """Issue 8, defect 1: the exact payload, rendered into the subject by ``{{ first }}``,
+    in a message the engine built (``build_message``) or one a caller built as it liked
+    (the adapter makes its headers safe itself)."""
+    info = BatchInfo("0b0e6a52-5c4c-4f7e-9d8c-5f3c1e2a9b10", "acme", "smtp", "news@sender.test",
+                     "Sender", BatchTemplate("Hi {{ first }}", None, "The body."), False,
+                     "queued", 0, None, 0.0)  # fmt: skip
+    row = {"seq": 1, "email": "ann@example.com", "name": "Ann", "vars": {"first": first}}
+    message = build_message(info, row, "https://unsubscribe.sender.test", "s" * 32)
+    if built_by == "caller":
+        rendered = info.template.render("ann@example.com", "Ann", {"first": first})
+        message = dataclasses.replace(message, subject=rendered.subject)
+        assert "=0D=0A" in message.subject
+    handler = RecordingHandler()
+    with smtp_server(handler) as port:
+        provider = SmtpProvider("127.0.0.1", port, pool_size=1, timeout=5)
+        try:
+            [result] = await provider.send_batch([message])
+        finally:
+            await provider.close()
+
+    assert result.ok, result.error
+    lines = header_block(handler.raw["ann@example.com"])
+    names = [line.split(":", 1)[0].lower() for line in lines]
+    assert "x-injected" not in names
+    assert names.count("subject") == 1
+    assert {"from", "to", "subject", "message-id", "date", "list-unsubscribe",
+            "list-unsubscribe-post", "content-type", "mime-version"} <= set(names)  # fmt: skip
+    received = handler.by_recipient()["ann@example.com"]
+    assert received["Subject"].startswith("Hi Ann X-Injected: x")
+    assert received["X-Injected"] is None
+    assert received["Message-ID"] == result.provider_message_id
+    assert received["List-Unsubscribe"] == message.headers["List-Unsubscribe"]
+    assert received.get_content().strip() == "The body."
+
+
+async def test_list_unsubscribe_goes_out_as_a_plain_url() -> None:
+    """Issue 8, defect 10: RFC 8058 clients read the URL as it is, never an encoded word."""
+    [message] = personalised(1)
+    message = dataclasses.replace(message, headers={
+        "List-Unsubscribe": UNSUBSCRIBE, "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        "X-Two": f"{UNSUBSCRIBE}, <mailto:unsubscribe@sender.test?subject=unsubscribe>",
+    })  # fmt: skip
+    assert len("List-Unsubscribe: " + UNSUBSCRIBE) > 78  # longer than a folded line
+    handler = RecordingHandler()
+    with smtp_server(handler) as port:
+        provider = SmtpProvider("127.0.0.1", port, pool_size=1, timeout=5)
+        try:
+            [result] = await provider.send_batch([message])
+        finally:
+            await provider.close()
+
+    assert result.ok, result.error
+    raw = handler.raw[message.to_email]
+    assert f"\r\nList-Unsubscribe: {UNSUBSCRIBE}\r\n".encode() in raw
+    assert b"\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in raw
+    # Folded at the space between the two URLs, each whole and unencoded.
+    assert f"\r\nX-Two: {UNSUBSCRIBE},\r\n <mailto:".encode() in raw
+    lines = header_block(raw)
+    assert not [line for line in lines if line.startswith(("List-", "X-Two")) and "=?" in line]
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+
+
+async def test_an_email_package_error_fails_only_that_message(monkeypatch) -> None:
+    """``HeaderWriteError`` (raised when the message is written, by patched Pythons) is a
+    permanent failure of that message; the connection and the other messages go on."""
+
+    class Unwritable(str):
+        name = "X-Unwritable"
+
+        def fold(self, *, policy: Any) -> str:
+            raise HeaderWriteError("folded header contains newline")
+
+    def build(message: Message) -> EmailMessage:
+        built = build_email(message)
+        if message.ref == "c1:1":
+            built["X-Unwritable"] = Unwritable("x")
+        return built
+
+    monkeypatch.setattr(smtp, "build_email", build)
+    messages = personalised(3)
+    handler = RecordingHandler()
+    with smtp_server(handler) as port:
+        provider = SmtpProvider("127.0.0.1", port, pool_size=1, timeout=5)
+        try:
+            results = await provider.send_batch(messages)
+        finally:
+            await provider.close()
+
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].retryable is False
+    assert "HeaderWriteError" in (results[1].error or "")
+    assert sorted(handler.by_recipient()) == sorted([messages[0].to_email, messages[2].to_email])
+    assert handler.sessions == 1  # the connection was not lost over it
+
+
+def test_verbatim_headers_refuse_what_would_break_the_line() -> None:
+    [message] = personalised(1)
+    message.headers = {"List-Unsubscribe": "<https://u.test/" + "x" * 1000 + ">"}
+    with pytest.raises(ValueError, match="too long"):
+        build_email(message)
