@@ -2,6 +2,8 @@
 
 batchsender migrate                  schema for PostgreSQL and ClickHouse (idempotent)
 batchsender keys create --tenant T   a new API key for tenant T (printed once)
+batchsender keys list --tenant T     tenant T's keys: id, prefix, created, last used, revoked
+batchsender keys revoke KEY          revoke a key (its id, prefix or the key) everywhere at once
 batchsender tenants limits T [...]   show or set tenant T's limits (0 or '' = default)
 batchsender api                      the REST API (API_PORT)
 batchsender worker [-n N]            the supervisor and its N worker processes
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from engine import runtime
@@ -64,6 +67,61 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
             await pool.close()
 
     print(asyncio.run(run()))
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.db import create_pool
+    from engine.migrate import migrate_postgres
+    from engine.tenants import ApiKey, list_keys
+
+    async def run() -> list[ApiKey]:
+        await migrate_postgres(settings.database_url)
+        pool = await create_pool(settings, max_size=1)
+        try:
+            found, cursor = [], None
+            while True:
+                page = await list_keys(pool, args.tenant, limit=1000, cursor=cursor)
+                found += page.keys
+                if (cursor := page.next_cursor) is None:
+                    return found
+        finally:
+            await pool.close()
+
+    def when(value: datetime | None) -> str:
+        return value.isoformat(timespec="minutes") if value else "-"
+
+    table = [("id", "prefix", "created", "last used", "revoked")] + [
+        (str(k.id), k.prefix, when(k.created_at), when(k.last_used_at), when(k.revoked_at))
+        for k in asyncio.run(run())
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.auth import revoke_key
+    from engine.errors import BatchSenderError
+    from engine.migrate import migrate_postgres
+    from engine.services import Services
+    from engine.tenants import ApiKey
+
+    async def run() -> ApiKey:
+        await migrate_postgres(settings.database_url)
+        services = await Services.open(settings, pool_size=1)
+        try:
+            return await revoke_key(services, args.key)
+        finally:
+            await services.close()
+
+    try:
+        key = asyncio.run(run())
+    except BatchSenderError as exc:
+        print(f"batchsender: {exc.message}", file=sys.stderr)
+        return 2
+    print(f"revoked key {key.id} ({key.prefix}) of tenant {key.tenant_id}")
     return 0
 
 
@@ -114,6 +172,8 @@ def cmd_api(_args: argparse.Namespace, settings: Settings) -> int:
         port=settings.api_port,
         access_log=None,
         print=lambda _: log.info("api listening", extra={"port": settings.api_port}),
+        # A request line up to 64 KiB: batch fields may come as query parameters.
+        handler_args={"max_line_size": 64 << 10},
     )
     return 0
 
@@ -223,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tenant", required=True, help="tenant id: lower-case letters, digits, - or _"
     )
     create.set_defaults(func=cmd_keys)
+    listing = keys.add_parser("list", help="a tenant's keys (never the keys themselves)")
+    listing.add_argument("--tenant", required=True)
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key; running API processes refuse it at once")
+    revoke.add_argument("key", help="the key's id (from 'keys list'), its prefix, or the key")
+    revoke.set_defaults(func=cmd_keys_revoke)
     tenants = sub.add_parser("tenants", help="tenants").add_subparsers(dest="action", required=True)
     limits = tenants.add_parser("limits", help="show or set a tenant's limits")
     limits.add_argument("tenant")

@@ -33,7 +33,7 @@ from engine.config import Settings, load_settings
 from engine.db import create_pool
 from engine.migrate import drop_all, migrate_all
 from engine.tenants import create_key
-from providers.mock import SIGNATURE_HEADER
+from providers.mock import SIGNATURE_HEADER, TIMESTAMP_HEADER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,8 +250,9 @@ class WebhookTap:
                 waiter.set_result(at)
         assert self._session is not None
         headers = {"Content-Type": "application/json"}
-        if SIGNATURE_HEADER in request.headers:
-            headers[SIGNATURE_HEADER] = request.headers[SIGNATURE_HEADER]
+        for name in (SIGNATURE_HEADER, TIMESTAMP_HEADER):
+            if name in request.headers:
+                headers[name] = request.headers[name]
         try:
             async with self._session.post(self.forward_to, data=body, headers=headers) as resp:
                 return web.Response(status=resp.status, body=await resp.read())

@@ -4,10 +4,18 @@ Values come from the process environment, over the file ``.env.<BATCHSENDER_ENV>
 (dev, test or prod; found in the working directory or the project root). Nothing else in
 the project reads ``os.environ``. A bad or missing value raises ``ConfigError`` naming the
 variable; the CLI prints that one line and exits.
+
+Secrets have a committed development value outside prod only. In prod every secret in use
+must be set, must not be a committed value or a placeholder of ``.env.prod.example``
+(``CHANGE_ME`` anywhere in any variable stops the start), and must be at least
+``MIN_SECRET_LENGTH`` characters with ``MIN_SECRET_DISTINCT`` different ones. The mock
+provider (its webhook route and its place at intake) is off in prod unless
+``MOCK_PROVIDER_ENABLED`` is set.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -20,6 +28,10 @@ from engine.errors import ConfigError
 
 ENVIRONMENTS = ("dev", "test", "prod")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PLACEHOLDER = "CHANGE_ME"  # what .env.prod.example holds where a real value must go
+MIN_SECRET_LENGTH = 32
+MIN_SECRET_DISTINCT = 10
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +120,61 @@ def _text(value: str) -> str:
     return value
 
 
+def _networks(value: str) -> tuple[Network, ...]:
+    try:
+        return tuple(
+            ipaddress.ip_network(part.strip(), strict=False)
+            for part in value.split(",")
+            if part.strip()
+        )
+    except ValueError:
+        raise ValueError("must be IP addresses or networks (CIDR), comma-separated") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Secret:
+    """A secret setting: its committed development value, and when prod needs it."""
+
+    dev_value: str
+    in_use: Callable[[dict[str, Any]], bool] = lambda _values: True
+
+    def default(self, values: dict[str, Any]) -> str | None:
+        """Outside prod the development value; in prod none (missing) when in use."""
+        if values["env"] != "prod":
+            return self.dev_value
+        return None if self.in_use(values) else ""
+
+
+_SECRETS: dict[str, _Secret] = {
+    "MOCK_WEBHOOK_SECRET": _Secret("mock-secret", lambda values: values["mock_provider_enabled"]),
+    "UNSUBSCRIBE_SECRET": _Secret("dev-unsubscribe-secret"),
+}
+
+
+def _check_prod_value(name: str, raw: str, values: dict[str, Any]) -> None:
+    """What prod refuses beyond the parser: placeholders, and weak or committed secrets."""
+    if PLACEHOLDER in raw:
+        raise ConfigError(
+            f"{name}: still holds the placeholder {PLACEHOLDER} of .env.prod.example; "
+            "set the real value"
+        )
+    secret = _SECRETS.get(name)
+    if secret is None or not secret.in_use(values):
+        return
+    hint = "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    if any(raw == s.dev_value for s in _SECRETS.values()):
+        raise ConfigError(f"{name}: is a committed development value, refused in prod; {hint}")
+    if len(raw) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            f"{name}: too short for prod (at least {MIN_SECRET_LENGTH} characters); {hint}"
+        )
+    if len(set(raw)) < MIN_SECRET_DISTINCT:
+        raise ConfigError(
+            f"{name}: too weak for prod (fewer than {MIN_SECRET_DISTINCT} distinct "
+            f"characters); {hint}"
+        )
+
+
 def _cpus(_values: dict[str, Any]) -> str:
     return str(os.cpu_count() or 1)
 
@@ -116,9 +183,14 @@ def _local_api(values: dict[str, Any]) -> str:
     return f"http://127.0.0.1:{values['api_port']}"
 
 
+def _not_in_prod(values: dict[str, Any]) -> str:
+    return "false" if values["env"] == "prod" else "true"
+
+
 # name -> (parser, default or None when required). Defaults that depend on the machine or
-# on variables above them are callables of the values parsed so far.
-_SCHEMA: dict[str, tuple[Callable[[str], Any], str | Callable[[dict[str, Any]], str] | None]] = {
+# on variables above them are callables of the values parsed so far (None: required).
+_Default = str | Callable[[dict[str, Any]], str | None] | None
+_SCHEMA: dict[str, tuple[Callable[[str], Any], _Default]] = {
     "DATABASE_URL": (_url("postgres", "postgresql"), None),
     "NATS_URL": (_url("nats", "tls"), None),
     "DRAGONFLY_URL": (_url("redis", "rediss"), None),
@@ -141,14 +213,23 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], str | Callable[[dict[str, Any]], 
     "RETRY_BASE_SECONDS": (_float(0.01, 600), "0.5"),
     "MAX_BODY_BYTES": (_int(1024, 1 << 40), str(64 << 20)),
     "MAX_RECIPIENTS": (_int(1, 100_000_000), "5000000"),
+    "MAX_UPLOAD_BYTES": (_int(1024, 1 << 44), str(4 << 30)),  # one streamed CSV/NDJSON body
+    "UPLOAD_DIR": (_text, ""),  # where uploads past 8 MiB are spooled ('': the system's)
+    "TENANT_MAX_UPLOADS": (_int(1, 100_000), "4"),  # creates/appends in progress at once
+    "BODY_TIMEOUT_SECONDS": (_float(0.1, 3600), "20"),  # longest wait for a body's next bytes
+    "BODY_MIN_RATE": (_int(0, 1 << 30), "16384"),  # bytes/s on average, after that long
     "TENANT_MAX_ACTIVE_BATCHES": (_int(1, 1_000_000), "1000"),
     "STALL_SECONDS": (_float(5, 86400), "60"),
     "CLICKHOUSE_FLUSH_ROWS": (_int(1, 10_000_000), "25000"),
     "CLICKHOUSE_FLUSH_SECONDS": (_float(0.05, 600), "1"),
+    "MOCK_PROVIDER_ENABLED": (_bool, _not_in_prod),  # its webhook route and intake
     "MOCK_PROVIDER_URL": (_url("http", "https"), "http://127.0.0.1:6100"),
-    "MOCK_WEBHOOK_SECRET": (_text, "mock-secret"),
+    "MOCK_WEBHOOK_SECRET": (_text, _SECRETS["MOCK_WEBHOOK_SECRET"].default),
     "PUBLIC_URL": (_url("http", "https"), _local_api),  # where recipients reach the API
-    "UNSUBSCRIBE_SECRET": (_text, "dev-unsubscribe-secret"),
+    "UNSUBSCRIBE_SECRET": (_text, _SECRETS["UNSUBSCRIBE_SECRET"].default),
+    "AUTH_FAILURE_LIMIT": (_int(1, 1_000_000), "20"),  # failed keys per client address ...
+    "AUTH_FAILURE_WINDOW_SECONDS": (_int(1, 86400), "60"),  # ... in this window, then 429
+    "TRUSTED_PROXIES": (_networks, ""),  # whose X-Forwarded-For names the client
     "SMTP_HOST": (_text, "127.0.0.1"),
     "SMTP_PORT": (_int(1, 65535), "1025"),
     "SMTP_USERNAME": (_text, ""),
@@ -183,14 +264,23 @@ class Settings:
     retry_base_seconds: float
     max_body_bytes: int
     max_recipients: int
+    max_upload_bytes: int
+    upload_dir: str
+    tenant_max_uploads: int
+    body_timeout_seconds: float
+    body_min_rate: int
     tenant_max_active_batches: int
     stall_seconds: float
     clickhouse_flush_rows: int
     clickhouse_flush_seconds: float
+    mock_provider_enabled: bool
     mock_provider_url: str
     mock_webhook_secret: str
     public_url: str
     unsubscribe_secret: str
+    auth_failure_limit: int
+    auth_failure_window_seconds: int
+    trusted_proxies: tuple[Network, ...]
     smtp_host: str
     smtp_port: int
     smtp_username: str
@@ -200,6 +290,11 @@ class Settings:
 
     def provider_rate(self, provider: str) -> Rate:
         return self.provider_rates.get(provider, self.system_rate)
+
+    def provider_enabled(self, provider: str) -> bool:
+        """Whether this deployment offers ``provider`` (intake, webhooks): the mock only
+        where ``MOCK_PROVIDER_ENABLED``."""
+        return provider != "mock" or self.mock_provider_enabled
 
     def as_environ(self) -> dict[str, str]:
         """The settings as environment variables, for child processes started by the CLI."""
@@ -212,6 +307,8 @@ class Settings:
                 value = f"{value.per_second!r}/{value.burst}"
             elif isinstance(value, dict):
                 value = ",".join(f"{k}={r.per_second!r}/{r.burst}" for k, r in value.items())
+            elif isinstance(value, tuple):
+                value = ",".join(str(item) for item in value)
             elif isinstance(value, bool):
                 value = "true" if value else "false"
             out[f.name.upper()] = str(value)
@@ -254,15 +351,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     for name, (parse, default) in _SCHEMA.items():
         raw = merged.get(name)
         if raw is None or raw == "":
-            if default is None:
+            raw = default(values) if callable(default) else default
+            if raw is None:
                 where = f" (not in the environment nor in {env_file or f'.env.{env}'})"
                 raise ConfigError(f"{name}: missing{where}")
-            raw = default(values) if callable(default) else default
         try:
             values[name.lower()] = parse(raw)
         except ValueError as exc:
             shown = "***" if "PASSWORD" in name or "SECRET" in name else raw
             raise ConfigError(f"{name}: {exc} (got {shown!r})") from None
+        if env == "prod":
+            _check_prod_value(name, raw, values)
     return Settings(**values)
 
 

@@ -38,6 +38,13 @@ class PayloadTooLarge(BatchSenderError):
     code = "payload_too_large"
 
 
+class RequestTimeout(BatchSenderError):
+    """The client did not send its request in time."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class Unauthorized(BatchSenderError):
     status = 401
     code = "unauthorized"
@@ -51,6 +58,13 @@ class NotFound(BatchSenderError):
 class Conflict(BatchSenderError):
     status = 409
     code = "conflict"
+
+
+class Gone(BatchSenderError):
+    """It existed and is no more (an expired link)."""
+
+    status = 410
+    code = "gone"
 
 
 class UnsupportedMediaType(BatchSenderError):

@@ -1,12 +1,19 @@
-"""Dependency checks for ``/health``: each one answers "ok" or what went wrong."""
+"""Dependency checks for ``/health``: each one answers "ok" or "down".
+
+``/health`` is public, so it names what is down, never how: the error itself (addresses,
+versions, messages of the services) goes to the log, one warning line per failed check.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 from engine.clickhouse import ClickHouse
 from engine.services import Services
+
+log = logging.getLogger(__name__)
 
 _TIMEOUT = 3.0
 
@@ -47,16 +54,18 @@ class HealthChecker:
             "clickhouse": self._clickhouse_check,
         }
 
-        async def run(check: Callable[[], Awaitable[None]]) -> str:
+        async def run(name: str, check: Callable[[], Awaitable[None]]) -> str:
             try:
                 await asyncio.wait_for(check(), _TIMEOUT)
                 return "ok"
             except TimeoutError:
-                return "timed out"
+                log.warning("health check failed", extra={"check": name, "error": "timed out"})
             except Exception as exc:
-                return f"error: {type(exc).__name__}: {exc}"[:300]
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("health check failed", extra={"check": name, "error": error})
+            return "down"
 
-        results = await asyncio.gather(*(run(c) for c in checks.values()))
+        results = await asyncio.gather(*(run(n, c) for n, c in checks.items()))
         return dict(zip(checks, results, strict=True))
 
 

@@ -1,24 +1,36 @@
 """A tenant's suppression list and the one-click unsubscribe links (RFC 8058).
 
 Every message carries ``List-Unsubscribe: <PUBLIC_URL/unsubscribe/TOKEN>`` and
-``List-Unsubscribe-Post: List-Unsubscribe=One-Click``. The token names the tenant and the
-address and is signed with ``UNSUBSCRIBE_SECRET`` (HMAC-SHA256), so the link needs no
-lookup and cannot be forged for another address. Using it suppresses the address.
+``List-Unsubscribe-Post: List-Unsubscribe=One-Click``. The token is opaque: the tenant and
+the address sealed with AES-SIV (a key derived from ``UNSUBSCRIBE_SECRET`` with HKDF),
+with the day it expires (``LINK_DAYS`` after the send) authenticated beside them. So the
+link needs no lookup, shows no address to whoever sees the URL, cannot be made for
+another address, and stops working after ``LINK_DAYS`` (410). AES-SIV is deterministic
+and needs no nonce, so billions of links under one key are safe; equal links only tell
+that one address got two messages on the same day. A broken or forged token is 404, and
+so is one for a tenant that no longer exists.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
+import functools
+import time
 from typing import Any
 
 import asyncpg
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from engine.errors import NotFound, ValidationError
+from engine.errors import Gone, NotFound, ValidationError
 from engine.intake import valid_email
 
-_SIG_BYTES = 16
+LINK_DAYS = 90
+_VERSION = 1
+_DAY = 86_400
+_MAX_TOKEN = 1024  # characters; a tenant id and an address fit in far fewer
 
 
 def _b64(data: bytes) -> str:
@@ -29,10 +41,18 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def unsubscribe_token(secret: str, tenant_id: str, email: str) -> str:
-    payload = f"{tenant_id}\n{email.lower()}".encode()
-    signature = hmac.new(secret.encode(), payload, hashlib.sha256).digest()[:_SIG_BYTES]
-    return f"{_b64(payload)}.{_b64(signature)}"
+@functools.lru_cache(maxsize=4)
+def _cipher(secret: str) -> AESSIV:
+    key = HKDF(SHA256(), 64, salt=None, info=b"batchsender unsubscribe v1").derive(secret.encode())
+    return AESSIV(key)
+
+
+def unsubscribe_token(secret: str, tenant_id: str, email: str, *, now: float | None = None) -> str:
+    """The opaque token of one address, valid for ``LINK_DAYS`` from ``now``."""
+    expires = int((time.time() if now is None else now) // _DAY) + LINK_DAYS
+    header = bytes([_VERSION]) + expires.to_bytes(3, "big")
+    sealed = _cipher(secret).encrypt(f"{tenant_id}\n{email.lower()}".encode(), [header])
+    return _b64(header + sealed)
 
 
 def unsubscribe_headers(public_url: str, secret: str, tenant_id: str, email: str) -> dict[str, str]:
@@ -40,28 +60,37 @@ def unsubscribe_headers(public_url: str, secret: str, tenant_id: str, email: str
     return {"List-Unsubscribe": f"<{link}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
-def read_token(secret: str, token: str) -> tuple[str, str]:
-    """(tenant id, address) of a token this server signed; ``NotFound`` otherwise."""
+def read_token(secret: str, token: str, *, now: float | None = None) -> tuple[str, str]:
+    """(tenant id, address) of a token this server made; ``NotFound`` for any other,
+    ``Gone`` once it has expired."""
+    invalid = NotFound("this unsubscribe link is not valid")
+    if len(token) > _MAX_TOKEN:
+        raise invalid
     try:
-        payload_text, signature_text = token.split(".", 1)
-        payload, signature = _unb64(payload_text), _unb64(signature_text)
-        tenant_id, email = payload.decode().split("\n", 1)
-    except ValueError:
-        raise NotFound("this unsubscribe link is not valid") from None
-    expected = hmac.new(secret.encode(), payload, hashlib.sha256).digest()[:_SIG_BYTES]
-    if not hmac.compare_digest(signature, expected):
-        raise NotFound("this unsubscribe link is not valid")
+        raw = _unb64(token)
+        header, sealed = raw[:4], raw[4:]
+        if len(header) < 4 or header[0] != _VERSION:
+            raise invalid
+        tenant_id, email = _cipher(secret).decrypt(sealed, [header]).decode().split("\n", 1)
+    except (ValueError, InvalidTag):  # not base64, too short, not ours
+        raise invalid from None
+    expires = int.from_bytes(header[1:4], "big")
+    if (time.time() if now is None else now) // _DAY > expires:
+        raise Gone("this unsubscribe link has expired", code="link_expired")
     return tenant_id, email
 
 
 async def unsubscribe(pool: asyncpg.Pool, secret: str, token: str) -> str:
     """Suppress the address of a valid link (idempotent); return the address."""
     tenant_id, email = read_token(secret, token)
-    await pool.execute(
-        """INSERT INTO suppressions (tenant_id, email, reason) VALUES ($1, $2, 'unsubscribed')
-           ON CONFLICT (tenant_id, email) DO NOTHING""",
-        tenant_id, email,
-    )  # fmt: skip
+    try:
+        await pool.execute(
+            """INSERT INTO suppressions (tenant_id, email, reason) VALUES ($1, $2, 'unsubscribed')
+               ON CONFLICT (tenant_id, email) DO NOTHING""",
+            tenant_id, email,
+        )  # fmt: skip
+    except asyncpg.ForeignKeyViolationError:  # the tenant is gone
+        raise NotFound("this unsubscribe link is not valid") from None
     return email
 
 
@@ -70,6 +99,8 @@ async def list_suppressions(
 ) -> dict[str, Any]:
     if not 1 <= limit <= 1000:
         raise ValidationError("limit: must be between 1 and 1000", {"field": "limit"})
+    if after is not None and len(after) > 254:
+        raise ValidationError("cursor: not a cursor this API returned", {"field": "cursor"})
     rows = await pool.fetch(
         """SELECT email, reason, created_at FROM suppressions
             WHERE tenant_id = $1 AND email > $2 ORDER BY email LIMIT $3""",
@@ -85,14 +116,23 @@ async def list_suppressions(
     }
 
 
+MAX_SUPPRESSIONS = 10_000  # addresses in one request
+
+
 async def add_suppressions(pool: asyncpg.Pool, tenant_id: str, body: Any) -> int:
     """Add ``{"emails": [...], "reason"?}``; return how many were new. All or nothing."""
     if not isinstance(body, dict) or not isinstance(body.get("emails"), list) or not body["emails"]:
         raise ValidationError(
             "emails: a non-empty list of addresses is required", {"field": "emails"}
         )
+    if unknown := sorted(set(body) - {"emails", "reason"}):
+        raise ValidationError(f"{unknown[0]}: unknown field", {"field": unknown[0]})
+    if len(body["emails"]) > MAX_SUPPRESSIONS:
+        raise ValidationError(
+            f"emails: at most {MAX_SUPPRESSIONS} addresses per request", {"field": "emails"}
+        )
     reason = body.get("reason", "manual")
-    if not isinstance(reason, str) or not 1 <= len(reason) <= 200:
+    if not isinstance(reason, str) or "\x00" in reason or not 1 <= len(reason) <= 200:
         raise ValidationError("reason: a string of 1 to 200 characters", {"field": "reason"})
     bad = [i for i, e in enumerate(body["emails"]) if not valid_email(e)]
     if bad:

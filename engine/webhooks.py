@@ -4,11 +4,19 @@ Events become results rows (``delivered``, ``bounced``, ``complained``) on the R
 stream, where the status writer and the ClickHouse writer pick them up like send results.
 The message id is a digest of the body, so a provider's retry of the same post is
 dropped by JetStream; applying an event twice changes nothing anyway.
+
+A post is signed over its timestamp and body. One signed more than ``TOLERANCE_SECONDS``
+from this server's clock is refused (401 ``stale_signature``), and so is a signature
+already received (401 ``replayed_signature``): each accepted signature is remembered in
+Dragonfly (SET NX) for the whole time its timestamp would still be accepted. A provider's
+own retry signs again with a new timestamp, so only a copy is refused. The mock's route
+exists only where the mock provider is enabled (``MOCK_PROVIDER_ENABLED``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from collections.abc import Mapping
 
@@ -19,18 +27,24 @@ from engine.services import Services
 from providers import mock
 
 WEBHOOK_PROVIDERS = ("mock",)
+TOLERANCE_SECONDS = 300
 
 
 async def receive(
     services: Services, provider: str, body: bytes, headers: Mapping[str, str]
 ) -> int:
     """Accept one webhook post; return the number of events handed on."""
-    if provider not in WEBHOOK_PROVIDERS:
+    settings = services.settings
+    if provider not in WEBHOOK_PROVIDERS or not settings.provider_enabled(provider):
         raise NotFound(f"no webhook endpoint for provider {provider!r}", code="unknown_provider")
-    if not mock.verify_signature(
-        body, headers.get("X-Mock-Signature"), services.settings.mock_webhook_secret
-    ):
+    signed = mock.verify_signature(body, headers, settings.mock_webhook_secret)
+    if signed is None:
         raise Unauthorized("the webhook signature does not verify", code="bad_signature")
+    if abs(time.time() - signed.timestamp) > TOLERANCE_SECONDS:
+        raise Unauthorized(
+            f"the webhook was signed more than {TOLERANCE_SECONDS} seconds from now",
+            code="stale_signature",
+        )
     try:
         events = mock.parse_webhook(body)
     except ValueError as exc:
@@ -51,11 +65,20 @@ async def receive(
                 f"event {event.event_id!r} has an unknown ref {event.ref!r}", code="invalid_webhook"
             ) from None
         counts[event.event] = counts.get(event.event, 0) + 1
-    if columns:
-        digest = hashlib.sha256(body).hexdigest()
-        await results.publish(
-            services, None, provider, columns, msg_id=f"webhook:{provider}:{digest}"
-        )
+    seen = services.key(
+        "webhook-seen", provider, hashlib.sha256(signed.signature.encode()).hexdigest()
+    )
+    if not await services.redis.set(seen, b"1", nx=True, ex=2 * TOLERANCE_SECONDS):
+        raise Unauthorized("this webhook post was already received", code="replayed_signature")
+    try:
+        if columns:
+            digest = hashlib.sha256(body).hexdigest()
+            await results.publish(
+                services, None, provider, columns, msg_id=f"webhook:{provider}:{digest}"
+            )
+    except BaseException:
+        await services.redis.delete(seen)  # not handed on: the provider may post it again
+        raise
     for event_type, count in counts.items():
         metrics.WEBHOOKS.labels(provider, event_type).inc(count)
     return len(columns)

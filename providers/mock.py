@@ -24,6 +24,7 @@ from providers.base import Message, ProviderError, SendResult, failed_all
 
 WEBHOOK_EVENTS = frozenset({"delivered", "bounced", "complained"})
 SIGNATURE_HEADER = "X-Mock-Signature"
+TIMESTAMP_HEADER = "X-Mock-Timestamp"
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -149,17 +150,42 @@ class WebhookEvent:
     event_id: str
 
 
-def sign(body: bytes, secret: str) -> str:
-    """The ``X-Mock-Signature`` value for a webhook body."""
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return "sha256=" + digest
+def sign(body: bytes, secret: str, timestamp: int) -> str:
+    """The ``X-Mock-Signature`` value: HMAC-SHA256 over ``"<timestamp>." + body``, so a
+    signature holds for one timestamp only (the receiver bounds its age and refuses a
+    signature it has seen)."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode(), hashlib.sha256)
+    mac.update(body)
+    return "sha256=" + mac.hexdigest()
 
 
-def verify_signature(body: bytes, header: str | None, secret: str) -> bool:
-    """True when ``header`` is the signature of ``body`` (constant-time compare)."""
-    if not header:
-        return False
-    return hmac.compare_digest(sign(body, secret).encode(), header.encode())
+def signed_headers(body: bytes, secret: str, timestamp: int | None = None) -> dict[str, str]:
+    """The headers of one webhook post: signed now (or at ``timestamp``)."""
+    at = int(time()) if timestamp is None else timestamp
+    return {TIMESTAMP_HEADER: str(at), SIGNATURE_HEADER: sign(body, secret, at)}
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A webhook post whose signature verified: when it was signed, and the signature
+    (unique per post, what a replay would repeat)."""
+
+    timestamp: int
+    signature: str
+
+
+def verify_signature(body: bytes, headers: Mapping[str, str], secret: str) -> Signed | None:
+    """The signed timestamp when ``headers`` sign ``body`` (constant-time compare); None
+    when a header is missing, malformed (non-ASCII bytes included) or the signature is
+    wrong. The age of the timestamp is the receiver's to judge."""
+    signature = headers.get(SIGNATURE_HEADER) or ""
+    stamp = headers.get(TIMESTAMP_HEADER) or ""
+    if not (signature.isascii() and stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+        return None
+    expected = sign(body, secret, int(stamp))
+    if not hmac.compare_digest(expected.encode(), signature.encode()):
+        return None
+    return Signed(int(stamp), signature)
 
 
 def parse_webhook(body: bytes) -> list[WebhookEvent]:

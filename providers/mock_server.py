@@ -25,7 +25,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from providers.mock import SIGNATURE_HEADER, sign
+from providers.mock import signed_headers
 
 log = logging.getLogger("providers.mock_server")
 
@@ -131,8 +131,8 @@ class WebhookSender:
         return True
 
     async def _post(self, session: aiohttp.ClientSession, batch: list[dict[str, Any]]) -> bool:
-        body = orjson.dumps(batch)
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, self.secret)}
+        body = orjson.dumps(batch)  # signed at each attempt: a retry carries a fresh timestamp
+        headers = {"Content-Type": "application/json", **signed_headers(body, self.secret)}
         try:
             async with session.post(self.url, data=body, headers=headers) as resp:
                 await resp.read()

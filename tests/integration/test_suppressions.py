@@ -3,11 +3,15 @@ PostgreSQL; suppressed addresses are skipped by later batches."""
 
 from __future__ import annotations
 
+import base64
+import time
+from urllib.parse import quote
+
 import pytest
 from aiohttp.test_utils import TestClient
 
-from engine.errors import NotFound
-from engine.suppressions import read_token, unsubscribe_headers, unsubscribe_token
+from engine.errors import Gone, NotFound
+from engine.suppressions import LINK_DAYS, read_token, unsubscribe_headers, unsubscribe_token
 from tests.integration.conftest import bearer
 
 
@@ -84,7 +88,53 @@ async def test_a_forged_or_broken_link_is_not_found(client: TestClient, migrated
     good = unsubscribe_token(migrated.unsubscribe_secret, "acme", "x@example.com")
     forged = unsubscribe_token("another-secret", "acme", "x@example.com")
     assert read_token(migrated.unsubscribe_secret, good) == ("acme", "x@example.com")
-    for token in (forged, good[:-2], "garbage", good.split(".")[0]):
+    flipped = good[:20] + ("A" if good[20] != "A" else "B") + good[21:]
+    for token in (forged, good[:-2], flipped, "garbage", good + "AAAA", "%00", "\u00e9t\u00e9",
+                  "x" * 2000):  # fmt: skip
         with pytest.raises(NotFound):
             read_token(migrated.unsubscribe_secret, token)
-        assert (await client.post(f"/unsubscribe/{token}")).status == 404
+        response = await client.post(f"/unsubscribe/{quote(token)}")
+        assert response.status == 404, token
+        assert (await response.json())["error"]["code"] == "not_found"
+
+
+def test_the_token_is_opaque_and_expires() -> None:
+    secret = "s" * 8 + "ecret-of-the-test-01234567"
+    token = unsubscribe_token(secret, "acme", "Ann.Person@Example.com")
+    decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    for clear in (b"ann", b"acme", b"example", b"person"):
+        assert clear not in decoded.lower()  # neither the address nor the tenant readable
+    assert "ann" not in token.lower() and len(token) < 160
+    assert read_token(secret, token) == ("acme", "ann.person@example.com")
+    day = 86_400
+    now = time.time()
+    assert read_token(secret, token, now=now + (LINK_DAYS - 1) * day) == (
+        "acme",
+        "ann.person@example.com",
+    )
+    with pytest.raises(Gone):
+        read_token(secret, token, now=now + (LINK_DAYS + 1) * day)
+    old = unsubscribe_token(secret, "acme", "ann@example.com", now=now - (LINK_DAYS + 1) * day)
+    with pytest.raises(Gone):
+        read_token(secret, old)
+
+
+async def test_an_expired_link_answers_410_and_changes_nothing(
+    client: TestClient, tenant: tuple[str, str], migrated
+) -> None:
+    tenant_id, key = tenant
+    old = unsubscribe_token(migrated.unsubscribe_secret, tenant_id, "late@example.com",
+                            now=time.time() - (LINK_DAYS + 1) * 86_400)  # fmt: skip
+    for method in ("GET", "POST"):
+        response = await client.request(method, f"/unsubscribe/{old}")
+        assert response.status == 410
+        assert (await response.json())["error"]["code"] == "link_expired"
+    listed = await (await client.get("/api/suppressions", headers=bearer(key))).json()
+    assert listed["data"] == []
+
+
+async def test_a_link_of_an_unknown_tenant_is_not_found(client: TestClient, migrated) -> None:
+    token = unsubscribe_token(migrated.unsubscribe_secret, "no-such-tenant", "x@example.com")
+    response = await client.post(f"/unsubscribe/{token}")
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "not_found"

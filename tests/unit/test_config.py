@@ -17,6 +17,8 @@ REQUIRED = {
     "CLICKHOUSE_URL": "http://127.0.0.1:8123",
     "API_PORT": "6001",
     "WEB_PORT": "3000",
+    # prod has no default secrets (a random one of 43 characters, as the README shows)
+    "UNSUBSCRIBE_SECRET": "Vq3n8yQeM1xR0cJtZp5LwK7sHbA2dGfU9oNiE4lTjYr",
 }
 
 
@@ -81,6 +83,7 @@ def test_env_file_is_read_and_the_environment_wins(workdir: Path) -> None:
         "   # indented comment\n"
         "WORKER_CONCURRENCY=64\n"
         "SMTP_TLS=yes\n"
+        f"UNSUBSCRIBE_SECRET={REQUIRED['UNSUBSCRIBE_SECRET']}\n"
     )
     settings = load_settings({"BATCHSENDER_ENV": "prod", "API_PORT": "7002"})
     assert settings.database_url == "postgresql://postgres@db.example:5432/fromfile"
@@ -225,3 +228,86 @@ def test_as_environ_round_trips(workdir: Path) -> None:
     assert environ["BATCHSENDER_ENV"] == "prod"
     assert environ["SMTP_TLS"] == "true"
     assert load_settings(environ) == settings
+
+
+# --- secrets and the mock provider in prod ------------------------------------------------
+
+STRONG = "x7Qm2RkP9vTzLc4WnJ8bYh3FsGd6AeU1oKiN5rXqBtM"
+
+
+def test_prod_has_no_default_unsubscribe_secret(workdir: Path) -> None:
+    environ = prod()
+    del environ["UNSUBSCRIBE_SECRET"]
+    assert config_error(environ).startswith("UNSUBSCRIBE_SECRET: missing")
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("dev-unsubscribe-secret", "committed development value"),  # the committed default
+        ("mock-secret", "committed development value"),
+        ("CHANGE_ME_LONG_RANDOM", "placeholder"),  # .env.prod.example's placeholder
+        ("s3cret-but-short", "at least 32 characters"),
+        ("a" * 64, "distinct characters"),
+        ("abababababababababababababababababab", "distinct characters"),
+    ],
+)
+def test_prod_refuses_a_default_placeholder_or_weak_secret(
+    workdir: Path, value: str, why: str
+) -> None:
+    message = config_error(prod(UNSUBSCRIBE_SECRET=value))
+    assert message.startswith("UNSUBSCRIBE_SECRET: ") and why in message
+    assert value not in message and "\n" not in message  # one line, the secret not shown
+
+
+def test_dev_and_test_keep_their_committed_secrets(workdir: Path) -> None:
+    for env in ("dev", "test"):
+        (workdir / f".env.{env}").write_text("")
+        settings = load_settings({**REQUIRED, "BATCHSENDER_ENV": env, "UNSUBSCRIBE_SECRET": ""})
+        assert settings.unsubscribe_secret == "dev-unsubscribe-secret"
+        assert settings.mock_webhook_secret == "mock-secret"
+        assert settings.mock_provider_enabled and settings.provider_enabled("mock")
+
+
+def test_prod_mock_provider_is_off_by_default_and_needs_a_real_secret_when_on(
+    workdir: Path,
+) -> None:
+    settings = load_settings(prod())
+    assert settings.mock_provider_enabled is False
+    assert not settings.provider_enabled("mock") and settings.provider_enabled("smtp")
+    assert settings.mock_webhook_secret == ""  # not in use, so not asked for
+    assert config_error(prod(MOCK_PROVIDER_ENABLED="true")).startswith(
+        "MOCK_WEBHOOK_SECRET: missing"
+    )
+    message = config_error(prod(MOCK_PROVIDER_ENABLED="true", MOCK_WEBHOOK_SECRET="mock-secret"))
+    assert message.startswith("MOCK_WEBHOOK_SECRET: ") and "committed development value" in message
+    on = load_settings(prod(MOCK_PROVIDER_ENABLED="true", MOCK_WEBHOOK_SECRET=STRONG))
+    assert on.provider_enabled("mock") and on.mock_webhook_secret == STRONG
+
+
+def test_prod_refuses_any_placeholder_left_from_the_example(workdir: Path) -> None:
+    url = "postgresql://batchsender:CHANGE_ME@postgres:5432/batchsender"
+    message = config_error(prod(DATABASE_URL=url))
+    assert message.startswith("DATABASE_URL: ") and "CHANGE_ME" in message
+
+
+def test_the_committed_prod_example_does_not_start_as_it_is(workdir: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / ".env.prod.example"
+    (workdir / ".env.prod").write_text(example.read_text())
+    assert "placeholder" in config_error({"BATCHSENDER_ENV": "prod"})
+
+
+def test_auth_settings(workdir: Path) -> None:
+    settings = load_settings(prod())
+    assert (settings.auth_failure_limit, settings.auth_failure_window_seconds) == (20, 60)
+    assert settings.trusted_proxies == ()
+    settings = load_settings(prod(TRUSTED_PROXIES="10.0.0.0/8, 192.168.1.7,fd00::/8"))
+    assert [str(n) for n in settings.trusted_proxies] == [
+        "10.0.0.0/8",
+        "192.168.1.7/32",
+        "fd00::/8",
+    ]
+    assert load_settings(settings.as_environ()) == settings
+    for name, value in (("TRUSTED_PROXIES", "10.0.0.0/8,not-an-address"),
+                        ("AUTH_FAILURE_LIMIT", "0"), ("AUTH_FAILURE_WINDOW_SECONDS", "0")):  # fmt: skip
+        assert config_error(prod(**{name: value})).startswith(f"{name}: ")

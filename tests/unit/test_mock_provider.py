@@ -14,13 +14,18 @@ import orjson
 import pytest
 from aiohttp import web
 
+from engine.sender import BatchInfo, build_message
+from engine.templates import BatchTemplate
 from providers import mock_server
 from providers.base import Message
 from providers.mock import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
     MockProvider,
     parse_retry_after,
     parse_webhook,
     sign,
+    signed_headers,
     verify_signature,
 )
 from providers.mock_server import build_app
@@ -254,6 +259,41 @@ async def test_empty_batch_sends_nothing() -> None:
         assert (await get_json(f"{base_url}/v1/stats"))["requests"] == 0
 
 
+async def test_header_values_on_the_wire_are_safe() -> None:
+    """Issue 8, defect 1, for a provider that takes JSON: the header values of a message
+    the engine builds (``engine.sender.build_message``) are one line on the wire, no
+    encoded word hiding CR LF, so the provider cannot be made to write another header."""
+    wire: list[dict[str, Any]] = []
+
+    async def send(request: web.Request) -> web.Response:
+        messages = orjson.loads(await request.read())["messages"]
+        wire.extend(messages)
+        answer = [{"ref": m["ref"], "status": "accepted", "id": m["ref"]} for m in messages]
+        return web.Response(body=orjson.dumps({"results": answer}), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/send", send)
+    injection = "=?utf-8?q?Ann=0D=0AX-Injected:_x?="
+    template = BatchTemplate("Hi {{ first }}", None, "a\nb")
+    info = BatchInfo("0b0e6a52-5c4c-4f7e-9d8c-5f3c1e2a9b10", "acme", "mock", "news@sender.test",
+                     "Shop", template, False, "queued", 0, None, 0.0)  # fmt: skip
+    row = {"seq": 1, "email": "ann@example.com", "name": f"Ann\r\n{injection}",
+           "vars": {"first": injection}}  # fmt: skip
+    message = build_message(info, row, "https://bs.example", "s" * 32)
+    async with serving(app) as base_url:
+        provider = MockProvider(base_url)
+        try:
+            [result] = await provider.send_batch([message])
+        finally:
+            await provider.close()
+    assert result.ok
+    [sent] = wire
+    assert sent["subject"] == "Hi Ann X-Injected: x"
+    assert sent["to_name"] == "Ann Ann X-Injected: x"
+    assert sent["text"] == "a\nb"  # bodies are not headers
+    assert all(v.isprintable() and "=?" not in v for v in sent["headers"].values())
+
+
 def test_parse_retry_after() -> None:
     assert parse_retry_after("2") == 2.0
     assert parse_retry_after(None) is None
@@ -267,14 +307,16 @@ class WebhookReceiver:
     def __init__(self, fail_first: int = 0) -> None:
         self.fail_first = fail_first
         self.attempts = 0
-        self.posts: list[tuple[bytes, str | None]] = []
+        self.posts: list[tuple[bytes, dict[str, str]]] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.attempts += 1
         body = await request.read()
         if self.attempts <= self.fail_first:
             return web.Response(status=500)
-        self.posts.append((body, request.headers.get("X-Mock-Signature")))
+        signed = {h: request.headers[h] for h in (SIGNATURE_HEADER, TIMESTAMP_HEADER)
+                  if h in request.headers}  # fmt: skip
+        self.posts.append((body, signed))
         return web.Response(status=204)
 
     def app(self) -> web.Application:
@@ -298,12 +340,16 @@ async def test_webhooks_are_signed_and_verify() -> None:
             stats = await webhooks_sent(base_url, 3)
 
     assert stats["webhooks_sent"] == receiver.event_count() == 3
-    body, header = receiver.posts[0]
-    assert verify_signature(body, header, "s3cret")
-    assert not verify_signature(body + b" ", header, "s3cret")
-    assert not verify_signature(body.replace(b"delivered", b"bounced"), header, "s3cret")
-    assert not verify_signature(body, header, "other-secret")
-    assert not verify_signature(body, None, "s3cret")
+    body, headers = receiver.posts[0]
+    signed = verify_signature(body, headers, "s3cret")
+    assert signed is not None and abs(signed.timestamp - time.time()) < 60
+    assert signed.signature == headers[SIGNATURE_HEADER]
+    assert verify_signature(body + b" ", headers, "s3cret") is None
+    assert verify_signature(body.replace(b"delivered", b"bounced"), headers, "s3cret") is None
+    assert verify_signature(body, headers, "other-secret") is None
+    assert verify_signature(body, {SIGNATURE_HEADER: headers[SIGNATURE_HEADER]}, "s3cret") is None
+    later = {**headers, TIMESTAMP_HEADER: str(int(headers[TIMESTAMP_HEADER]) + 1)}
+    assert verify_signature(body, later, "s3cret") is None  # the timestamp is signed too
 
     events = {e.ref: e for e in parse_webhook(body)}
     assert {ref: e.event for ref, e in events.items()} == {
@@ -326,6 +372,8 @@ async def test_webhooks_retried_after_receiver_failure() -> None:
             stats = await webhooks_sent(base_url, 4)
     assert receiver.attempts >= 3 and receiver.event_count() == 4
     assert (stats["webhooks_sent"], stats["webhooks_dropped"]) == (4, 0)
+    body, headers = receiver.posts[0]
+    assert verify_signature(body, headers, "mock-secret")  # signed again for the retry
 
 
 async def test_webhooks_beyond_cap_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -340,11 +388,35 @@ async def test_webhooks_beyond_cap_are_dropped(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_sign_format() -> None:
-    signature = sign(b"[]", "k")
+    signature = sign(b"[]", "k", 1700000000)
     assert signature.startswith("sha256=") and len(signature) == 7 + 64
-    assert verify_signature(b"[]", signature, "k")
-    assert not verify_signature(b"[]", "", "k")
-    assert not verify_signature(b"[]", "sha256=\u00e9", "k")
+    assert signature != sign(b"[]", "k", 1700000001)
+    headers = signed_headers(b"[]", "k", 1700000000)
+    assert headers == {TIMESTAMP_HEADER: "1700000000", SIGNATURE_HEADER: signature}
+    assert verify_signature(b"[]", headers, "k") is not None
+    assert abs(int(signed_headers(b"[]", "k")[TIMESTAMP_HEADER]) - time.time()) < 5
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {SIGNATURE_HEADER: "", TIMESTAMP_HEADER: "1700000000"},
+        {SIGNATURE_HEADER: "sha256=\u00e9", TIMESTAMP_HEADER: "1700000000"},
+        # non-UTF-8 bytes as aiohttp hands them over (surrogate escapes): refused, no error
+        {
+            SIGNATURE_HEADER: b"sha256=\xff".decode("utf-8", "surrogateescape"),
+            TIMESTAMP_HEADER: "1700000000",
+        },
+        {SIGNATURE_HEADER: "sha256=00", TIMESTAMP_HEADER: "1700000000"},
+        {TIMESTAMP_HEADER: "1700000000"},
+        {**signed_headers(b"[]", "k", 1700000000), TIMESTAMP_HEADER: "soon"},
+        {**signed_headers(b"[]", "k", 1700000000), TIMESTAMP_HEADER: "\u0661\u0667"},
+        {**signed_headers(b"[]", "k", 1700000000), TIMESTAMP_HEADER: "1" * 40},
+    ],
+)
+def test_verify_signature_refuses_missing_or_malformed_headers(headers: dict[str, str]) -> None:
+    assert verify_signature(b"[]", headers, "k") is None
 
 
 def test_parse_webhook_accepts_valid_events() -> None:

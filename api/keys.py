@@ -1,0 +1,34 @@
+"""``/api/keys``: the calling tenant's API keys (list, create shown once, revoke)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from api import app as api_app
+from engine import tenants
+
+
+async def index(request: web.Request) -> web.Response:
+    page = await tenants.list_keys(
+        request.app[api_app.SERVICES].pool, request[api_app.TENANT],
+        limit=api_app.query_int(request, "limit"), cursor=request.query.get("cursor"),
+    )  # fmt: skip
+    return api_app.json_response(page.as_json())
+
+
+async def create(request: web.Request) -> web.Response:
+    key, secret = await tenants.issue_key(
+        request.app[api_app.SERVICES].pool, request[api_app.TENANT]
+    )
+    return api_app.json_response({**key.as_json(), "key": secret}, status=201)
+
+
+async def revoke(request: web.Request) -> web.Response:
+    await request.app[api_app.AUTH].revoke(request.match_info["id"], request[api_app.TENANT])
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/keys", index)
+    app.router.add_post("/api/keys", create)
+    app.router.add_delete("/api/keys/{id}", revoke)
