@@ -10,8 +10,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from api import batches, ops, queue, suppressions, webhooks
+from api import batches, body, keys, ops, queue, suppressions, webhooks
 from engine import metrics
+from engine.auth import Authenticator
 from engine.config import Settings
 from engine.errors import (
     BadRequest,
@@ -22,16 +23,16 @@ from engine.errors import (
 )
 from engine.health import HealthChecker
 from engine.services import Services
-from engine.tenants import authenticate
 
 log = logging.getLogger(__name__)
 
 SERVICES = web.AppKey("services", Services)
 HEALTH = web.AppKey("health", HealthChecker)
 SETTINGS = web.AppKey("settings", Settings)
+AUTH = web.AppKey("authenticator", Authenticator)
 TENANT = web.RequestKey("tenant_id", str)
 PUBLIC = frozenset({"/health", "/health/live", "/api/metrics", "/api/openapi.json"})
-_AUTH_CACHE_SECONDS = 10.0
+_KEPT_HEADERS = ("Allow",)  # of aiohttp's HTTP errors (405 names the methods it allows)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -53,11 +54,10 @@ def json_response(
 
 
 async def json_body(request: web.Request) -> Any:
-    """The request body as JSON; ``BadRequest`` when it is not JSON."""
-    try:
-        return orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    """The request body as JSON (``api.body``: deadlines, parsed in steps); ``BadRequest``
+    when it is not JSON."""
+    data, _ = await body.read_json(request, request.app[SETTINGS])
+    return data
 
 
 def query_int(request: web.Request, name: str, default: int | None = None) -> int | None:
@@ -88,10 +88,42 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return error_response(exc.status, code, exc.text or exc.reason)
-    except Exception:
+        kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+        return error_response(exc.status, code, exc.text or exc.reason, headers=kept or None)
+    except Exception as exc:
+        if isinstance(exc, ConnectionResetError) and _client_gone(request):
+            # Nobody reads an answer and nothing went wrong here: one quiet line.
+            log.info("client disconnected", extra={"path": request.path, "error": str(exc)})
+            return error_response(499, "client_disconnected", "the client closed the connection")
         log.exception("unhandled error", extra={"path": request.path})
         return error_response(500, "internal_error", "something went wrong on our side")
+
+
+def _client_gone(request: web.Request) -> bool:
+    """The request's own connection is closed (not one to a service behind us)."""
+    return request.transport is None or request.transport.is_closing()
+
+
+@web.middleware
+async def text_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Text that enters through the path or the query string is UTF-8 without NUL
+    characters (PostgreSQL stores neither NUL nor lone surrogates): else 400, whatever
+    the route."""
+    for text in (request.path, *request.query.keys(), *request.query.values()):
+        if "\x00" in text or not _encodable(text):
+            raise BadRequest(
+                "the path or query string holds a NUL character or text that is not UTF-8",
+                code="invalid_characters",
+            )
+    return await handler(request)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 @web.middleware
@@ -105,24 +137,6 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
-class _KeyCache:
-    """Recently checked keys, so a busy client does not cost a query per request."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, tuple[str, float]] = {}
-
-    async def tenant(self, services: Services, key: str | None) -> str:
-        now = time.monotonic()
-        hit = self._items.get(key or "")
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        tenant_id = await authenticate(services.pool, key)
-        if len(self._items) > 10_000:
-            self._items.clear()
-        self._items[key or ""] = (tenant_id, now + _AUTH_CACHE_SECONDS)
-        return tenant_id
-
-
 def _presented_key(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
@@ -130,20 +144,20 @@ def _presented_key(request: web.Request) -> str | None:
     return request.headers.get("X-API-Key")
 
 
-def auth_middleware(cache: _KeyCache) -> Callable:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/api/") and request.path not in PUBLIC:
-            request[TENANT] = await cache.tenant(request.app[SERVICES], _presented_key(request))
-        return await handler(request)
-
-    return middleware
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The tenant of the request's key (``engine.auth``: cache, revocation, failure limit)."""
+    if request.path.startswith("/api/") and request.path not in PUBLIC:
+        request[TENANT] = await request.app[AUTH].tenant(
+            _presented_key(request), request.remote, request.headers.get("X-Forwarded-For")
+        )
+    return await handler(request)
 
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[metrics_middleware, errors_middleware, auth_middleware(_KeyCache())],
+        middlewares=[metrics_middleware, errors_middleware, text_middleware, auth_middleware],
     )
     app[SETTINGS] = settings
 
@@ -151,7 +165,9 @@ def create_app(settings: Settings) -> web.Application:
         services = await Services.open(settings, pool_size=20)
         app[SERVICES] = services
         app[HEALTH] = HealthChecker(services)
+        app[AUTH] = await Authenticator.start(services)
         yield
+        await app[AUTH].close()
         await services.close()
 
     app.cleanup_ctx.append(services_ctx)
@@ -160,4 +176,5 @@ def create_app(settings: Settings) -> web.Application:
     webhooks.add_routes(app)
     suppressions.add_routes(app)
     queue.add_routes(app)
+    keys.add_routes(app)
     return app

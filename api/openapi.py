@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.adapters import CHUNK_SIZES
+from engine.adapters import AVAILABLE
 from engine.batches import BATCH_STATUSES, RECIPIENT_STATUSES
+from engine.intake import (
+    FIELD_LIMITS,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    MAX_NAME_CHARS,
+    REQUIRED_FIELDS,
+    SCHEDULED_AT,
+)
+from engine.suppressions import MAX_SUPPRESSIONS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 
@@ -22,37 +31,71 @@ def _page(item: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _text(name: str, description: str = "", **extra: Any) -> dict[str, Any]:
+    """A text field with the limits intake applies (no NUL characters in any)."""
+    schema: dict[str, Any] = {"type": "string", "maxLength": FIELD_LIMITS[name], **extra}
+    if name in REQUIRED_FIELDS:
+        schema["minLength"] = 1
+    else:
+        schema["nullable"] = True
+    if description:
+        schema["description"] = description
+    return schema
+
+
 _BATCH_FIELDS: dict[str, Any] = {
-    "name": {"type": "string", "maxLength": 200},
-    "from_email": {"type": "string", "format": "email"},
-    "from_name": {"type": "string"},
-    "subject": {"type": "string", "description": "Template: {{ var }} placeholders."},
-    "html": {"type": "string", "description": "Template; values are HTML-escaped."},
-    "text": {"type": "string", "description": "Template."},
-    "provider": {"type": "string", "enum": list(CHUNK_SIZES)},
-    "scheduled_at": {"type": "string", "format": "date-time"},
+    "name": _text("name"),
+    "from_email": _text("from_email", format="email"),
+    "from_name": _text("from_name"),
+    "subject": _text("subject", "Template: {{ var }} placeholders."),
+    "html": _text("html", "Template; values are HTML-escaped."),
+    "text": _text("text", "Template."),
+    "provider": {"type": "string", "enum": list(AVAILABLE),
+                 "description": "The providers this server sends through"},
+    "scheduled_at": {"type": "string", "pattern": SCHEDULED_AT, "nullable": True,
+                     "description": "ISO 8601 date-time; without an offset it is UTC"},
     "dry_run": {"type": "boolean"},
     "draft": {"type": "boolean"},
-    "metadata": {"type": "object"},
-}
+    "metadata": {"type": "object", "nullable": True,
+                 "description": f"At most {MAX_METADATA_BYTES} bytes as JSON, "
+                                f"{MAX_METADATA_DEPTH} levels deep."},
+}  # fmt: skip
+# As query parameters (streamed bodies) the templates are short: the request line is at
+# most 64 KiB (longer ones go in the NDJSON header line).
+_QUERY_LIMITS = {"html": 1000, "text": 1000}
 _QUERY_FIELDS = [
-    {"name": name, "in": "query", "required": False, "schema": schema,
+    {"name": name, "in": "query", "required": False,
+     "schema": {**schema, "nullable": False,
+                **({"maxLength": _QUERY_LIMITS[name]} if name in _QUERY_LIMITS else {})},
+     "description": "Batch field, for streamed (CSV/NDJSON) bodies only."}
+    for name, schema in _BATCH_FIELDS.items() if name not in ("metadata", "dry_run", "draft")
+] + [
+    {"name": name, "in": "query", "required": False,
+     "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
      "description": "Batch field, for streamed (CSV/NDJSON) bodies."}
-    for name, schema in _BATCH_FIELDS.items() if name != "metadata"
+    for name in ("dry_run", "draft")
+] + [
+    {"name": "metadata", "in": "query", "required": False,
+     "schema": {"type": "string", "maxLength": 1000},
+     "description": "Batch field for streamed bodies: a JSON object's text."},
 ]  # fmt: skip
 _PAGING = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string", "maxLength": 512}},
 ]
 
 
 def _object(
-    properties: dict[str, Any], *, required: list[str] | None = None, streamed: bool = False
-) -> dict[str, Any]:
-    """A request body: a JSON object with these properties (``streamed``: or NDJSON/CSV)."""
-    schema: dict[str, Any] = {"type": "object"}
+    properties: dict[str, Any], *, required: list[str] | None = None, streamed: bool = False,
+    choice: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A request body: a JSON object with these properties and no others (``streamed``: or
+    NDJSON/CSV; ``choice``: it must also match one of these)."""
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False}
     if required:
         schema["required"] = required
+    if choice:
+        schema["anyOf"] = choice
     content = {"application/json": {"schema": {**schema, "properties": properties}}}
     if streamed:
         content |= {
@@ -61,7 +104,7 @@ def _object(
     return {"required": True, "content": content}
 
 
-def _path(name: str, **schema: str) -> dict[str, Any]:
+def _path(name: str, **schema: Any) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", **schema}}
 
 
@@ -100,19 +143,43 @@ OPENAPI: dict[str, Any] = {
             "Recipient": {
                 "type": "object",
                 "required": ["email"],
+                "additionalProperties": False,
                 "properties": {
-                    "email": {"type": "string", "format": "email"},
-                    "name": {"type": "string"},
-                    "vars": {"type": "object", "additionalProperties": True},
-                },
+                    "email": {"type": "string", "format": "email", "maxLength": 254},
+                    "name": {"type": "string", "maxLength": MAX_NAME_CHARS, "nullable": True},
+                    "vars": {
+                        "type": "object",
+                        "additionalProperties": True,
+                        "nullable": True,
+                        "description": "Template variables (a template may need some)",
+                    },
+                },  # fmt: skip
             },
             "BatchCreate": {
                 "type": "object",
-                "required": ["name", "from_email", "subject", "provider", "recipients"],
+                "required": list(REQUIRED_FIELDS),
+                "additionalProperties": False,
                 "properties": {
                     **_BATCH_FIELDS,
                     "recipients": {"type": "array", "items": _ref("Recipient")},
                 },
+                "allOf": [
+                    {
+                        "anyOf": [
+                            {"required": ["html"], "properties": {"html": {"type": "string"}}},
+                            {"required": ["text"], "properties": {"text": {"type": "string"}}},
+                        ]
+                    },
+                    {
+                        "anyOf": [
+                            {
+                                "required": ["recipients"],
+                                "properties": {"recipients": {"minItems": 1}},
+                            },
+                            {"required": ["draft"], "properties": {"draft": {"enum": [True]}}},
+                        ]
+                    },
+                ],  # fmt: skip
             },
             "Created": {
                 "type": "object",
@@ -138,6 +205,22 @@ OPENAPI: dict[str, Any] = {
                     "created_at": {"type": "string", "format": "date-time"},
                     "started_at": {"type": "string", "format": "date-time", "nullable": True},
                     "completed_at": {"type": "string", "format": "date-time", "nullable": True},
+                },
+            },
+            "ApiKey": {
+                "type": "object",
+                "required": ["id", "prefix", "created_at", "revoked_at", "last_used_at"],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "prefix": {"type": "string", "description": "The key's first characters"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "revoked_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "last_used_at": {
+                        "type": "string",
+                        "format": "date-time",
+                        "nullable": True,
+                        "description": "To a minute",
+                    },
                 },
             },
             "RecipientStatus": {
@@ -191,7 +274,11 @@ OPENAPI: dict[str, Any] = {
             "post": {
                 "summary": "Create (and unless draft, queue) a batch",
                 "parameters": [
-                    {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}},
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+                    },
                     *_QUERY_FIELDS,
                 ],
                 "requestBody": {
@@ -231,7 +318,11 @@ OPENAPI: dict[str, Any] = {
                         "in": "query",
                         "schema": {"type": "string", "enum": list(BATCH_STATUSES)},
                     },
-                    {"name": "external_id", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "external_id",
+                        "in": "query",
+                        "schema": {"type": "string", "maxLength": 255},
+                    },
                     *_PAGING,
                 ],
                 "responses": {
@@ -286,8 +377,10 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Add recipients to a draft (numbered after its others)",
                 "parameters": [_ID],
                 "requestBody": _object(
-                    {"recipients": {"type": "array", "items": _ref("Recipient")}}, streamed=True
-                ),
+                    {"recipients": {"type": "array", "items": _ref("Recipient"), "minItems": 1}},
+                    required=["recipients"],
+                    streamed=True,
+                ),  # fmt: skip
                 "responses": {
                     "200": {
                         "description": "The draft's new size",
@@ -325,7 +418,15 @@ OPENAPI: dict[str, Any] = {
         "/api/suppressions": {
             "get": {
                 "summary": "The tenant's suppressed addresses, in address order",
-                "parameters": _PAGING,
+                "parameters": [
+                    _PAGING[0],
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "description": "The last address seen",
+                        "schema": {"type": "string", "maxLength": 254},
+                    },
+                ],  # fmt: skip
                 "responses": {
                     "200": {"description": "A page (next_cursor: the last address)"},
                     "401": _ERROR,
@@ -336,11 +437,16 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Suppress addresses",
                 "requestBody": _object(
                     {
-                        "emails": {"type": "array", "items": {"type": "string", "format": "email"}},
-                        "reason": {"type": "string"},
+                        "emails": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": MAX_SUPPRESSIONS,
+                            "items": {"type": "string", "format": "email", "maxLength": 254},
+                        },
+                        "reason": {"type": "string", "minLength": 1, "maxLength": 200},
                     },
                     required=["emails"],
-                ),
+                ),  # fmt: skip
                 "responses": {
                     "201": {"description": "How many were new"},
                     "400": _ERROR,
@@ -352,31 +458,64 @@ OPENAPI: dict[str, Any] = {
         "/api/suppressions/{email}": {
             "delete": {
                 "summary": "Send to an address again",
-                "parameters": [_path("email")],
+                "parameters": [_path("email", maxLength=254)],
                 "responses": {"204": {"description": "Removed"}, "401": _ERROR, "404": _ERROR},
             }
         },
         "/api/queue/stats": {
             "get": {
                 "summary": "Per stream and consumer: pending, ack-pending, redelivered, oldest age",
+                "description": "`consumers`: the figures of the pipeline every tenant shares "
+                "(no tenant's data in them). `intake.waiting`: this tenant's own messages "
+                "published to NATS and not yet recorded. No totals of the dead-letter stream "
+                "(it holds every tenant's): page through your own with /api/queue/dlq.",
                 "responses": {"200": {"description": "Queue state"}, "401": _ERROR},
             }
         },
         "/api/queue/dlq": {
             "get": {
                 "summary": "The tenant's dead-lettered messages with their reasons, oldest first",
-                "parameters": _PAGING,
+                "description": "One page scans at most 5,000 dead letters of all tenants, so a "
+                "page may hold fewer entries than `limit` (even none) with a `next_cursor`: "
+                "follow it until it is null.",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 9223372036854775806},
+                    },
+                ],
                 "responses": {"200": {"description": "A page"}, "401": _ERROR, "422": _ERROR},
             }
         },
         "/api/queue/dlq/replay": {
             "post": {
                 "summary": "Queue chosen dead letters (or all) again; they leave the DLQ",
+                "description": 'Either {"seqs": [...]} (1 to 1,000 sequence numbers from '
+                '/api/queue/dlq) or {"all": true}, not both; another tenant\'s seqs are skipped.',
                 "requestBody": _object(
                     {
-                        "seqs": {"type": "array", "items": {"type": "integer"}},
+                        "seqs": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": 1000,
+                            "items": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+                        },
                         "all": {"type": "boolean"},
-                    }
+                    },
+                    choice=[
+                        {"required": ["seqs"], "maxProperties": 1},
+                        {
+                            "required": ["all"],
+                            "maxProperties": 1,
+                            "properties": {"all": {"enum": [True]}},
+                        },
+                    ],  # fmt: skip
                 ),
                 "responses": {
                     "200": {"description": "How many were replayed"},
@@ -386,25 +525,91 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/api/keys": {
+            "get": {
+                "summary": "The tenant's API keys, revoked ones too, newest first (never the keys)",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "A page",
+                        "content": {"application/json": {"schema": _page("ApiKey")}},
+                    },
+                    "401": _ERROR,
+                    "422": _ERROR,
+                },
+            },
+            "post": {
+                "summary": "A new key for the calling tenant, shown once in `key`",
+                "description": "At most 100 unrevoked keys per tenant (409 `too_many_keys`).",
+                "responses": {
+                    "201": {
+                        "description": "Created",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "allOf": [
+                                        _ref("ApiKey"),
+                                        {
+                                            "type": "object",
+                                            "required": ["key"],
+                                            "properties": {"key": {"type": "string"}},
+                                        },
+                                    ]
+                                }
+                            }
+                        },
+                    },
+                    "401": _ERROR,
+                    "409": _ERROR,
+                },
+            },
+        },
+        "/api/keys/{id}": {
+            "delete": {
+                "summary": "Revoke one of the tenant's keys; every API process refuses it "
+                "before this answers",
+                "parameters": [_path("id", maxLength=100)],
+                "responses": {"204": {"description": "Revoked"}, "401": _ERROR, "404": _ERROR},
+            }
+        },
         "/unsubscribe/{token}": {
             "get": {
                 "security": [],
                 "summary": "Confirmation page of a List-Unsubscribe link",
-                "parameters": [_path("token")],
-                "responses": {"200": {"description": "HTML"}, "404": _ERROR},
+                "description": "The token is opaque (sealed, not readable) and expires 90 days "
+                "after the message was sent: 410 `link_expired`; not one of ours: 404.",
+                "parameters": [_path("token", maxLength=600)],
+                "responses": {"200": {"description": "HTML"}, "404": _ERROR, "410": _ERROR},
             },
             "post": {
                 "security": [],
                 "summary": "One-click unsubscribe (RFC 8058)",
-                "parameters": [_path("token")],
-                "responses": {"200": {"description": "HTML"}, "404": _ERROR},
+                "parameters": [_path("token", maxLength=600)],
+                "responses": {"200": {"description": "HTML"}, "404": _ERROR, "410": _ERROR},
             },
         },
         "/webhooks/{provider}": {
             "post": {
                 "security": [],
                 "summary": "Provider delivery events (signature checked per provider)",
-                "parameters": [_path("provider")],
+                "description": "mock (only where MOCK_PROVIDER_ENABLED): `X-Mock-Timestamp` "
+                "(Unix seconds) and `X-Mock-Signature: sha256=<hex HMAC-SHA256 of "
+                "'<timestamp>.' + body>`. 401 `bad_signature`; `stale_signature` when the "
+                "timestamp is more than 5 minutes from the server's clock; "
+                "`replayed_signature` for a post already received. 404 `unknown_provider` "
+                "for a provider without a webhook route here.",
+                "parameters": [
+                    _path("provider", maxLength=32),
+                    {"name": "X-Mock-Timestamp", "in": "header", "schema": {"type": "string"}},
+                    {"name": "X-Mock-Signature", "in": "header", "schema": {"type": "string"}},
+                ],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
                 "responses": {
                     "200": {"description": "Accepted"},
@@ -416,3 +621,30 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+
+def _throttled_when_keys_fail(document: dict[str, Any]) -> None:
+    """Every operation that needs a key may answer 429 ``too_many_failed_auth`` (with
+    ``Retry-After``) to an address with too many failed keys (``engine.auth``)."""
+    for item in document["paths"].values():
+        for operation in item.values():
+            if operation.get("security") != []:
+                operation["responses"].setdefault("429", _ERROR)
+
+
+def _bad_requests(document: dict[str, Any]) -> None:
+    """What any operation may answer besides its own statuses: 400 for a path or query
+    with a NUL character or text that is not UTF-8 (``api.app.text_middleware``); and
+    where it reads a body, 408 for a body that stalls or trickles and 413 for one too
+    large (``api.body``)."""
+    for item in document["paths"].values():
+        for operation in item.values():
+            responses = operation["responses"]
+            responses.setdefault("400", _ERROR)
+            if "requestBody" in operation:
+                responses.setdefault("408", _ERROR)
+                responses.setdefault("413", _ERROR)
+
+
+_throttled_when_keys_fail(OPENAPI)
+_bad_requests(OPENAPI)

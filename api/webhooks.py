@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from api import app as api_app
+from api import body
 from engine import webhooks
 
 
@@ -12,7 +13,7 @@ async def receive(request: web.Request) -> web.Response:
     count = await webhooks.receive(
         request.app[api_app.SERVICES],
         request.match_info["provider"],
-        await request.read(),
+        await body.read_bytes(request, request.app[api_app.SETTINGS]),  # with deadlines
         request.headers,
     )
     return api_app.json_response({"accepted": count})

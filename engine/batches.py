@@ -69,15 +69,43 @@ def _limit(limit: int | None) -> int:
     return value
 
 
-def _cursor(value: str | None) -> list[Any] | None:
+def _cursor(value: str | None, kinds: tuple[type, ...]) -> list[Any] | None:
+    """A cursor this API returned: a list of values of these types; else a clear 422."""
     if not value:
         return None
     try:
-        return orjson.loads(base64.urlsafe_b64decode(value.encode()))
-    except Exception:
+        parts = orjson.loads(base64.urlsafe_b64decode(value.encode()))
+        if not isinstance(parts, list) or len(parts) != len(kinds):
+            raise ValueError("not a cursor")
+        for part, kind in zip(parts, kinds, strict=True):
+            if type(part) is not kind:
+                raise ValueError("not a cursor")
+        return parts
+    except (ValueError, UnicodeEncodeError):
         raise ValidationError(
             "cursor: not a cursor this API returned", {"field": "cursor"}
         ) from None
+
+
+def _batch_cursor(value: str | None) -> tuple[datetime, uuid.UUID] | None:
+    parts = _cursor(value, (str, str))
+    if parts is None:
+        return None
+    try:
+        return datetime.fromisoformat(parts[0]), uuid.UUID(parts[1])
+    except ValueError:
+        raise ValidationError(
+            "cursor: not a cursor this API returned", {"field": "cursor"}
+        ) from None
+
+
+def _seq_cursor(value: str | None) -> int:
+    parts = _cursor(value, (int,))
+    if parts is None:
+        return 0
+    if not 0 <= parts[0] < 2**31:
+        raise ValidationError("cursor: not a cursor this API returned", {"field": "cursor"})
+    return parts[0]
 
 
 def _make_cursor(*parts: Any) -> str:
@@ -99,7 +127,9 @@ async def list_batches(
     size = _limit(limit)
     if status is not None and status not in BATCH_STATUSES:
         raise ValidationError(f"status: one of {', '.join(BATCH_STATUSES)}", {"field": "status"})
-    after = _cursor(cursor)
+    if external_id is not None and not 1 <= len(external_id) <= 255:
+        raise ValidationError("external_id: 1 to 255 characters", {"field": "external_id"})
+    after = _batch_cursor(cursor)
     rows = await pool.fetch(
         f"""SELECT {_BATCH_COLUMNS} FROM batches
              WHERE tenant_id = $1 AND status <> 'creating'
@@ -108,8 +138,7 @@ async def list_batches(
                AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::uuid))
              ORDER BY created_at DESC, id DESC LIMIT $6""",
         tenant_id, status, external_id,
-        datetime.fromisoformat(after[0]) if after else None,
-        uuid.UUID(after[1]) if after else None, size + 1,
+        after[0] if after else None, after[1] if after else None, size + 1,
     )  # fmt: skip
     page = rows[:size]
     next_cursor = (
@@ -150,13 +179,13 @@ async def list_recipients(
         tenant_id,
     ):
         raise NotFound(f"batch {batch_id!r} not found")
-    after = _cursor(cursor)
+    after = _seq_cursor(cursor)
     rows = await pool.fetch(
         """SELECT seq, email, name, status, provider_message_id, error, attempts, updated_at
              FROM recipients
             WHERE batch_id = $1 AND seq > $2 AND ($3::text IS NULL OR status = $3)
             ORDER BY seq LIMIT $4""",
-        bid, int(after[0]) if after else 0, status, size + 1,
+        bid, after, status, size + 1,
     )  # fmt: skip
     page = rows[:size]
     data = [

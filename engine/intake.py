@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import hashlib
+import io
 import logging
 import re
 import uuid
@@ -97,13 +98,35 @@ class Created:
         }
 
 
+# The longest value of each text field (the OpenAPI document states the same).
+FIELD_LIMITS = {"name": 200, "from_email": 254, "from_name": 200, "subject": 998,
+                "html": 2 << 20, "text": 2 << 20, "provider": 32}  # fmt: skip
+REQUIRED_FIELDS = ("name", "from_email", "subject", "provider")
+# ISO 8601 as clients write it: a date and a time, seconds and an offset optional.
+SCHEDULED_AT = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?$"
+_SCHEDULED_AT = re.compile(SCHEDULED_AT)
+
+
 def _as_bool(name: str, value: Any, errors: list[dict[str, Any]]) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
     errors.append({"field": name, "message": "must be true or false"})
     return False
+
+
+def fields_from_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """Batch fields given as query parameters (streamed bodies), typed as in JSON:
+    ``dry_run``/``draft`` from true/false/1/0, ``metadata`` from its JSON text."""
+    fields: dict[str, Any] = dict(query)
+    for name in ("dry_run", "draft"):
+        if name in fields and fields[name].lower() in ("true", "false", "1", "0"):
+            fields[name] = fields[name].lower() in ("true", "1")
+    if "metadata" in fields:
+        try:
+            fields["metadata"] = orjson.loads(fields["metadata"])
+        except orjson.JSONDecodeError:
+            pass  # left as text: "must be a JSON object"
+    return fields
 
 
 def parse_batch_fields(data: Any, *, allow_recipients: bool = True) -> BatchSpec:
@@ -124,23 +147,28 @@ def parse_batch_fields(data: Any, *, allow_recipients: bool = True) -> BatchSpec
         if not isinstance(value, str):
             errors.append({"field": name, "message": "must be a string"})
             return None
+        if "\x00" in value:
+            errors.append({"field": name, "message": "must not contain NUL characters"})
         if required and not value.strip():
             errors.append({"field": name, "message": "must not be empty"})
         if len(value) > max_len:
             errors.append({"field": name, "message": f"must be at most {max_len} characters"})
         return value
 
-    name = text("name", required=True, max_len=200)
-    from_email = text("from_email", required=True, max_len=254)
+    def field(name: str) -> str | None:
+        return text(name, required=name in REQUIRED_FIELDS, max_len=FIELD_LIMITS[name])
+
+    name = field("name")
+    from_email = field("from_email")
     if from_email is not None and not valid_email(from_email):
         errors.append({"field": "from_email", "message": "is not a valid e-mail address"})
-    from_name = text("from_name", required=False, max_len=200)
-    subject = text("subject", required=True, max_len=998)
-    html = text("html", required=False, max_len=2 << 20)
-    body_text = text("text", required=False, max_len=2 << 20)
-    if html is None and body_text is None and "html" not in data and "text" not in data:
+    from_name = field("from_name")
+    subject = field("subject")
+    html = field("html")
+    body_text = field("text")
+    if html is None and body_text is None:
         errors.append({"field": "html", "message": "html or text (or both) is required"})
-    provider = text("provider", required=True, max_len=32)
+    provider = field("provider")
     if provider is not None and provider not in CHUNK_SIZES:
         errors.append(
             {"field": "provider", "message": f"unknown provider; one of {', '.join(CHUNK_SIZES)}"}
@@ -152,25 +180,10 @@ def parse_batch_fields(data: Any, *, allow_recipients: bool = True) -> BatchSpec
                 "message": f"not available on this server; one of {', '.join(AVAILABLE)}",
             }
         )
-    scheduled_at = None
-    raw_when = data.get("scheduled_at")
-    if raw_when is not None:
-        try:
-            scheduled_at = datetime.fromisoformat(str(raw_when).replace("Z", "+00:00"))
-            if scheduled_at.tzinfo is None:
-                scheduled_at = scheduled_at.replace(tzinfo=UTC)
-        except ValueError:
-            errors.append({"field": "scheduled_at", "message": "must be an ISO 8601 date-time"})
+    scheduled_at = _scheduled_at(data.get("scheduled_at"), errors)
     dry_run = _as_bool("dry_run", data.get("dry_run", False), errors)
     draft = _as_bool("draft", data.get("draft", False), errors)
-    metadata = data.get("metadata")
-    if isinstance(metadata, str):
-        try:
-            metadata = orjson.loads(metadata)
-        except orjson.JSONDecodeError:
-            metadata = ()
-    if metadata is not None and not isinstance(metadata, dict):
-        errors.append({"field": "metadata", "message": "must be a JSON object"})
+    metadata = _metadata(data.get("metadata"), errors)
     if errors:
         raise ValidationError(_summary(errors), {"errors": errors})
     return BatchSpec(
@@ -188,6 +201,62 @@ def parse_batch_fields(data: Any, *, allow_recipients: bool = True) -> BatchSpec
     )
 
 
+MAX_METADATA_BYTES = 16 << 10
+MAX_METADATA_DEPTH = 16
+
+
+def _scheduled_at(raw: Any, errors: list[dict[str, Any]]) -> datetime | None:
+    """An ISO 8601 date-time (UTC when it has no offset) that exists in UTC too."""
+    if raw is None:
+        return None
+    try:
+        if not isinstance(raw, str) or not _SCHEDULED_AT.fullmatch(raw):
+            raise ValueError("not ISO 8601")
+        when = datetime.fromisoformat(raw.upper().replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        when.astimezone(UTC)  # OverflowError for year 1 or 9999 with an offset
+    except (ValueError, OverflowError):
+        errors.append({"field": "scheduled_at", "message": "must be an ISO 8601 date-time"})
+        return None
+    return when
+
+
+def _depth(value: Any) -> int:
+    """How deeply a decoded JSON value nests (iteratively: it may nest 1,000 deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend(
+                (v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
+
+
+def _metadata(raw: Any, errors: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A JSON object of bounded size and depth."""
+    metadata = raw
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        errors.append({"field": "metadata", "message": "must be a JSON object"})
+    elif _depth(metadata) > MAX_METADATA_DEPTH:
+        errors.append(
+            {"field": "metadata", "message": f"must nest at most {MAX_METADATA_DEPTH} levels"}
+        )
+    elif _has_nul(metadata):
+        errors.append({"field": "metadata", "message": "must not contain NUL characters"})
+    elif len(orjson.dumps(metadata)) > MAX_METADATA_BYTES:
+        errors.append(
+            {"field": "metadata", "message": f"must be at most {MAX_METADATA_BYTES} bytes as JSON"}
+        )
+    else:
+        return metadata
+    return None
+
+
 def _summary(errors: list[dict[str, Any]], invalid_rows: int = 0) -> str:
     first = errors[0]
     where = f"recipient {first['row']}" if "row" in first else first.get("field", "body")
@@ -200,48 +269,83 @@ def _summary(errors: list[dict[str, Any]], invalid_rows: int = 0) -> str:
 # --- recipient sources -------------------------------------------------------------
 
 
-async def _text(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """Re-cut a byte stream at line ends: each piece is whole lines, without the last
-    line break (many lines at a time, for speed)."""
-    rest = b""
+# One NDJSON line or CSV record at most (a recipient is a line; a longer one is an error,
+# not a reason to buffer without end).
+MAX_LINE_BYTES = 1 << 20
+_CSV_FIELD_BYTES = csv.field_size_limit()  # 128 KiB: a CSV field larger than that is an error
+
+
+async def _text(chunks: AsyncIterable[bytes]) -> AsyncIterator[tuple[int, bytes]]:
+    """Re-cut a byte stream at line ends: ``(number of its first line, whole lines without
+    the last line break)``, many lines at a time. Linear in the stream's size: the start
+    of an unfinished line is kept in pieces, never copied again per chunk."""
+    pieces: list[bytes] = []
+    pending = 0
+    line = 1
     async for chunk in chunks:
         if not chunk:
             continue
-        data = rest + chunk
-        cut = data.rfind(b"\n")
+        cut = chunk.rfind(b"\n")
         if cut < 0:
-            rest = data
+            pieces.append(chunk)
+            pending += len(chunk)
+            if pending > MAX_LINE_BYTES:
+                raise BadRequest(
+                    f"line {line} is longer than {MAX_LINE_BYTES} bytes (one recipient per line)",
+                    {"line": line}, code="line_too_long",
+                )  # fmt: skip
             continue
-        rest = data[cut + 1 :]
-        yield data[:cut]
+        text = b"".join((*pieces, chunk[:cut])) if pieces else chunk[:cut]
+        pieces, pending = [chunk[cut + 1 :]], len(chunk) - cut - 1
+        yield line, text
+        line += text.count(b"\n") + 1
+    rest = b"".join(pieces)
     if rest.strip():
-        yield rest
+        yield line, rest
 
 
-async def _lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[bytes]]:
-    """Split a byte stream into lists of complete lines."""
-    async for text in _text(chunks):
-        yield text.split(b"\n")
+def _has_nul(value: Any) -> bool:
+    """Whether a decoded JSON value holds a NUL character in any string (PostgreSQL text
+    cannot store one). Iterative: JSON may nest deeper than Python's recursion limit."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+_NUL_ROW = "contains a NUL character (\\u0000)"
 
 
 async def ndjson_rows(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]:
-    """Blocks of rows of an NDJSON stream. A line that is not JSON becomes a ``BadRow``.
+    """Blocks of rows of an NDJSON stream. A line that is not JSON, or that holds a NUL
+    character, becomes a ``BadRow``.
 
     A block of lines is parsed as one JSON array (one orjson call instead of one per line:
     the line breaks become commas); only a block with a bad or blank line is parsed again
     line by line.
     """
-    async for text in _text(chunks):
+    async for _, text in _text(chunks):
+        block = None
         try:
-            block = orjson.loads(b"[" + text.replace(b"\n", b",") + b"]")
-            if len(block) == text.count(b"\n") + 1:  # one value per line
-                yield block
-                continue
+            parsed = orjson.loads(b"[" + text.replace(b"\n", b",") + b"]")
+            if len(parsed) == text.count(b"\n") + 1:  # one value per line
+                block = parsed
         except orjson.JSONDecodeError:
             pass
-        lines = [line for line in text.split(b"\n") if line.strip()]
-        if lines:
-            yield [_loads_or_bad(line) for line in lines]
+        if block is None:
+            block = [_loads_or_bad(line) for line in text.split(b"\n") if line.strip()]
+        if b"\\u0000" in text:  # rare: find the rows
+            block = [BadRow(_NUL_ROW) if _has_nul(row) else row for row in block]
+        if block:
+            yield block
 
 
 def _loads_or_bad(line: bytes) -> Any:
@@ -251,49 +355,77 @@ def _loads_or_bad(line: bytes) -> Any:
         return BadRow("not valid JSON")
 
 
+def _csv_error(line: int, message: str) -> BadRequest:
+    return BadRequest(f"CSV line {line}: {message}", {"line": line}, code="invalid_csv")
+
+
 async def csv_rows(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]:
-    """Blocks of rows of a CSV stream with a header line: ``email``, ``name``, other columns
-    become vars. A quoted field may go on over line breaks."""
+    """Blocks of rows of a CSV stream (RFC 4180) with a header line: ``email``, ``name``,
+    other columns become vars. A quoted field may go on over line breaks.
+
+    Every record becomes one row or one error, so the rows accepted are the rows sent:
+    malformed quoting, a field over 128 KiB, a NUL character, a quoted field that is never
+    closed, or bytes that are not UTF-8 are a ``BadRequest`` naming the line. Parsing is
+    linear: each block is read once by the csv module (strict mode); only a record whose
+    quoted field goes on past the block is carried over, and it is at most 128 KiB.
+    """
     header: list[str] | None = None
-    open_record = ""  # a record whose quoted field goes on over a line break
-    async for lines in _lines(chunks):
+    carry, carry_line = "", 0  # a record whose quoted field goes on in the next block
+    async for first_line, data in _text(chunks):
         try:
-            decoded = [line.decode("utf-8").rstrip("\r") for line in lines]
-        except UnicodeDecodeError:
-            raise BadRequest("the CSV body is not UTF-8", code="invalid_csv") from None
-        records = []
-        for line in decoded:
-            if open_record:
-                line = open_record + "\n" + line
-            if line.count('"') % 2:
-                open_record = line
-                continue
-            open_record = ""
-            records.append(line)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = first_line + data.count(b"\n", 0, exc.start)
+            raise _csv_error(line, "not UTF-8") from None
+        if "\x00" in text:
+            raise _csv_error(
+                first_line + text.count("\n", 0, text.index("\x00")), "a NUL character"
+            )
+        start = first_line
+        if carry:
+            text, start, carry = carry + "\n" + text, carry_line, ""
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         block: list[Any] = []
-        for values in csv.reader(records):
-            if not values or values == [""]:
-                continue
-            if header is None:
-                header = [h.strip() for h in values]
-                if "email" not in header:
-                    raise ValidationError(
-                        "the CSV header line must have an 'email' column", code="invalid_csv"
-                    )
-                email_at = header.index("email")
-                name_at = header.index("name") if "name" in header else -1
-                var_cols = [(i, h) for i, h in enumerate(header) if i not in (email_at, name_at)]
-                continue
-            if len(values) != len(header):
-                block.append(BadRow(f"has {len(values)} columns, the header has {len(header)}"))
-                continue
-            block.append({
-                "email": values[email_at],
-                "name": values[name_at] if name_at >= 0 and values[name_at] else None,
-                "vars": {h: values[i] for i, h in var_cols} if var_cols else None,
-            })  # fmt: skip
+        done = 0  # lines taken by complete records
+        try:
+            for values in reader:
+                done = reader.line_num
+                if not values or values == [""]:
+                    continue
+                if header is None:
+                    header = [h.strip() for h in values]
+                    if "email" not in header:
+                        raise ValidationError(
+                            "the CSV header line must have an 'email' column", code="invalid_csv"
+                        )
+                    email_at = header.index("email")
+                    name_at = header.index("name") if "name" in header else -1
+                    var_cols = [
+                        (i, h) for i, h in enumerate(header) if i not in (email_at, name_at)
+                    ]
+                    continue
+                if len(values) != len(header):
+                    block.append(BadRow(f"has {len(values)} columns, the header has {len(header)}"))
+                    continue
+                block.append({
+                    "email": values[email_at],
+                    "name": values[name_at] if name_at >= 0 and values[name_at] else None,
+                    "vars": {h: values[i] for i, h in var_cols} if var_cols else None,
+                })  # fmt: skip
+        except csv.Error as exc:
+            line = start + done  # where the record that failed begins
+            if str(exc) != "unexpected end of data":
+                raise _csv_error(line, str(exc)) from None
+            carry = "".join(io.StringIO(text, newline="").readlines()[done:]).removesuffix("\n")
+            carry_line = line
+            if len(carry) > _CSV_FIELD_BYTES:
+                raise _csv_error(
+                    line, "a quoted field is not closed (or is over 128 KiB)"
+                ) from None
         if block:
             yield block
+    if carry:
+        raise _csv_error(carry_line, "a quoted field is not closed at the end of the body")
 
 
 async def list_rows(items: list[Any], block: int = 10_000) -> AsyncIterator[list[Any]]:
@@ -309,6 +441,8 @@ class BadRow:
 
 
 _RECIPIENT_KEYS = frozenset({"email", "name", "vars"})
+MAX_NAME_CHARS = 200  # a recipient's name (the fast check in records() says 200 too)
+RENDER_CHECK_ROWS = 10  # recipients rendered at intake
 
 
 class _RecipientCopier:
@@ -324,6 +458,7 @@ class _RecipientCopier:
         self.status = status
         self.limits = limits
         self.count = first - 1  # rows before this upload (appending to a draft)
+        self.to_render = RENDER_CHECK_ROWS
         self.invalid = 0
         self.errors: list[dict[str, Any]] = []
 
@@ -340,8 +475,11 @@ class _RecipientCopier:
             return self._bad(row, "row", "must be an object with an email")
         if not valid_email(item.get("email")):
             return self._bad(row, "email", "is not a valid e-mail address")
-        if item.get("name") is not None and not isinstance(item["name"], str):
+        name = item.get("name")
+        if name is not None and not isinstance(name, str):
             return self._bad(row, "name", "must be a string")
+        if name is not None and len(name) > MAX_NAME_CHARS:
+            return self._bad(row, "name", f"must be at most {MAX_NAME_CHARS} characters")
         vars_ = item.get("vars")
         if vars_ is not None and not isinstance(vars_, dict):
             return self._bad(row, "vars", "must be an object")
@@ -375,7 +513,7 @@ class _RecipientCopier:
                 email, name, vars_ = item.get("email"), item.get("name"), item.get("vars")
                 if (
                     type(email) is str and len(email) <= 254 and match(email) is not None
-                    and (name is None or type(name) is str)
+                    and (name is None or (type(name) is str and len(name) <= 200))
                     and (vars_ is None or type(vars_) is dict)
                     and (not required or (vars_ is not None and required <= vars_.keys()))
                     and known(item)
@@ -383,7 +521,28 @@ class _RecipientCopier:
                     append((batch_id, row, email, name, vars_ or None, status))
                     continue
             self._check(row, item)
+        if self.to_render and out:
+            self._render_first(out)
         return [] if self.invalid else out
+
+    def _render_first(self, records: list[tuple]) -> None:
+        """Render the first recipients now: a template that fails for them (``{{ 1/0 }}``,
+        a value of the wrong type, a limit) is named here instead of failing at send time."""
+        for record in records[: self.to_render]:
+            try:
+                self.template.render(record[2], record[3], record[4])
+            except Exception as exc:  # whatever the template raises for this recipient
+                self._bad(record[1], "template", f"cannot be rendered: {exc}"[:300])
+        self.to_render = max(0, self.to_render - len(records))
+
+    def _unstorable(self, records: list[tuple]) -> None:
+        """Name the rows of a block PostgreSQL's COPY could not take (vars nested deeper
+        than JSON encoding allows)."""
+        for record in records:
+            try:
+                orjson.dumps(record[4])
+            except orjson.JSONEncodeError as exc:
+                self._bad(record[1], "vars", f"cannot be stored: {exc}")
 
     def raise_if_invalid(self) -> None:
         if self.invalid:
@@ -403,20 +562,26 @@ class _RecipientCopier:
                     records = self.records(block)
                     if records:
                         await ready.put(records)
+                    await asyncio.sleep(0)  # a large upload never holds the event loop long
             finally:
                 await ready.put(None)
 
         producer = asyncio.create_task(produce())
         try:
             while (records := await ready.get()) is not None:
-                await conn.copy_records_to_table(
-                    "recipients", records=records, columns=_COPY_COLUMNS
-                )
+                try:
+                    await conn.copy_records_to_table(
+                        "recipients", records=records, columns=_COPY_COLUMNS
+                    )
+                except orjson.JSONEncodeError:
+                    self._unstorable(records)
+                    break
         finally:
             if not producer.done():
                 producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
-        await producer  # re-raises a parse error (bad encoding, too many recipients)
+        if not producer.cancelled():  # cancelled here only after a block COPY refused
+            await producer  # re-raises a parse error (bad encoding, too many recipients)
         self.raise_if_invalid()
 
 
@@ -463,6 +628,9 @@ async def create_batch(
     ``external_id`` (a NATS ``Nats-Msg-Id``) and ``idempotency_key`` make a repeated create
     return the first batch instead of a second one.
     """
+    if not services.settings.provider_enabled(spec.provider):
+        error = {"field": "provider", "message": "not enabled on this server"}
+        raise ValidationError(_summary([error]), {"errors": [error]})
     batch_id = uuid.uuid4()
     status = _initial_status(spec)
     chunk_size = CHUNK_SIZES[spec.provider]
@@ -553,8 +721,11 @@ async def append_recipients(
                            f"{batch['status']}", {"status": batch["status"]},
                            code="invalid_state")  # fmt: skip
         before = batch["total_recipients"]
+        template = await asyncio.to_thread(
+            BatchTemplate, batch["subject"], batch["html"], batch["text"]
+        )
         copier = _RecipientCopier(
-            bid, BatchTemplate(batch["subject"], batch["html"], batch["text"]), "pending",
+            bid, template, "pending",
             await tenants.limits(conn, tenant_id, services.settings), first=before + 1,
         )  # fmt: skip
         await copier.copy(conn, rows)
@@ -743,7 +914,7 @@ async def create_from_nats(services: Services, subject: str, data: bytes, msg_id
         raise NotFound(
             f"unknown tenant {tenant_id!r} in subject {subject!r}", code="unknown_tenant"
         )
-    spec, rows = parse_json_request(data)
+    spec, rows = await asyncio.to_thread(parse_json_request, data)  # compiles templates
     return await create_batch(services, tenant_id, spec, rows, external_id=msg_id)
 
 
@@ -754,10 +925,17 @@ def parse_json_request(data: bytes) -> tuple[BatchSpec, AsyncIterator[Any]]:
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     spec = parse_batch_fields(body)
-    recipients = body.get("recipients", [] if spec.draft else None)
+    return spec, json_rows(body.get("recipients", [] if spec.draft else None), data)
+
+
+def json_rows(recipients: Any, data: bytes) -> AsyncIterator[list[Any]]:
+    """The recipients list of a JSON body ``data`` as blocks of rows; a recipient holding
+    a NUL character becomes a ``BadRow`` (looked for only when the body has one)."""
     if not isinstance(recipients, list):
         raise ValidationError("recipients: must be a list", {"field": "recipients"})
-    return spec, list_rows(recipients)
+    if b"\\u0000" in data:
+        recipients = [BadRow(_NUL_ROW) if _has_nul(r) else r for r in recipients]
+    return list_rows(recipients)
 
 
 async def split_ndjson_header(

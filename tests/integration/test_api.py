@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import time
 import uuid
 from typing import Any
 
@@ -13,12 +12,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
-from engine import results
 from engine.config import Settings
 from engine.intake import create_batch, list_rows, parse_batch_fields
 from engine.services import Services
 from engine.tenants import create_key
-from providers.mock import sign
 from tests.integration.conftest import bearer
 
 FIELDS = {
@@ -618,103 +615,3 @@ async def test_unsupported_content_type(
         )
         await error_body(response, 415, "unsupported_media_type")
     assert await stored(services, tenant_id) == (0, 0)
-
-
-# --- webhooks --------------------------------------------------------------------------
-
-
-async def results_last_seq(services: Services) -> int:
-    return (await services.js.stream_info(services.topology.results_stream)).state.last_seq
-
-
-def webhook_events(batch_id: str, *events: tuple[int, str]) -> bytes:
-    return orjson.dumps(
-        [
-            {"event": event, "ref": f"{batch_id}:{seq}", "message_id": f"pm-{seq}",
-             "email": f"P{seq}@Example.com", "timestamp": time.time(),
-             "event_id": str(uuid.uuid4())}
-            for seq, event in events
-        ]
-    )  # fmt: skip
-
-
-async def test_webhook_with_valid_signature_lands_on_results(
-    client: TestClient, services: Services, migrated: Settings, tenant: tuple[str, str]
-) -> None:
-    _, key = tenant
-    created = await create_json(client, key)
-    body = webhook_events(created["id"], (1, "delivered"), (3, "bounced"))
-    before = await results_last_seq(services)
-
-    response = await client.post(
-        "/webhooks/mock",
-        data=body,
-        headers={"X-Mock-Signature": sign(body, migrated.mock_webhook_secret),
-                 "Content-Type": "application/json"},
-    )  # fmt: skip
-    assert response.status == 200, await response.text()
-    assert await response.json() == {"accepted": 2}
-
-    assert await results_last_seq(services) == before + 1
-    message = await services.js.get_msg(services.topology.results_stream, before + 1)
-    decoded = results.decode(message.data)
-    assert decoded.provider == "mock"
-    assert [
-        (r.batch_id, r.seq, r.status, r.provider_message_id, r.domain) for r in decoded.rows
-    ] == [
-        (created["id"], 1, "delivered", "pm-1", "example.com"),
-        (created["id"], 3, "bounced", "pm-3", "example.com"),
-    ]
-
-    # The provider retrying the same post is accepted and de-duplicated by the stream.
-    retry = await client.post(
-        "/webhooks/mock", data=body,
-        headers={"X-Mock-Signature": sign(body, migrated.mock_webhook_secret)},
-    )  # fmt: skip
-    assert retry.status == 200
-    assert await results_last_seq(services) == before + 1
-
-
-async def test_webhook_bad_signature(
-    client: TestClient, services: Services, migrated: Settings
-) -> None:
-    body = webhook_events(str(uuid.uuid4()), (1, "delivered"))
-    before = await results_last_seq(services)
-    for headers in (
-        {},
-        {"X-Mock-Signature": sign(body, "wrong-secret")},
-        {"X-Mock-Signature": sign(body + b" ", migrated.mock_webhook_secret)},
-        {"X-Mock-Signature": "sha256=00"},
-    ):
-        response = await client.post("/webhooks/mock", data=body, headers=headers)
-        await error_body(response, 401, "bad_signature")
-    assert await results_last_seq(services) == before
-
-
-async def test_webhook_malformed_body(
-    client: TestClient, services: Services, migrated: Settings
-) -> None:
-    before = await results_last_seq(services)
-    for body in (
-        b"not json",
-        b'{"event": "delivered"}',
-        b'[{"event": "opened", "ref": "x:1", "timestamp": 1, "event_id": "e"}]',
-        b'[{"event": "delivered", "ref": "not-a-batch:1", "timestamp": 1, "event_id": "e"}]',
-    ):
-        response = await client.post(
-            "/webhooks/mock",
-            data=body,
-            headers={"X-Mock-Signature": sign(body, migrated.mock_webhook_secret)},
-        )
-        await error_body(response, 400, "invalid_webhook")
-    assert await results_last_seq(services) == before
-
-
-async def test_webhook_unknown_provider(client: TestClient, migrated: Settings) -> None:
-    body = b"[]"
-    response = await client.post(
-        "/webhooks/pigeon",
-        data=body,
-        headers={"X-Mock-Signature": sign(body, migrated.mock_webhook_secret)},
-    )
-    await error_body(response, 404, "unknown_provider")

@@ -13,6 +13,7 @@ from engine.errors import BadRequest, ValidationError
 from engine.intake import (
     BadRow,
     csv_rows,
+    fields_from_query,
     list_rows,
     ndjson_rows,
     parse_batch_fields,
@@ -112,8 +113,8 @@ def test_good_fields() -> None:
 
 def test_query_parameter_style_strings_are_converted() -> None:
     spec = parse_batch_fields(
-        {**GOOD, "dry_run": "true", "draft": "0", "metadata": '{"campaign": 7}',
-         "scheduled_at": "2031-02-03T04:05:06Z"},
+        fields_from_query({**GOOD, "dry_run": "true", "draft": "0", "metadata": '{"campaign": 7}',
+                           "scheduled_at": "2031-02-03T04:05:06Z"}),
         allow_recipients=False,
     )  # fmt: skip
     assert spec.dry_run is True and spec.draft is False
