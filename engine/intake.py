@@ -557,12 +557,16 @@ class _RecipientCopier:
         ready: asyncio.Queue[list[tuple] | None] = asyncio.Queue(maxsize=2)
 
         async def produce() -> None:
+            pending: list[tuple] = []  # records of several blocks: one COPY per ~10,000
             try:
                 async for block in blocks:
-                    records = self.records(block)
-                    if records:
-                        await ready.put(records)
+                    pending += self.records(block)
+                    if len(pending) >= COPY_ROWS:
+                        await ready.put(pending)
+                        pending = []
                     await asyncio.sleep(0)  # a large upload never holds the event loop long
+                if pending and not self.invalid:
+                    await ready.put(pending)
             finally:
                 await ready.put(None)
 
@@ -586,6 +590,9 @@ class _RecipientCopier:
 
 
 _COPY_COLUMNS = ["batch_id", "seq", "email", "name", "vars", "status"]
+# Recipients per COPY statement: blocks are parsed a few thousand at a time (the event
+# loop stays free), but each COPY has a round trip of its own, so several go in one.
+COPY_ROWS = 10_000
 
 
 def _initial_status(spec: BatchSpec) -> str:
