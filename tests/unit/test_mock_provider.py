@@ -29,6 +29,7 @@ from providers.mock import (
     verify_signature,
 )
 from providers.mock_server import build_app
+from tests.integration.test_poison import capturing_provider
 
 
 @asynccontextmanager
@@ -263,16 +264,6 @@ async def test_header_values_on_the_wire_are_safe() -> None:
     """Issue 8, defect 1, for a provider that takes JSON: the header values of a message
     the engine builds (``engine.sender.build_message``) are one line on the wire, no
     encoded word hiding CR LF, so the provider cannot be made to write another header."""
-    wire: list[dict[str, Any]] = []
-
-    async def send(request: web.Request) -> web.Response:
-        messages = orjson.loads(await request.read())["messages"]
-        wire.extend(messages)
-        answer = [{"ref": m["ref"], "status": "accepted", "id": m["ref"]} for m in messages]
-        return web.Response(body=orjson.dumps({"results": answer}), content_type="application/json")
-
-    app = web.Application()
-    app.router.add_post("/v1/send", send)
     injection = "=?utf-8?q?Ann=0D=0AX-Injected:_x?="
     template = BatchTemplate("Hi {{ first }}", None, "a\nb")
     info = BatchInfo("0b0e6a52-5c4c-4f7e-9d8c-5f3c1e2a9b10", "acme", "mock", "news@sender.test",
@@ -280,7 +271,7 @@ async def test_header_values_on_the_wire_are_safe() -> None:
     row = {"seq": 1, "email": "ann@example.com", "name": f"Ann\r\n{injection}",
            "vars": {"first": injection}}  # fmt: skip
     message = build_message(info, row, "https://bs.example", "s" * 32)
-    async with serving(app) as base_url:
+    async with capturing_provider() as (base_url, wire):
         provider = MockProvider(base_url)
         try:
             [result] = await provider.send_batch([message])
