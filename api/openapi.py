@@ -15,6 +15,7 @@ from engine.intake import (
     SCHEDULED_AT,
 )
 from engine.suppressions import MAX_SUPPRESSIONS
+from engine.webhooks import WEBHOOK_PROVIDERS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 
@@ -606,7 +607,7 @@ OPENAPI: dict[str, Any] = {
                 "`replayed_signature` for a post already received. 404 `unknown_provider` "
                 "for a provider without a webhook route here.",
                 "parameters": [
-                    _path("provider", maxLength=32),
+                    _path("provider", enum=list(WEBHOOK_PROVIDERS)),
                     {"name": "X-Mock-Timestamp", "in": "header", "schema": {"type": "string"}},
                     {"name": "X-Mock-Signature", "in": "header", "schema": {"type": "string"}},
                 ],
