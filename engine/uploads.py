@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from collections.abc import AsyncIterator
+
+from redis.exceptions import RedisError
 
 from engine.errors import TooManyRequests
 from engine.services import Services
 
 LEASE_SECONDS = 60
 RETRY_AFTER_SECONDS = 5
+log = logging.getLogger(__name__)
 
 _TAKE = """
 local t = redis.call('TIME')
@@ -41,7 +45,13 @@ async def upload_slot(services: Services, tenant_id: str) -> AsyncIterator[None]
     take = services.redis.register_script(_TAKE)
     member = secrets.token_hex(8)
     limit = services.settings.tenant_max_uploads
-    if not await take(keys=[key], args=[limit, LEASE_SECONDS, 0, member]):
+    try:
+        taken = await take(keys=[key], args=[limit, LEASE_SECONDS, 0, member])
+    except RedisError as exc:  # Dragonfly down: intake goes on, unbounded, and says so
+        log.warning("upload slots unavailable; not bounding uploads (%r)", exc)
+        yield
+        return
+    if not taken:
         raise TooManyRequests(
             f"this tenant already has {limit} uploads in progress; try again when one has finished",
             {"limit": "max_uploads", "value": limit},
@@ -59,6 +69,9 @@ async def upload_slot(services: Services, tenant_id: str) -> AsyncIterator[None]
         yield
     finally:
         renewing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, RedisError):
             await renewing
-        await services.redis.zrem(key, member)
+        try:
+            await services.redis.zrem(key, member)
+        except RedisError as exc:  # the slot expires by itself after LEASE_SECONDS
+            log.warning("could not give an upload slot back (%r)", exc)

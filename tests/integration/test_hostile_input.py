@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -429,3 +430,20 @@ async def test_a_stalled_webhook_body_gets_408(strict: TestClient) -> None:
         assert await answer_status(reader) == 408
     finally:
         writer.close()
+
+
+async def test_uploads_go_on_unbounded_when_dragonfly_is_down(services: Services) -> None:
+    """The per-tenant bound is Dragonfly's; without it intake goes on (and logs it)."""
+    import redis.asyncio as aioredis
+
+    from engine.uploads import upload_slot
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    entered = False
+    async with upload_slot(dataclasses.replace(services, redis=down), "any-tenant"):
+        entered = True
+    assert entered
+    await down.aclose()
