@@ -160,6 +160,21 @@ async def capturing_provider() -> AsyncIterator[tuple[str, list[dict[str, Any]]]
         await runner.cleanup()
 
 
+async def send_until_completed(own: Services, batch_id: str, url: str) -> None:
+    """Run the worker's loops, sending to the mock-protocol provider at ``url``, until the
+    batch is completed."""
+    provider = MockProvider(url)
+    try:
+        async with worker_loops(own, Sender(own, {"mock": provider})):
+
+            async def completed() -> bool:
+                return await batch_status(own, batch_id) == "completed"
+
+            await eventually(completed, 60, "the batch completed")
+    finally:
+        await provider.close()
+
+
 async def test_values_that_would_inject_headers_reach_the_provider_as_one_line(
     own: Services, tenant: tuple[str, str]
 ) -> None:
@@ -173,16 +188,7 @@ async def test_values_that_would_inject_headers_reach_the_provider_as_one_line(
     batch_id = await new_batch(own, tenant_id, rows, subject="Hi {{ first }}",
                                text="Dear {{ first }}\nbye", from_name=f"Shop {injection}")  # fmt: skip
     async with capturing_provider() as (url, wire):
-        provider = MockProvider(url)
-        try:
-            async with worker_loops(own, Sender(own, {"mock": provider})):
-
-                async def completed() -> bool:
-                    return await batch_status(own, batch_id) == "completed"
-
-                await eventually(completed, 60, "the batch completed")
-        finally:
-            await provider.close()
+        await send_until_completed(own, batch_id, url)
 
     sent = {m["to"]: m for m in wire}
     ann = sent["ann@example.com"]
@@ -219,16 +225,7 @@ async def test_template_errors_fail_their_recipients_and_the_batch_completes(
     batch_id = await new_batch(own, tenant_id, rows, text=text)
 
     async with mock_server() as url:
-        provider = MockProvider(url)
-        try:
-            async with worker_loops(own, Sender(own, {"mock": provider})):
-
-                async def completed() -> bool:
-                    return await batch_status(own, batch_id) == "completed"
-
-                await eventually(completed, 60, "the batch completed")
-        finally:
-            await provider.close()
+        await send_until_completed(own, batch_id, url)
 
     found = await recipients(own, batch_id)
     failed = {email: r for email, r in found.items() if r["status"] == "failed"}

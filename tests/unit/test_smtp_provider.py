@@ -17,7 +17,7 @@ from aiosmtpd.controller import Controller
 from engine.sender import BatchInfo, build_message
 from engine.templates import BatchTemplate
 from providers import smtp
-from providers.base import Message
+from providers.base import Message, SendResult
 from providers.smtp import SmtpProvider, build_email
 
 # Raised by Pythons whose email package refuses to write a header it cannot fold safely.
@@ -250,13 +250,7 @@ async def test_encoded_crlf_in_a_variable_stays_inside_the_subject(
         rendered = info.template.render("ann@example.com", "Ann", {"first": first})
         message = dataclasses.replace(message, subject=rendered.subject)
         assert "=0D=0A" in message.subject
-    handler = RecordingHandler()
-    with smtp_server(handler) as port:
-        provider = SmtpProvider("127.0.0.1", port, pool_size=1, timeout=5)
-        try:
-            [result] = await provider.send_batch([message])
-        finally:
-            await provider.close()
+    [result], handler = await send_over_one_connection([message])
 
     assert result.ok, result.error
     lines = header_block(handler.raw["ann@example.com"])
@@ -273,6 +267,19 @@ async def test_encoded_crlf_in_a_variable_stays_inside_the_subject(
     assert received.get_content().strip() == "The body."
 
 
+async def send_over_one_connection(
+    messages: list[Message],
+) -> tuple[list[SendResult], RecordingHandler]:
+    """``messages`` sent over one connection to a fresh recording server."""
+    handler = RecordingHandler()
+    with smtp_server(handler) as port:
+        provider = SmtpProvider("127.0.0.1", port, pool_size=1, timeout=5)
+        try:
+            return await provider.send_batch(messages), handler
+        finally:
+            await provider.close()
+
+
 async def test_list_unsubscribe_goes_out_as_a_plain_url() -> None:
     """Issue 8, defect 10: RFC 8058 clients read the URL as it is, never an encoded word."""
     [message] = personalised(1)
@@ -281,13 +288,7 @@ async def test_list_unsubscribe_goes_out_as_a_plain_url() -> None:
         "X-Two": f"{UNSUBSCRIBE}, <mailto:unsubscribe@sender.test?subject=unsubscribe>",
     })  # fmt: skip
     assert len("List-Unsubscribe: " + UNSUBSCRIBE) > 78  # longer than a folded line
-    handler = RecordingHandler()
-    with smtp_server(handler) as port:
-        provider = SmtpProvider("127.0.0.1", port, pool_size=1, timeout=5)
-        try:
-            [result] = await provider.send_batch([message])
-        finally:
-            await provider.close()
+    [result], handler = await send_over_one_connection([message])
 
     assert result.ok, result.error
     raw = handler.raw[message.to_email]
@@ -318,13 +319,7 @@ async def test_an_email_package_error_fails_only_that_message(monkeypatch) -> No
 
     monkeypatch.setattr(smtp, "build_email", build)
     messages = personalised(3)
-    handler = RecordingHandler()
-    with smtp_server(handler) as port:
-        provider = SmtpProvider("127.0.0.1", port, pool_size=1, timeout=5)
-        try:
-            results = await provider.send_batch(messages)
-        finally:
-            await provider.close()
+    results, handler = await send_over_one_connection(messages)
 
     assert [r.ok for r in results] == [True, False, True]
     assert results[1].retryable is False
