@@ -13,7 +13,8 @@ RUN groupadd --system --gid 10001 batchsender \
  && useradd --system --uid 10001 --gid batchsender --home-dir /home/batchsender \
         --create-home --shell /usr/sbin/nologin batchsender
 
-# Only what the package needs (.dockerignore lets nothing else in).
+# Only what the package needs (.dockerignore lets nothing else in). devkit/ (mock provider,
+# test deployments) stays out: `batchsender mock-provider` and `all` run from a checkout.
 COPY . /src
 RUN pip install /src && rm -rf /src
 

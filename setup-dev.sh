@@ -173,7 +173,7 @@ ensure_python_deps() {
     want="$(sha256sum pyproject.toml | cut -d' ' -f1) $PY"
     have=$(cat "$stamp" 2>/dev/null || true)
     # Installed (editable) from THIS checkout? Asked from / so the working directory doesn't count.
-    location=$(cd / && "$PY" -c 'import os, api.cli, pytest; print(os.path.dirname(os.path.dirname(api.cli.__file__)))' 2>/dev/null || true)
+    location=$(cd / && "$PY" -c 'import os, cli.main, pytest; print(os.path.dirname(os.path.dirname(cli.main.__file__)))' 2>/dev/null || true)
     if [[ $want == "$have" && $location == "$ROOT" ]]; then
         ok "up to date (pyproject.toml unchanged)"
     else
@@ -185,7 +185,7 @@ ensure_python_deps() {
     scripts=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
     if [[ -x $scripts/batchsender ]]; then BS=("$scripts/batchsender")
     elif command -v batchsender >/dev/null; then BS=("$(command -v batchsender)")
-    else BS=("$PY" -m api.cli); fi
+    else BS=("$PY" -m cli.main); fi
 }
 
 # ---------------------------------------------------------------------------- services

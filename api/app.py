@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
-import orjson
 from aiohttp import web
 
-from api import batches, body, keys, ops, queue, suppressions, webhooks
+from api import batches, keys, ops, queue, suppressions, webhooks
+from api.context import AUTH, HEALTH, SERVICES, SETTINGS, TENANT, error_response
 from engine import metrics
 from engine.auth import Authenticator
 from engine.config import Settings
@@ -19,55 +18,16 @@ from engine.errors import (
     BatchSenderError,
     PayloadTooLarge,
     TooManyRequests,
-    ValidationError,
 )
 from engine.health import HealthChecker
 from engine.services import Services
 
 log = logging.getLogger(__name__)
 
-SERVICES = web.AppKey("services", Services)
-HEALTH = web.AppKey("health", HealthChecker)
-SETTINGS = web.AppKey("settings", Settings)
-AUTH = web.AppKey("authenticator", Authenticator)
-TENANT = web.RequestKey("tenant_id", str)
 PUBLIC = frozenset({"/health", "/health/live", "/api/metrics", "/api/openapi.json"})
 _KEPT_HEADERS = ("Allow",)  # of aiohttp's HTTP errors (405 names the methods it allows)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(
-    status: int, code: str, message: str, details: object = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:  # fmt: skip
-    body = {"error": {"code": code, "message": message, "details": details}}
-    return json_response(body, status, headers)
-
-
-def json_response(
-    data: object, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        status=status, body=orjson.dumps(data), content_type="application/json", headers=headers
-    )
-
-
-async def json_body(request: web.Request) -> Any:
-    """The request body as JSON (``api.body``: deadlines, parsed in steps); ``BadRequest``
-    when it is not JSON."""
-    data, _ = await body.read_json(request, request.app[SETTINGS])
-    return data
-
-
-def query_int(request: web.Request, name: str, default: int | None = None) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValidationError(f"{name}: must be a whole number", {"field": name}) from None
 
 
 @web.middleware

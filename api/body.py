@@ -49,9 +49,10 @@ async def _pieces(request: web.Request, settings: Settings, limit: int) -> Async
         if total > limit:
             raise PayloadTooLarge(
                 f"the body is larger than {limit} bytes; stream NDJSON or CSV instead"
-                if limit == settings.max_body_bytes else f"the upload is larger than {limit} bytes",
+                if limit == settings.max_body_bytes
+                else f"the upload is larger than {limit} bytes",
                 {"limit": limit},
-            )  # fmt: skip
+            )
         elapsed = loop.time() - started
         if elapsed > idle and total < min_rate * elapsed:
             raise RequestTimeout(

@@ -4,27 +4,29 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api import app as api_app
+from api import context
 from engine import tenants
 
 
 async def index(request: web.Request) -> web.Response:
     page = await tenants.list_keys(
-        request.app[api_app.SERVICES].pool, request[api_app.TENANT],
-        limit=api_app.query_int(request, "limit"), cursor=request.query.get("cursor"),
-    )  # fmt: skip
-    return api_app.json_response(page.as_json())
+        request.app[context.SERVICES].pool,
+        request[context.TENANT],
+        limit=context.query_int(request, "limit"),
+        cursor=request.query.get("cursor"),
+    )
+    return context.json_response(page.as_json())
 
 
 async def create(request: web.Request) -> web.Response:
     key, secret = await tenants.issue_key(
-        request.app[api_app.SERVICES].pool, request[api_app.TENANT]
+        request.app[context.SERVICES].pool, request[context.TENANT]
     )
-    return api_app.json_response({**key.as_json(), "key": secret}, status=201)
+    return context.json_response({**key.as_json(), "key": secret}, status=201)
 
 
 async def revoke(request: web.Request) -> web.Response:
-    await request.app[api_app.AUTH].revoke(request.match_info["id"], request[api_app.TENANT])
+    await request.app[context.AUTH].revoke(request.match_info["id"], request[context.TENANT])
     return web.Response(status=204)
 
 

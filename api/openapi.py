@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.adapters import AVAILABLE
-from engine.batches import BATCH_STATUSES, RECIPIENT_STATUSES
-from engine.intake import (
+from engine.intake.copier import MAX_NAME_CHARS
+from engine.intake.fields import (
     FIELD_LIMITS,
     MAX_METADATA_BYTES,
     MAX_METADATA_DEPTH,
-    MAX_NAME_CHARS,
     REQUIRED_FIELDS,
     SCHEDULED_AT,
 )
+from engine.lifecycle import BATCH_STATUSES, RECIPIENT_STATUSES
 from engine.suppressions import MAX_SUPPRESSIONS
-from engine.webhooks import WEBHOOK_PROVIDERS
+from providers.registry import PROVIDERS, WEBHOOKS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 
@@ -27,9 +26,11 @@ def _ref(name: str) -> dict[str, str]:
 def _page(item: str) -> dict[str, Any]:
     return {
         "type": "object",
-        "properties": {"data": {"type": "array", "items": _ref(item)},
-                       "next_cursor": {"type": "string", "nullable": True}},
-    }  # fmt: skip
+        "properties": {
+            "data": {"type": "array", "items": _ref(item)},
+            "next_cursor": {"type": "string", "nullable": True},
+        },
+    }
 
 
 def _text(name: str, description: str = "", **extra: Any) -> dict[str, Any]:
@@ -51,35 +52,65 @@ _BATCH_FIELDS: dict[str, Any] = {
     "subject": _text("subject", "Template: {{ var }} placeholders."),
     "html": _text("html", "Template; values are HTML-escaped."),
     "text": _text("text", "Template."),
-    "provider": {"type": "string", "enum": list(AVAILABLE),
-                 "description": "The providers this server sends through"},
-    "scheduled_at": {"type": "string", "pattern": SCHEDULED_AT, "nullable": True,
-                     "description": "ISO 8601 date-time; without an offset it is UTC"},
+    "provider": {
+        "type": "string",
+        "enum": list(PROVIDERS),
+        "description": "The providers this server sends through",
+    },
+    "scheduled_at": {
+        "type": "string",
+        "pattern": SCHEDULED_AT,
+        "nullable": True,
+        "description": "ISO 8601 date-time; without an offset it is UTC",
+    },
     "dry_run": {"type": "boolean"},
     "draft": {"type": "boolean"},
-    "metadata": {"type": "object", "nullable": True,
-                 "description": f"At most {MAX_METADATA_BYTES} bytes as JSON, "
-                                f"{MAX_METADATA_DEPTH} levels deep."},
-}  # fmt: skip
+    "metadata": {
+        "type": "object",
+        "nullable": True,
+        "description": f"At most {MAX_METADATA_BYTES} bytes as JSON, "
+        f"{MAX_METADATA_DEPTH} levels deep.",
+    },
+}
 # As query parameters (streamed bodies) the templates are short: the request line is at
 # most 64 KiB (longer ones go in the NDJSON header line).
 _QUERY_LIMITS = {"html": 1000, "text": 1000}
-_QUERY_FIELDS = [
-    {"name": name, "in": "query", "required": False,
-     "schema": {**schema, "nullable": False,
-                **({"maxLength": _QUERY_LIMITS[name]} if name in _QUERY_LIMITS else {})},
-     "description": "Batch field, for streamed (CSV/NDJSON) bodies only."}
-    for name, schema in _BATCH_FIELDS.items() if name not in ("metadata", "dry_run", "draft")
-] + [
-    {"name": name, "in": "query", "required": False,
-     "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
-     "description": "Batch field, for streamed (CSV/NDJSON) bodies."}
-    for name in ("dry_run", "draft")
-] + [
-    {"name": "metadata", "in": "query", "required": False,
-     "schema": {"type": "string", "maxLength": 1000},
-     "description": "Batch field for streamed bodies: a JSON object's text."},
-]  # fmt: skip
+_QUERY_FIELDS = (
+    [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {
+                **schema,
+                "nullable": False,
+                **({"maxLength": _QUERY_LIMITS[name]} if name in _QUERY_LIMITS else {}),
+            },
+            "description": "Batch field, for streamed (CSV/NDJSON) bodies only.",
+        }
+        for name, schema in _BATCH_FIELDS.items()
+        if name not in ("metadata", "dry_run", "draft")
+    ]
+    + [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+            "description": "Batch field, for streamed (CSV/NDJSON) bodies.",
+        }
+        for name in ("dry_run", "draft")
+    ]
+    + [
+        {
+            "name": "metadata",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "maxLength": 1000},
+            "description": "Batch field for streamed bodies: a JSON object's text.",
+        },
+    ]
+)
 _PAGING = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
     {"name": "cursor", "in": "query", "schema": {"type": "string", "maxLength": 512}},
@@ -87,9 +118,12 @@ _PAGING = [
 
 
 def _object(
-    properties: dict[str, Any], *, required: list[str] | None = None, streamed: bool = False,
+    properties: dict[str, Any],
+    *,
+    required: list[str] | None = None,
+    streamed: bool = False,
     choice: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """A request body: a JSON object with these properties and no others (``streamed``: or
     NDJSON/CSV; ``choice``: it must also match one of these)."""
     schema: dict[str, Any] = {"type": "object", "additionalProperties": False}
@@ -154,7 +188,7 @@ OPENAPI: dict[str, Any] = {
                         "nullable": True,
                         "description": "Template variables (a template may need some)",
                     },
-                },  # fmt: skip
+                },
             },
             "BatchCreate": {
                 "type": "object",
@@ -180,7 +214,7 @@ OPENAPI: dict[str, Any] = {
                             {"required": ["draft"], "properties": {"draft": {"enum": [True]}}},
                         ]
                     },
-                ],  # fmt: skip
+                ],
             },
             "Created": {
                 "type": "object",
@@ -381,7 +415,7 @@ OPENAPI: dict[str, Any] = {
                     {"recipients": {"type": "array", "items": _ref("Recipient"), "minItems": 1}},
                     required=["recipients"],
                     streamed=True,
-                ),  # fmt: skip
+                ),
                 "responses": {
                     "200": {
                         "description": "The draft's new size",
@@ -427,7 +461,7 @@ OPENAPI: dict[str, Any] = {
                         "description": "The last address seen",
                         "schema": {"type": "string", "maxLength": 254},
                     },
-                ],  # fmt: skip
+                ],
                 "responses": {
                     "200": {"description": "A page (next_cursor: the last address)"},
                     "401": _ERROR,
@@ -447,7 +481,7 @@ OPENAPI: dict[str, Any] = {
                         "reason": {"type": "string", "minLength": 1, "maxLength": 200},
                     },
                     required=["emails"],
-                ),  # fmt: skip
+                ),
                 "responses": {
                     "201": {"description": "How many were new"},
                     "400": _ERROR,
@@ -516,7 +550,7 @@ OPENAPI: dict[str, Any] = {
                             "maxProperties": 1,
                             "properties": {"all": {"enum": [True]}},
                         },
-                    ],  # fmt: skip
+                    ],
                 ),
                 "responses": {
                     "200": {"description": "How many were replayed"},
@@ -600,16 +634,17 @@ OPENAPI: dict[str, Any] = {
             "post": {
                 "security": [],
                 "summary": "Provider delivery events (signature checked per provider)",
-                "description": "mock (only where MOCK_PROVIDER_ENABLED): `X-Mock-Timestamp` "
-                "(Unix seconds) and `X-Mock-Signature: sha256=<hex HMAC-SHA256 of "
-                "'<timestamp>.' + body>`. 401 `bad_signature`; `stale_signature` when the "
+                "description": "".join(f"{name}: {w.scheme}. " for name, w in WEBHOOKS.items())
+                + "401 `bad_signature`; `stale_signature` when the "
                 "timestamp is more than 5 minutes from the server's clock; "
                 "`replayed_signature` for a post already received. 404 `unknown_provider` "
                 "for a provider without a webhook route here.",
                 "parameters": [
-                    _path("provider", enum=list(WEBHOOK_PROVIDERS)),
-                    {"name": "X-Mock-Timestamp", "in": "header", "schema": {"type": "string"}},
-                    {"name": "X-Mock-Signature", "in": "header", "schema": {"type": "string"}},
+                    _path("provider", enum=list(WEBHOOKS)),
+                    *(
+                        {"name": header, "in": "header", "schema": {"type": "string"}}
+                        for header in dict.fromkeys(h for w in WEBHOOKS.values() for h in w.headers)
+                    ),
                 ],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
                 "responses": {

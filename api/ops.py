@@ -4,32 +4,36 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api import app as api_app
+from api import context
 from api.openapi import OPENAPI
 from engine.metrics import render_metrics
 
 
 async def health(request: web.Request) -> web.Response:
-    checks = await request.app[api_app.HEALTH].check()
+    checks = await request.app[context.HEALTH].check()
     down = [name for name, state in checks.items() if state != "ok"]
     if down:
         body = {"status": "down", "down": down, "checks": checks}
-        return api_app.json_response(body, status=503)
-    return api_app.json_response({"status": "ok", "checks": checks})
+        return context.json_response(body, status=503)
+    return context.json_response({"status": "ok", "checks": checks})
 
 
 async def live(_request: web.Request) -> web.Response:
-    return api_app.json_response({"status": "ok"})
+    return context.json_response({"status": "ok"})
 
 
 async def prometheus(request: web.Request) -> web.Response:
-    body = await render_metrics(request.app[api_app.SERVICES])
-    return web.Response(body=body, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
+    body = await render_metrics(request.app[context.SERVICES])
+    return web.Response(
+        body=body,
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
 
 
 async def openapi(_request: web.Request) -> web.Response:
-    return api_app.json_response(OPENAPI)
+    return context.json_response(OPENAPI)
 
 
 def add_routes(app: web.Application) -> None:

@@ -4,28 +4,30 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api import app as api_app
-from engine import queues
+from api import context
+from engine import deadletters, queue_stats
 
 
 async def stats(request: web.Request) -> web.Response:
-    result = await queues.queue_stats(request.app[api_app.SERVICES], request[api_app.TENANT])
-    return api_app.json_response(result)
+    result = await queue_stats.queue_stats(request.app[context.SERVICES], request[context.TENANT])
+    return context.json_response(result)
 
 
 async def dlq(request: web.Request) -> web.Response:
-    result = await queues.dead_letters(
-        request.app[api_app.SERVICES], request[api_app.TENANT],
-        limit=api_app.query_int(request, "limit"), after=api_app.query_int(request, "cursor"),
-    )  # fmt: skip
-    return api_app.json_response(result)
+    result = await deadletters.dead_letters(
+        request.app[context.SERVICES],
+        request[context.TENANT],
+        limit=context.query_int(request, "limit"),
+        after=context.query_int(request, "cursor"),
+    )
+    return context.json_response(result)
 
 
 async def replay(request: web.Request) -> web.Response:
-    replayed = await queues.replay_request(
-        request.app[api_app.SERVICES], request[api_app.TENANT], await api_app.json_body(request)
+    replayed = await deadletters.replay_request(
+        request.app[context.SERVICES], request[context.TENANT], await context.json_body(request)
     )
-    return api_app.json_response({"replayed": replayed})
+    return context.json_response({"replayed": replayed})
 
 
 def add_routes(app: web.Application) -> None:

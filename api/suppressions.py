@@ -6,7 +6,7 @@ import html
 
 from aiohttp import web
 
-from api import app as api_app
+from api import context
 from engine import suppressions
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Unsubscribe</title></head>
@@ -14,41 +14,45 @@ _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Unsubscribe</
 
 
 async def index(request: web.Request) -> web.Response:
-    limit = api_app.query_int(request, "limit", 100)
+    limit = context.query_int(request, "limit", 100)
     result = await suppressions.list_suppressions(
-        request.app[api_app.SERVICES].pool, request[api_app.TENANT],
-        limit=limit, after=request.query.get("cursor"),
-    )  # fmt: skip
-    return api_app.json_response(result)
+        request.app[context.SERVICES].pool,
+        request[context.TENANT],
+        limit=limit,
+        after=request.query.get("cursor"),
+    )
+    return context.json_response(result)
 
 
 async def add(request: web.Request) -> web.Response:
-    body = await api_app.json_body(request)
+    body = await context.json_body(request)
     added = await suppressions.add_suppressions(
-        request.app[api_app.SERVICES].pool, request[api_app.TENANT], body
+        request.app[context.SERVICES].pool, request[context.TENANT], body
     )
-    return api_app.json_response({"added": added}, status=201)
+    return context.json_response({"added": added}, status=201)
 
 
 async def remove(request: web.Request) -> web.Response:
     await suppressions.remove_suppression(
-        request.app[api_app.SERVICES].pool, request[api_app.TENANT], request.match_info["email"]
+        request.app[context.SERVICES].pool, request[context.TENANT], request.match_info["email"]
     )
     return web.Response(status=204)
 
 
 async def confirm(request: web.Request) -> web.Response:
     """A page with one button: a GET (a link scanner, a preview) never unsubscribes."""
-    settings = request.app[api_app.SETTINGS]
+    settings = request.app[context.SETTINGS]
     _, email = suppressions.read_token(settings.unsubscribe_secret, request.match_info["token"])
-    body = (f"<p>Stop e-mail to <b>{html.escape(email)}</b>?</p><form method='post'>"
-            "<button name='List-Unsubscribe' value='One-Click'>Unsubscribe</button></form>")  # fmt: skip
+    body = (
+        f"<p>Stop e-mail to <b>{html.escape(email)}</b>?</p><form method='post'>"
+        "<button name='List-Unsubscribe' value='One-Click'>Unsubscribe</button></form>"
+    )
     return web.Response(text=_PAGE.format(body=body), content_type="text/html")
 
 
 async def one_click(request: web.Request) -> web.Response:
     """RFC 8058 one-click unsubscribe (and the confirmation page's button)."""
-    services = request.app[api_app.SERVICES]
+    services = request.app[context.SERVICES]
     email = await suppressions.unsubscribe(
         services.pool, services.settings.unsubscribe_secret, request.match_info["token"]
     )

@@ -98,10 +98,15 @@ def summary(r: dict[str, Any]) -> tuple[list[str], bool]:
             lines.append(f"Peer {name}: {peer['per_second']:,.0f}/s ({peer.get('note', '')})")
     lines.append("Targets:")
     t = target_run
-    target(f"end to end ≥ 25,000/s for {t['recipients']:,}: {t['e2e_per_s']:,.0f}/s",
-           t["e2e_per_s"] >= 25_000)  # fmt: skip
-    target(f"intake ≥ 200,000/s ({t['recipients']:,} in {t['intake_s']:.2f} s): "
-           f"{t['intake_per_s']:,.0f}/s", t["intake_per_s"] >= 200_000)  # fmt: skip
+    target(
+        f"end to end ≥ 25,000/s for {t['recipients']:,}: {t['e2e_per_s']:,.0f}/s",
+        t["e2e_per_s"] >= 25_000,
+    )
+    target(
+        f"intake ≥ 200,000/s ({t['recipients']:,} in {t['intake_s']:.2f} s): "
+        f"{t['intake_per_s']:,.0f}/s",
+        t["intake_per_s"] >= 200_000,
+    )
     target(
         f"API RSS ≤ 300 MB: {big['peak_rss_mb'].get('api', 0):.0f} MB",
         big["peak_rss_mb"].get("api", 0) <= 300,
@@ -118,12 +123,16 @@ def summary(r: dict[str, Any]) -> tuple[list[str], bool]:
     target(f"≥ 50 % of the floor: {100 * ratio:.0f} %", ratio >= 0.5)
     if hooked:
         ratio = hooked["e2e_per_s"] / floor["combined_webhook"]
-        target(f"with webhooks, ≥ 50 % of the floor with webhooks: {100 * ratio:.0f} %",
-               ratio >= 0.5)  # fmt: skip
+        target(
+            f"with webhooks, ≥ 50 % of the floor with webhooks: {100 * ratio:.0f} %", ratio >= 0.5
+        )
     first, last = runs[0], runs[-1]
     growth = (last["e2e_s"] / last["recipients"]) / (first["e2e_s"] / first["recipients"])
-    target(f"cost grows linearly: time per recipient ×{growth:.2f} from {first['recipients']:,} "
-           f"to {last['recipients']:,}", growth <= 1.25)  # fmt: skip
+    target(
+        f"cost grows linearly: time per recipient ×{growth:.2f} from {first['recipients']:,} "
+        f"to {last['recipients']:,}",
+        growth <= 1.25,
+    )
     rr = r["rate"]
     target(f"rate {rr['rate']:,.0f}/s ±3 %: mean {rr['mean_per_s']:,.1f}/s", rr["rate_ok"])
     target(f"≤ rate + burst in any 1 s window: max {rr['sliding_max_1s']:,}", rr["cap_ok"])
@@ -179,8 +188,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sizes", default="100000,1000000", help="REST batch sizes, comma-separated"
     )
-    parser.add_argument("--peer-run", type=int, default=20_000,
-                        help="recipients each peer really sends; its figure is scaled to 100,000")  # fmt: skip
+    parser.add_argument(
+        "--peer-run",
+        type=int,
+        default=20_000,
+        help="recipients each peer really sends; its figure is scaled to 100,000",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--json", type=Path, help="write every figure to this file")

@@ -31,9 +31,9 @@ import aiohttp
 import orjson
 
 from bench.profile import Profiler
-from bench.stack import Stack, environ_for, isolated_environ, mock_stats, tenant_key
+from devkit.stack import Stack, drop_all, environ_for, isolated_environ, mock_stats, tenant_key
 from engine.config import load_settings
-from engine.migrate import drop_all, migrate_all
+from engine.migrate import migrate_all
 from engine.publisher import BatchRequest, Publisher, Recipient
 
 TEMPLATE = {
@@ -50,13 +50,15 @@ def ndjson_body(total: int, chunk_rows: int = 10_000) -> list[bytes]:
     spend the machine's CPU generating JSON while the server works)."""
     body = [orjson.dumps(TEMPLATE) + b"\n"]
     for start in range(0, total, chunk_rows):
-        body.append(b"".join(
-            orjson.dumps(
-                {"email": f"user{i}@example.com", "name": f"User {i}", "vars": {"code": str(i)}}
+        body.append(
+            b"".join(
+                orjson.dumps(
+                    {"email": f"user{i}@example.com", "name": f"User {i}", "vars": {"code": str(i)}}
+                )
+                + b"\n"
+                for i in range(start, min(total, start + chunk_rows))
             )
-            + b"\n"
-            for i in range(start, min(total, start + chunk_rows))
-        ))  # fmt: skip
+        )
     return body
 
 
@@ -119,18 +121,27 @@ async def run_nats(stack: Stack, key: str, tenant: str, total: int) -> float:
 
 def machine() -> str:
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
-    )  # fmt: skip
+    )
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{os.cpu_count()} cores ({cpu}), {mem_gb:.0f} GiB, Python {platform.python_version()}"
 
 
 async def measure_e2e(
-    recipients: int, *, workers: int = 2, latency_ms: float = 0.0, concurrency: int = 32,
-    nats_recipients: int = 0, profile: str | None = None, webhooks: bool = False,
-) -> dict[str, Any]:  # fmt: skip
+    recipients: int,
+    *,
+    workers: int = 2,
+    latency_ms: float = 0.0,
+    concurrency: int = 32,
+    nats_recipients: int = 0,
+    profile: str | None = None,
+    webhooks: bool = False,
+) -> dict[str, Any]:
     """One REST batch (and optionally one NATS batch) through a throw-away deployment.
 
     ``webhooks``: the mock provider also posts a signed ``delivered`` event per recipient
@@ -171,18 +182,26 @@ async def measure_e2e(
         await drop_all(settings)
     seconds = sorted(int(k) for k in stats["per_second"])
     return {
-        "recipients": recipients, "workers": workers, "latency_ms": latency_ms,
+        "recipients": recipients,
+        "workers": workers,
+        "latency_ms": latency_ms,
         "webhooks": webhooks,
-        "intake_s": rest["intake_s"], "intake_per_s": recipients / rest["intake_s"],
-        "e2e_s": rest["e2e_s"], "e2e_per_s": recipients / rest["e2e_s"],
-        "nats_recipients": nats_recipients, "nats_s": nats_s,
+        "intake_s": rest["intake_s"],
+        "intake_per_s": recipients / rest["intake_s"],
+        "e2e_s": rest["e2e_s"],
+        "e2e_per_s": recipients / rest["e2e_s"],
+        "nats_recipients": nats_recipients,
+        "nats_s": nats_s,
         "nats_per_s": nats_recipients / nats_s if nats_s else None,
-        "peak_rss_mb": peaks, "cpu_s": cpu, "provider": stats,
+        "peak_rss_mb": peaks,
+        "cpu_s": cpu,
+        "provider": stats,
         "sends_from_s": seconds[0] - rest["start"] if seconds else None,
         "sends_until_s": seconds[-1] + 1 - rest["start"] if seconds else None,
-        "exactly_once": stats["unique"] == recipients + nats_recipients and stats["duplicates"] == 0,
+        "exactly_once": stats["unique"] == recipients + nats_recipients
+        and stats["duplicates"] == 0,
         "profile": profiler.summary() if profiler else None,
-    }  # fmt: skip
+    }
 
 
 def report(r: dict[str, Any]) -> bool:
@@ -196,21 +215,29 @@ def report(r: dict[str, Any]) -> bool:
     print(f"intake:             {r['intake_s']:.2f} s  = {r['intake_per_s']:,.0f} recipients/s")
     print(f"end-to-end:         {r['e2e_s']:.2f} s  = {r['e2e_per_s']:,.0f} recipients/s")
     if r["nats_s"] is not None:
-        print(f"NATS batch:         {r['nats_recipients']:,} in {r['nats_s']:.2f} s"
-              f" = {r['nats_per_s']:,.0f} recipients/s")  # fmt: skip
+        print(
+            f"NATS batch:         {r['nats_recipients']:,} in {r['nats_s']:.2f} s"
+            f" = {r['nats_per_s']:,.0f} recipients/s"
+        )
     print(
         "peak RSS (MB):      "
         + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["peak_rss_mb"].items()))
     )
     busy = sorted(((v, k) for k, v in r["cpu_s"].items() if v >= 0.05), reverse=True)
-    print(f"CPU s (REST batch): total {sum(r['cpu_s'].values()):.1f} of {2 * r['e2e_s']:.1f} on 2 cores; "
-          + ", ".join(f"{k} {v:.1f}" for v, k in busy))  # fmt: skip
+    print(
+        f"CPU s (REST batch): total {sum(r['cpu_s'].values()):.1f} of {2 * r['e2e_s']:.1f} on 2 cores; "
+        + ", ".join(f"{k} {v:.1f}" for v, k in busy)
+    )
     stats = r["provider"]
-    print(f"provider received:  {stats['accepted']:,} ({stats['unique']:,} unique, "
-          f"{stats['duplicates']} duplicates)")  # fmt: skip
+    print(
+        f"provider received:  {stats['accepted']:,} ({stats['unique']:,} unique, "
+        f"{stats['duplicates']} duplicates)"
+    )
     if r["sends_from_s"] is not None:
-        print(f"provider timeline:  sends from {r['sends_from_s']:.0f} s to {r['sends_until_s']:.0f} s "
-              f"after the POST, peak {max(stats['per_second'].values()):,}/s")  # fmt: skip
+        print(
+            f"provider timeline:  sends from {r['sends_from_s']:.0f} s to {r['sends_until_s']:.0f} s "
+            f"after the POST, peak {max(stats['per_second'].values()):,}/s"
+        )
     if r["profile"]:
         print(r["profile"])
     print(
@@ -222,10 +249,14 @@ def report(r: dict[str, Any]) -> bool:
 
 async def main(args: argparse.Namespace) -> int:
     result = await measure_e2e(
-        args.recipients, workers=args.workers, latency_ms=args.latency_ms,
-        concurrency=args.concurrency, nats_recipients=args.nats_recipients if args.nats else 0,
-        profile=args.profile, webhooks=args.webhooks,
-    )  # fmt: skip
+        args.recipients,
+        workers=args.workers,
+        latency_ms=args.latency_ms,
+        concurrency=args.concurrency,
+        nats_recipients=args.nats_recipients if args.nats else 0,
+        profile=args.profile,
+        webhooks=args.webhooks,
+    )
     return 0 if report(result) else 1
 
 
@@ -241,8 +272,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32, help="chunks in flight per worker")
     parser.add_argument("--nats", action="store_true", help="also send one batch over NATS")
     parser.add_argument("--nats-recipients", type=int, default=10_000)
-    parser.add_argument("--webhooks", action="store_true",
-                        help="the mock posts a delivered webhook per recipient (a second status write)")  # fmt: skip
+    parser.add_argument(
+        "--webhooks",
+        action="store_true",
+        help="the mock posts a delivered webhook per recipient (a second status write)",
+    )
     parser.add_argument(
         "--profile", metavar="DIR", help="py-spy every process into DIR and summarise"
     )

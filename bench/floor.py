@@ -4,30 +4,30 @@
     python -m bench.floor --recipients 200000 --mock-latency-ms 20   # also a 20 ms mock
 
 Each component is measured on its own, on N recipients in chunks of 100, in a throw-away
-deployment (``bench.stack.isolated_environ``, ``migrate_all``; ``drop_all`` at the end),
+deployment (``devkit.stack.isolated_environ``, ``migrate_all``; ``drop_all`` at the end),
 and reported in recipients/s. No engine process runs; this program does the client side
 exactly as the engine does it, with the engine's own functions where they exist:
 
 1. NATS (the deployment's real streams and durable pull consumers): the chunk messages
    (``{"b","t","p","f","n"}`` with ``Nats-Msg-Id`` ``batch:first``) published with
-   ``publish_async`` in windows of 512 (``engine.intake.queue_chunks``), then fetched 64 at a
+   ``publish_async`` in windows of 512 (``engine.chunks.queue_batch``), then fetched 64 at a
    time from ``send`` and acked one by one (the worker's send loop). Then one results
    message per chunk (``engine.results.encode`` of 100 realistic rows) published the same
    way and read by both consumers of the RESULTS stream as the worker reads them:
    ``results-pg`` ``RESULTS_FLUSH_MESSAGES`` per fetch, ``results-ch`` 500 per fetch.
 2. PostgreSQL, through ``engine.db.create_pool``: ``copy_records_to_table`` of the
-   recipients (the columns and types of ``engine.intake``), then
+   recipients (the columns and types of ``engine.intake.copier``), then
    ``engine.results.apply_results`` over the same rows in flushes of
    ``RESULTS_FLUSH_MESSAGES`` results messages (what one ``results-pg`` fetch brings), first ``sent``, then
    a second pass of ``delivered`` (the webhook update).
 3. ClickHouse: ``engine.clickhouse.ClickHouse.insert_events`` of the same events, built
-   column by column as ``engine.events.EventWriter`` builds them, ``CLICKHOUSE_FLUSH_ROWS``
+   column by column as ``engine.event_writer.EventWriter`` builds them, ``CLICKHOUSE_FLUSH_ROWS``
    rows per insert; once for ``sent``, once for ``delivered``.
 4. Token buckets: ``TokenBuckets.reserve`` once per chunk over the sender's three buckets
    (system, provider, tenant; keys under the deployment's ``KEY_PREFIX``) with rates far
    above what the run takes, one caller after the other and ``WORKER_CONCURRENCY`` (32)
    callers at once. A reservation that would make anybody wait fails the run.
-5. The mock provider's ceiling: ``python -m providers.mock_server`` on a free port
+5. The mock provider's ceiling: ``python -m devkit.mock_provider`` on a free port
    (latency 0, no webhooks), 100-message requests through ``providers.mock.MockProvider``,
    64 in flight. Every message must come back accepted.
 
@@ -73,7 +73,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -89,12 +88,11 @@ import orjson
 from nats.js import JetStreamContext
 
 from bench.e2e import machine
-from bench.stack import ROOT, free_port, isolated_environ
-from engine.adapters import CHUNK_SIZES
+from devkit.stack import ROOT, drop_all, free_port, isolated_environ, mock_provider_command
 from engine.clickhouse import EVENT_COLUMNS, ClickHouse
 from engine.config import Rate, Settings, load_settings
-from engine.events import append_event_rows
-from engine.migrate import drop_all, migrate_all
+from engine.event_writer import append_event_rows
+from engine.migrate import migrate_all
 from engine.ratelimit import TokenBuckets
 from engine.results import Columns, apply_results, decode, encode
 from engine.services import Services
@@ -102,11 +100,12 @@ from engine.tenants import ensure_tenant
 from engine.worker import RESULTS_FLUSH_MESSAGES
 from providers.base import Message
 from providers.mock import MockProvider
+from providers.registry import PROVIDERS
 
 PROVIDER = "mock"
 TENANT = "floor"
-CHUNK = CHUNK_SIZES[PROVIDER]  # 100 recipients per chunk message and per provider call
-PUBLISH_WINDOW = 512  # engine.intake.queue_chunks: futures awaited every 512 publishes
+CHUNK = PROVIDERS[PROVIDER].max_per_call  # 100 recipients per chunk message and per provider call
+PUBLISH_WINDOW = 512  # engine.chunks.queue_batch: futures awaited every 512 publishes
 CHUNK_FETCH = 64  # engine.worker: the send loop fetches at most 64 chunks at a time
 RESULTS_PG_FETCH = RESULTS_FLUSH_MESSAGES  # results-pg messages per fetch (= per flush)
 RESULTS_CH_FETCH = 500  # engine.worker: results-ch messages per fetch
@@ -117,8 +116,15 @@ SETTLE_MAX = 3.0  # s, at most
 RECIPIENT_COLUMNS = ["batch_id", "seq", "email", "name", "vars", "status"]
 
 # The steps one recipient passes, as keys of the returned rates.
-SEND_PATH = ("nats_chunks", "nats_results", "pg_copy", "pg_sent", "ch_sent",
-             "token_concurrent", "mock")  # fmt: skip
+SEND_PATH = (
+    "nats_chunks",
+    "nats_results",
+    "pg_copy",
+    "pg_sent",
+    "ch_sent",
+    "token_concurrent",
+    "mock",
+)
 WEBHOOK_EXTRA = ("nats_results", "pg_delivered", "ch_delivered")
 # Steps made of measured parts (their times and CPU add up).
 COMPOSITE = {
@@ -320,7 +326,7 @@ def _pmid(seq: int) -> str:
 
 
 def recipient_records(shape: Shape) -> list[tuple[Any, ...]]:
-    """COPY records as engine.intake makes them (the e2e benchmark's recipients)."""
+    """COPY records as engine.intake.copier makes them (the e2e benchmark's recipients)."""
     b = shape.batch_id
     return [
         (b, i, f"user{i}@example.com", f"User {i}", {"code": str(i)}, "queued")
@@ -329,7 +335,7 @@ def recipient_records(shape: Shape) -> list[tuple[Any, ...]]:
 
 
 def chunk_messages(shape: Shape) -> list[tuple[bytes, dict[str, str]]]:
-    """Bodies and headers as engine.intake.queue_chunks publishes them."""
+    """Bodies and headers as engine.chunks.queue_batch publishes them."""
     b = str(shape.batch_id)
     return [
         (
@@ -349,9 +355,18 @@ def result_bodies(shape: Shape, status: str) -> list[bytes]:
         columns = Columns()
         for seq in range(first, first + n):
             if status == "sent":
-                columns.append(b, seq, "sent", _pmid(seq), None, 1, 3 + first % 7, "example.com")
+                columns.append(
+                    b,
+                    seq,
+                    "sent",
+                    provider_message_id=_pmid(seq),
+                    latency_ms=3 + first % 7,
+                    domain="example.com",
+                )
             else:
-                columns.append(b, seq, status, _pmid(seq), None, 0, 0, "example.com")
+                columns.append(
+                    b, seq, status, provider_message_id=_pmid(seq), attempts=0, domain="example.com"
+                )
         bodies.append(encode(TENANT if status == "sent" else None, PROVIDER, columns))
     return bodies
 
@@ -368,7 +383,7 @@ def status_flushes(bodies: list[bytes]) -> list[Columns]:
 
 
 def event_columns(bodies: list[bytes]) -> list[list[Any]]:
-    """ClickHouse columns as engine.events.EventWriter builds them."""
+    """ClickHouse columns as engine.event_writer.EventWriter builds them."""
     columns: list[list[Any]] = [[] for _ in EVENT_COLUMNS]
     tenants: dict[str, str] = {}  # webhook results: the writer looks the tenant up by batch
     for body in bodies:
@@ -407,8 +422,9 @@ def provider_calls(shape: Shape) -> list[list[Message]]:
 # --- 1. NATS -----------------------------------------------------------------------------
 
 
-async def _publish(js: JetStreamContext, subject: str,
-                   messages: Sequence[tuple[bytes, dict[str, str] | None]]) -> None:  # fmt: skip
+async def _publish(
+    js: JetStreamContext, subject: str, messages: Sequence[tuple[bytes, dict[str, str] | None]]
+) -> None:
     pending: list[asyncio.Future[Any]] = []
     for body, headers in messages:
         pending.append(await js.publish_async(subject, body, headers=headers))
@@ -486,27 +502,34 @@ async def measure_postgres(
 ) -> None:
     pool, n = services.pool, shape.recipients
     records = recipient_records(shape)
-    passes = [("pg_sent", "sent", status_flushes(sent)),
-              ("pg_delivered", "delivered", status_flushes(delivered))]  # fmt: skip
+    passes = [
+        ("pg_sent", "sent", status_flushes(sent)),
+        ("pg_delivered", "delivered", status_flushes(delivered)),
+    ]
     await ensure_tenant(pool, TENANT)
     await pool.execute(
         """INSERT INTO batches (id, tenant_id, name, from_email, subject, text, provider,
                status, chunk_size, total_recipients)
            VALUES ($1, $2, 'floor', 'bench@example.com', 'Hello {{ name }}',
                    'Your code is {{ code }}.', $3, 'queued', $4, $5)""",
-        shape.batch_id, TENANT, PROVIDER, shape.chunk, n,
-    )  # fmt: skip
+        shape.batch_id,
+        TENANT,
+        PROVIDER,
+        shape.chunk,
+        n,
+    )
     try:
         async with pool.acquire() as conn:
             async with meter.measure("pg_copy", "PG    COPY recipients (copy_records_to_table)"):
                 await conn.copy_records_to_table(
                     "recipients", records=records, columns=RECIPIENT_COLUMNS
                 )
-            # engine.intake adds the batch's counts after its COPY (one row, not timed).
+            # engine.lifecycle.created adds the batch's counts after its COPY (one row, not timed).
             await conn.execute(
                 "INSERT INTO batch_counts (batch_id, status, n) VALUES ($1, 'queued', $2)",
-                shape.batch_id, n,
-            )  # fmt: skip
+                shape.batch_id,
+                n,
+            )
         del records
         rows = f"{RESULTS_PG_FETCH * shape.chunk:,}"
         for key, status, flushes in passes:
@@ -565,8 +588,11 @@ async def measure_clickhouse(
 async def measure_tokens(services: Services, meter: Meter, shape: Shape, callers: int) -> None:
     plenty = 10 * shape.recipients + 1_000_000  # never binds: refills faster than we take
     rate = Rate(float(plenty), plenty)
-    keys = [services.key("rl", "system"), services.key("rl", "provider", PROVIDER),
-            services.key("rl", "tenant", TENANT)]  # fmt: skip
+    keys = [
+        services.key("rl", "system"),
+        services.key("rl", "provider", PROVIDER),
+        services.key("rl", "tenant", TENANT),
+    ]
     buckets = [(key, rate) for key in keys]
     tokens = TokenBuckets(services.redis)
     sizes = [n for _, n in shape.chunks]
@@ -617,17 +643,18 @@ async def measure_mock(meter: Meter, calls: list[list[Message]], latency_ms: flo
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile(prefix="floor-mock-", suffix=".log", delete=False)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "providers.mock_server", "--host", "127.0.0.1",
-        "--port", str(port), "--latency-ms", str(latency_ms),
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        *mock_provider_command(port, latency_ms),
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     provider = MockProvider(url)
     accepted = 0
 
     async def caller(todo: Iterator[list[Message]]) -> None:
         nonlocal accepted
         for messages in todo:
-            answers = await provider.send_batch(messages)
+            answers = await provider.send(messages)
             accepted += sum(answer.ok for answer in answers)  # not `+= await`: lost updates
 
     try:
@@ -767,9 +794,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--recipients", type=int, default=200_000)
     parser.add_argument(
-        "--mock-latency-ms", type=float, default=None,
+        "--mock-latency-ms",
+        type=float,
+        default=None,
         help="also measure the mock provider answering after this many ms (e.g. 20)",
-    )  # fmt: skip
+    )
     return parser.parse_args(argv)
 
 

@@ -10,7 +10,7 @@ each starts (a few untimed tries first open the connections and warm the caches)
 the mock accepted the message is read from its delivery webhook, which carries the
 ``time.time()`` of the accept: the deployment's mock posts its webhooks to a tap in this
 program that records the times and forwards each post unchanged to the API (see
-``bench.stack.WebhookTap``). Nothing polls the mock, so the measurement adds no load, and
+``devkit.stack.WebhookTap``). Nothing polls the mock, so the measurement adds no load, and
 the mock is not changed. A try ends when its webhook has come in (the mock posts them
 every 0.2 s); the pause starts then. To show where the time goes the program also records
 when the API answered 201 and when the chunk message appeared on the NATS send subject (a
@@ -34,7 +34,7 @@ import orjson
 from nats.aio.msg import Msg
 
 from bench.e2e import TEMPLATE, machine
-from bench.stack import UNLIMITED, WebhookTap, deployment, mock_stats
+from devkit.stack import UNLIMITED, WebhookTap, deployment, mock_stats
 from engine.topology import Topology
 
 P50_MS, P99_MS = 50.0, 200.0
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_latency(
             args.tries, workers=args.workers, pause_ms=args.pause_ms, warmup=args.warmup
         )
-    )  # fmt: skip
+    )
     return 0 if report(result) else 1
 
 

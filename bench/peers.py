@@ -7,7 +7,7 @@
 
 One task per recipient on a Redis broker (Celery: db 13, Dramatiq: db 14, flushed before
 and after), each task rendering its recipient with ``str.format`` and sending it as ONE
-message per request to the real mock provider (``providers/mock_server.py``, 20 ms per
+message per request to the real mock provider (``devkit/mock_provider.py``, 20 ms per
 request by default) over a keep-alive connection pool per worker process. The workers are
 started as their CLIs would be, awaited ready and warmed up (the warm-up messages are not
 counted: the mock is reset after them); the clock runs from the first enqueue until the mock
@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from bench.stack import ROOT, free_port, http_ok, wait_until
+from devkit.stack import ROOT, free_port, http_ok, mock_provider_command, wait_until
 
 REDIS_URL = os.environ.get("PEER_REDIS_URL", "redis://127.0.0.1:6379")
 CELERY_DB = 13
@@ -83,14 +83,22 @@ class CeleryConfig:
     def worker_args(self, index: int) -> list[str]:
         return [
             "worker",
-            "--pool", self.pool,
-            "--concurrency", str(self.concurrency),
-            "--prefetch-multiplier", str(self.prefetch_multiplier),
-            "--hostname", f"peer{index}@%h",
-            "--loglevel", "WARNING",
-            "--optimization", "fair",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ]  # fmt: skip
+            "--pool",
+            self.pool,
+            "--concurrency",
+            str(self.concurrency),
+            "--prefetch-multiplier",
+            str(self.prefetch_multiplier),
+            "--hostname",
+            f"peer{index}@%h",
+            "--loglevel",
+            "WARNING",
+            "--optimization",
+            "fair",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
 
 
 @dataclass(frozen=True)
@@ -243,18 +251,20 @@ class Harness:
         log = (self.logs / f"{name}.log").open("ab")
         environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.procs[name] = subprocess.Popen(
-            argv, cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT,
+            argv,
+            cwd=ROOT,
+            env=environ,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
         log.close()
 
     def __enter__(self) -> Harness:
         self.redis().flushdb()
         port = free_port()
         self.mock_url = f"http://127.0.0.1:{port}"
-        argv = [sys.executable, "-m", "providers.mock_server", "--host", "127.0.0.1",
-                "--port", str(port), "--latency-ms", str(self.latency_ms)]  # fmt: skip
-        self.start("mock-provider", argv)
+        self.start("mock-provider", mock_provider_command(port, self.latency_ms))
         wait_until(lambda: http_ok(f"{self.mock_url}/health"), 30, what="mock provider")
         return self
 
@@ -430,8 +440,14 @@ def run_celery(
         env = harness.worker_env(pool_size=cfg.concurrency)
         env["PEER_CELERY_CONFIG"] = json.dumps(app_config)
         for i in range(1, cfg.instances + 1):
-            argv = [sys.executable, "-m", "celery", "-A", "bench.peer_tasks:celery_app",
-                    *cfg.worker_args(i)]  # fmt: skip
+            argv = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench.peer_tasks:celery_app",
+                *cfg.worker_args(i),
+            ]
             harness.start(f"celery-worker-{i}", argv, env)
 
         app = build_celery_app(harness.broker_url, app_config)
@@ -483,8 +499,15 @@ def run_dramatiq(
         if cfg.prefetch:
             env["dramatiq_queue_prefetch"] = str(cfg.prefetch)
         boot = ["-c", DRAMATIQ_GEVENT] if cfg.gevent else ["-m", "dramatiq"]
-        argv = [sys.executable, *boot, "--processes", str(cfg.processes),
-                "--threads", str(cfg.threads), "bench.peer_tasks:setup_dramatiq"]  # fmt: skip
+        argv = [
+            sys.executable,
+            *boot,
+            "--processes",
+            str(cfg.processes),
+            "--threads",
+            str(cfg.threads),
+            "bench.peer_tasks:setup_dramatiq",
+        ]
         harness.start("dramatiq", argv, env)
         log = harness.logs / "dramatiq.log"
 
@@ -565,26 +588,35 @@ def print_result(result: dict[str, Any], target: int) -> None:
     once = "yes" if result["exactly_once"] else "NO"
     print(f"\n== {result['peer']} [{settings['config']}]: {settings['worker_command']}")
     print(f"   recipients run      {result['recipients']:,}")
-    print(f"   enqueue             {result['enqueue_s']:.2f} s "
-          f"({result['enqueue_per_second']:,} /s, overlapping the sending)")  # fmt: skip
+    print(
+        f"   enqueue             {result['enqueue_s']:.2f} s "
+        f"({result['enqueue_per_second']:,} /s, overlapping the sending)"
+    )
     print(
         f"   end to end          {result['total_s']:.2f} s = {result['per_second']:,} recipients/s"
     )
     print(f"   provider requests   {result['provider_requests']:,} (one recipient each)")
-    print(f"   exactly once        {once} (accepted {mock['accepted']:,}, unique "
-          f"{mock['unique']:,}, duplicates {mock['duplicates']:,})")  # fmt: skip
+    print(
+        f"   exactly once        {once} (accepted {mock['accepted']:,}, unique "
+        f"{mock['unique']:,}, duplicates {mock['duplicates']:,})"
+    )
     cpu = ", ".join(f"{name} {value}" for name, value in _grouped(result["cpu_s"], "sum"))
     print(f"   CPU seconds         {cpu}")
-    print(f"   CPU per recipient   {result['cpu_ms_per_recipient']['workers']} ms in the "
-          f"workers, {result['cpu_ms_per_recipient']['all']} ms in all the above")  # fmt: skip
-    print(f"   machine CPU busy    {result['machine_cpu_s']} s in {result['total_s']:.1f} s on "
-          f"{os.cpu_count()} cores, of which {result['other_cpu_s']} s by other processes "
-          f"({result.get('noise', 0):.1%} of the CPU; attempt {result.get('attempt', 1)})")  # fmt: skip
+    print(
+        f"   CPU per recipient   {result['cpu_ms_per_recipient']['workers']} ms in the "
+        f"workers, {result['cpu_ms_per_recipient']['all']} ms in all the above"
+    )
+    print(
+        f"   machine CPU busy    {result['machine_cpu_s']} s in {result['total_s']:.1f} s on "
+        f"{os.cpu_count()} cores, of which {result['other_cpu_s']} s by other processes "
+        f"({result.get('noise', 0):.1%} of the CPU; attempt {result.get('attempt', 1)})"
+    )
     rss = ", ".join(f"{name} {value}" for name, value in _grouped(result["peak_rss_mb"], "max"))
     print(f"   peak RSS MB         {rss}")
     before, after = result["calibration_ms"]
-    print(f"   core speed          fixed loop {before} ms before, {after} ms after "
-          "(lower = faster)")  # fmt: skip
+    print(
+        f"   core speed          fixed loop {before} ms before, {after} ms after (lower = faster)"
+    )
     if len(result.get("repeats", ())) > 1:
         rates = ", ".join(f"{rate:,}" for rate in result["repeats"])
         print(f"   repeats             {rates} recipients/s; the median run is shown")
@@ -592,31 +624,52 @@ def print_result(result: dict[str, Any], target: int) -> None:
         print(f"   logs kept in        {result['logs']}")
     if target != result["recipients"]:
         scaled = scale(result, target)
-        print(f"   SCALED to {target:,} (x{scaled['factor']:g}, same rate, NOT run): "
-              f"enqueue ~{scaled['enqueue_s']} s, end to end ~{scaled['total_s']} s "
-              f"at {scaled['per_second']:,} recipients/s")  # fmt: skip
+        print(
+            f"   SCALED to {target:,} (x{scaled['factor']:g}, same rate, NOT run): "
+            f"enqueue ~{scaled['enqueue_s']} s, end to end ~{scaled['total_s']} s "
+            f"at {scaled['per_second']:,} recipients/s"
+        )
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Celery / Dramatiq peer baselines.")
-    parser.add_argument("--recipients", type=int, default=100_000,
-                        help="recipients the figures are for")  # fmt: skip
-    parser.add_argument("--run", type=int, default=None,
-                        help="recipients actually sent (default: --recipients); the figures "
-                        "are then scaled linearly to --recipients")  # fmt: skip
+    parser.add_argument(
+        "--recipients", type=int, default=100_000, help="recipients the figures are for"
+    )
+    parser.add_argument(
+        "--run",
+        type=int,
+        default=None,
+        help="recipients actually sent (default: --recipients); the figures "
+        "are then scaled linearly to --recipients",
+    )
     parser.add_argument("--only", choices=sorted(RUNNERS), default=None)
     parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--config", default=None,
-                        help="configuration name (see CELERY_CONFIGS / DRAMATIQ_CONFIGS)")  # fmt: skip
+    parser.add_argument(
+        "--config", default=None, help="configuration name (see CELERY_CONFIGS / DRAMATIQ_CONFIGS)"
+    )
     parser.add_argument("--try-all", action="store_true", help="run every configuration")
-    parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT_S,
-                        help="seconds allowed per run, from first enqueue to last accepted")  # fmt: skip
-    parser.add_argument("--wait-quiet", type=float, default=120.0,
-                        help="seconds to wait for an idle machine before each run")  # fmt: skip
-    parser.add_argument("--attempts", type=int, default=3,
-                        help="runs at most while other processes take > 10%% of the CPU")  # fmt: skip
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs per configuration; the median is reported")  # fmt: skip
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=RUN_TIMEOUT_S,
+        help="seconds allowed per run, from first enqueue to last accepted",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=120.0,
+        help="seconds to wait for an idle machine before each run",
+    )
+    parser.add_argument(
+        "--attempts",
+        type=int,
+        default=3,
+        help="runs at most while other processes take > 10%% of the CPU",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per configuration; the median is reported"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)
 
@@ -640,8 +693,10 @@ def run_quietly(
             best = result
         if result["noise"] <= NOISE_MAX:
             break
-        print(f"   ({config}, attempt {attempt}: {result['noise']:.0%} of the CPU went to "
-              f"other processes, {result['per_second']:,} /s; not kept)")  # fmt: skip
+        print(
+            f"   ({config}, attempt {attempt}: {result['noise']:.0%} of the CPU went to "
+            f"other processes, {result['per_second']:,} /s; not kept)"
+        )
     assert best is not None
     return best
 
@@ -650,8 +705,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     run = args.run or args.recipients
     peers = [args.only] if args.only else list(RUNNERS)
-    print(f"peer baselines: {run:,} recipients run, figures for {args.recipients:,}; "
-          f"provider latency {args.latency_ms:g} ms per request; {os.cpu_count()} cores")  # fmt: skip
+    print(
+        f"peer baselines: {run:,} recipients run, figures for {args.recipients:,}; "
+        f"provider latency {args.latency_ms:g} ms per request; {os.cpu_count()} cores"
+    )
     results: list[dict[str, Any]] = []
     failed = False
     for peer in peers:
@@ -676,10 +733,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\nsummary (recipients/s end to end):")
         for result in results:
             repeats = "/".join(f"{rate:,}" for rate in result["repeats"])
-            print(f"   {result['peer']:<9} {result['settings']['config']:<26} "
-                  f"{result['per_second']:>7,} /s   enqueue {result['enqueue_per_second']:>6,} /s"
-                  f"   worker CPU {result['cpu_ms_per_recipient']['workers']:.2f} ms/recipient"
-                  f"   runs {repeats}")  # fmt: skip
+            print(
+                f"   {result['peer']:<9} {result['settings']['config']:<26} "
+                f"{result['per_second']:>7,} /s   enqueue {result['enqueue_per_second']:>6,} /s"
+                f"   worker CPU {result['cpu_ms_per_recipient']['workers']:.2f} ms/recipient"
+                f"   runs {repeats}"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 1 if failed else 0

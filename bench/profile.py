@@ -29,10 +29,22 @@ class Profiler:
         for name, pid in pids.items():
             out = self.folder / f"{name}.folded"
             self.procs[name] = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", str(self.rate),
-                 "--nonblocking", "--output", str(out)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    str(self.rate),
+                    "--nonblocking",
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -54,8 +66,15 @@ class Profiler:
                 if not stack or not count.isdigit():
                     continue
                 n = int(count)
-                frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                          if " (" in f else f for f in stack.split(";")]  # fmt: skip
+                frames = [
+                    f.split(" (")[0]
+                    + " ("
+                    + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1]
+                    + ")"
+                    if " (" in f
+                    else f
+                    for f in stack.split(";")
+                ]
                 total += n
                 own[frames[-1]] += n
                 for frame in set(frames):

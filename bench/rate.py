@@ -33,8 +33,8 @@ import aiohttp
 import orjson
 
 from bench.e2e import machine, ndjson_body
-from bench.stack import UNLIMITED, WebhookTap, deployment, mock_stats
-from engine.adapters import CHUNK_SIZES
+from devkit.stack import UNLIMITED, WebhookTap, deployment, mock_stats
+from providers.registry import PROVIDERS
 
 TOLERANCE = 0.03
 
@@ -150,7 +150,7 @@ async def measure_rate(
     run_max = max(n for s, n in per_second.items() if s < end)
     # engine.sender sends a chunk in provider calls of at most the burst
     before_end = {ref: at for ref, at in dep.tap.accepted_at.items() if at < end}
-    spreads = request_spreads(before_end, min(CHUNK_SIZES["mock"], burst))
+    spreads = request_spreads(before_end, min(PROVIDERS["mock"].max_per_call, burst))
     busiest = busiest_window(times)
     steady = busiest_window([t for t in times if t >= start])
     return {
@@ -271,10 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = asyncio.run(
         measure_rate(
-            args.rate, args.burst, args.seconds, args.workers,
-            warmup=args.warmup, recipients=args.recipients,
+            args.rate,
+            args.burst,
+            args.seconds,
+            args.workers,
+            warmup=args.warmup,
+            recipients=args.recipients,
         )
-    )  # fmt: skip
+    )
     return 0 if report(result) else 1
 
 

@@ -117,7 +117,7 @@ def well_formed(key: str) -> bool:
         len(key) <= MAX_KEY_LENGTH
         and key.isascii()
         and key.isprintable()
-        and key.startswith(tenants.KEY_PREFIX)
+        and key.startswith(tenants.API_KEY_PREFIX)
     )
 
 
@@ -154,8 +154,10 @@ async def _announce(services: Services, key_id: int) -> None:
     except TimeoutError:
         log.warning(
             "revocation of key %s not confirmed by %d API process(es); they refuse it within %g s",
-            key_id, len(expected - confirmed), CACHE_SECONDS,
-        )  # fmt: skip
+            key_id,
+            len(expected - confirmed),
+            CACHE_SECONDS,
+        )
     finally:
         await subscription.unsubscribe()
 

@@ -11,18 +11,8 @@ import asyncpg
 import orjson
 
 from engine.errors import NotFound, ValidationError
+from engine.lifecycle import BATCH_STATUSES, RECIPIENT_STATUSES
 
-BATCH_STATUSES = (
-    "draft",
-    "scheduled",
-    "queued",
-    "processing",
-    "completed",
-    "paused",
-    "cancelled",
-    "failed",
-)
-RECIPIENT_STATUSES = ("pending", "queued", "sent", "delivered", "bounced", "complained", "failed", "suppressed", "cancelled")  # fmt: skip
 _BATCH_COLUMNS = """id, name, status, provider, from_email, from_name, subject, total_recipients,
     final_count, suppressed_count, dry_run, metadata, external_id, scheduled_at, created_at,
     queued_at, started_at, completed_at"""
@@ -120,9 +110,14 @@ def batch_uuid(batch_id: str) -> uuid.UUID:
 
 
 async def list_batches(
-    pool: asyncpg.Pool, tenant_id: str, *, status: str | None = None,
-    external_id: str | None = None, limit: int | None = None, cursor: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    pool: asyncpg.Pool,
+    tenant_id: str,
+    *,
+    status: str | None = None,
+    external_id: str | None = None,
+    limit: int | None = None,
+    cursor: str | None = None,
+) -> dict[str, Any]:
     """Newest first; ``next_cursor`` pages on."""
     size = _limit(limit)
     if status is not None and status not in BATCH_STATUSES:
@@ -137,14 +132,19 @@ async def list_batches(
                AND ($3::text IS NULL OR external_id = $3)
                AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::uuid))
              ORDER BY created_at DESC, id DESC LIMIT $6""",
-        tenant_id, status, external_id,
-        after[0] if after else None, after[1] if after else None, size + 1,
-    )  # fmt: skip
+        tenant_id,
+        status,
+        external_id,
+        after[0] if after else None,
+        after[1] if after else None,
+        size + 1,
+    )
     page = rows[:size]
     next_cursor = (
         _make_cursor(page[-1]["created_at"].isoformat(), str(page[-1]["id"]))
-        if len(rows) > size else None
-    )  # fmt: skip
+        if len(rows) > size
+        else None
+    )
     return {"data": [_batch(r) for r in page], "next_cursor": next_cursor}
 
 
@@ -152,8 +152,9 @@ async def get_batch(pool: asyncpg.Pool, tenant_id: str, batch_id: str) -> dict[s
     """The batch with its recipient counts per status."""
     row = await pool.fetchrow(
         f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = $1 AND tenant_id = $2 AND status <> 'creating'",
-        batch_uuid(batch_id), tenant_id,
-    )  # fmt: skip
+        batch_uuid(batch_id),
+        tenant_id,
+    )
     if row is None:
         raise NotFound(f"batch {batch_id!r} not found")
     counts = await pool.fetch("SELECT status, n FROM batch_counts WHERE batch_id = $1", row["id"])
@@ -163,9 +164,14 @@ async def get_batch(pool: asyncpg.Pool, tenant_id: str, batch_id: str) -> dict[s
 
 
 async def list_recipients(
-    pool: asyncpg.Pool, tenant_id: str, batch_id: str, *, status: str | None = None,
-    limit: int | None = None, cursor: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    pool: asyncpg.Pool,
+    tenant_id: str,
+    batch_id: str,
+    *,
+    status: str | None = None,
+    limit: int | None = None,
+    cursor: str | None = None,
+) -> dict[str, Any]:
     """In recipient order; ``next_cursor`` pages on."""
     size = _limit(limit)
     if status is not None and status not in RECIPIENT_STATUSES:
@@ -185,8 +191,11 @@ async def list_recipients(
              FROM recipients
             WHERE batch_id = $1 AND seq > $2 AND ($3::text IS NULL OR status = $3)
             ORDER BY seq LIMIT $4""",
-        bid, after, status, size + 1,
-    )  # fmt: skip
+        bid,
+        after,
+        status,
+        size + 1,
+    )
     page = rows[:size]
     data = [
         {
@@ -198,37 +207,8 @@ async def list_recipients(
             "error": r["error"],
             "attempts": r["attempts"],
             "updated_at": _iso(r["updated_at"]),
-        }  # fmt: skip
+        }
         for r in page
     ]
     next_cursor = _make_cursor(page[-1]["seq"]) if len(rows) > size else None
     return {"data": data, "next_cursor": next_cursor}
-
-
-_MOVE = """
-WITH u AS (
-    UPDATE recipients
-       SET status = $3, updated_at = now(), error = CASE WHEN $5 THEN NULL ELSE error END
-     WHERE batch_id = $1 AND status = $2 AND ($4::int[] IS NULL OR seq = ANY($4::int[]))
- RETURNING seq
-), n AS (
-    SELECT count(*)::int AS n FROM u
-), counted AS (
-    INSERT INTO batch_counts (batch_id, status, n)
-    SELECT $1, s, d FROM n, LATERAL (VALUES ($2::text, -n.n), ($3::text, n.n)) AS v(s, d)
-     WHERE n.n > 0
-    ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
-)
-SELECT seq FROM u ORDER BY seq
-"""
-
-
-async def move_recipients(
-    conn: asyncpg.Connection, batch_id: uuid.UUID, from_status: str, to_status: str,
-    seqs: list[int] | None = None, *, clear_error: bool = False,
-) -> list[int]:  # fmt: skip
-    """Move a batch's recipients (all, or the given ``seqs``) that are in ``from_status``
-    to ``to_status``, keeping ``batch_counts`` in step; return the seqs moved. The caller
-    adjusts the batch's own row (``final_count``, status) in the same transaction."""
-    rows = await conn.fetch(_MOVE, batch_id, from_status, to_status, seqs, clear_error)
-    return [r["seq"] for r in rows]

@@ -222,6 +222,7 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], _Default]] = {
     "STALL_SECONDS": (_float(5, 86400), "60"),
     "CLICKHOUSE_FLUSH_ROWS": (_int(1, 10_000_000), "25000"),
     "CLICKHOUSE_FLUSH_SECONDS": (_float(0.05, 600), "1"),
+    # Read by providers/mock.py (MockSettings)
     "MOCK_PROVIDER_ENABLED": (_bool, _not_in_prod),  # its webhook route and intake
     "MOCK_PROVIDER_URL": (_url("http", "https"), "http://127.0.0.1:6100"),
     "MOCK_WEBHOOK_SECRET": (_text, _SECRETS["MOCK_WEBHOOK_SECRET"].default),
@@ -230,6 +231,7 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], _Default]] = {
     "AUTH_FAILURE_LIMIT": (_int(1, 1_000_000), "20"),  # failed keys per client address ...
     "AUTH_FAILURE_WINDOW_SECONDS": (_int(1, 86400), "60"),  # ... in this window, then 429
     "TRUSTED_PROXIES": (_networks, ""),  # whose X-Forwarded-For names the client
+    # Read by providers/smtp.py (SmtpSettings)
     "SMTP_HOST": (_text, "127.0.0.1"),
     "SMTP_PORT": (_int(1, 65535), "1025"),
     "SMTP_USERNAME": (_text, ""),
@@ -292,9 +294,14 @@ class Settings:
         return self.provider_rates.get(provider, self.system_rate)
 
     def provider_enabled(self, provider: str) -> bool:
-        """Whether this deployment offers ``provider`` (intake, webhooks): the mock only
-        where ``MOCK_PROVIDER_ENABLED``."""
-        return provider != "mock" or self.mock_provider_enabled
+        """Whether this deployment offers ``provider`` (intake, webhooks): it has a module
+        and its spec enables it with these settings."""
+        # Imported here: the registry loads every adapter (aiohttp, aiosmtplib), which the
+        # supervisor and the CLI's other commands never use (18 MB of RSS each).
+        from providers.registry import PROVIDERS
+
+        spec = PROVIDERS.get(provider)
+        return spec is not None and spec.enabled(self)
 
     def as_environ(self) -> dict[str, str]:
         """The settings as environment variables, for child processes started by the CLI."""

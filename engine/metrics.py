@@ -21,7 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY
 
-from engine.batches import BATCH_STATUSES
+from engine.lifecycle import BATCH_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ CHUNKS_IN_FLIGHT = Gauge(
     "batchsender_chunks_in_flight", "Chunks being processed.", multiprocess_mode="livesum"
 )
 HTTP_REQUESTS = Counter("batchsender_http_requests", "HTTP requests answered.", ["route", "status"])
-HTTP_SECONDS = Histogram("batchsender_http_request_seconds", "HTTP request duration.", ["route"], buckets=_LATENCY)  # fmt: skip
+HTTP_SECONDS = Histogram(
+    "batchsender_http_request_seconds", "HTTP request duration.", ["route"], buckets=_LATENCY
+)
 
 
 def _registry() -> CollectorRegistry:

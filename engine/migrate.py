@@ -96,37 +96,6 @@ def migrate_clickhouse(clickhouse: ClickHouse) -> list[str]:
     return applied
 
 
-async def drop_all(settings: Settings) -> None:
-    """Remove everything of one deployment: streams, keys, ClickHouse and PostgreSQL
-    databases. For throw-away deployments (test sessions, benchmark runs) only."""
-    import contextlib
-
-    import nats
-    import redis.asyncio as aioredis
-
-    from engine.topology import Topology, delete_topology
-
-    nc = await nats.connect(settings.nats_url)
-    with contextlib.suppress(Exception):
-        await delete_topology(nc.jetstream(), Topology(settings.nats_prefix))
-    await nc.close()
-    client = aioredis.Redis.from_url(settings.dragonfly_url)
-    keys = [k async for k in client.scan_iter(match=settings.key_prefix + "*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-    with contextlib.suppress(Exception):
-        clickhouse = ClickHouse(settings)
-        clickhouse.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
-        clickhouse.close()
-    parts = urlsplit(settings.database_url)
-    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{parts.path.lstrip("/")}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 async def migrate_all(settings: Settings) -> None:
     await migrate_postgres(settings.database_url)
     clickhouse = ClickHouse(settings)

@@ -28,6 +28,8 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.js.api import PubAck
 
+from engine.topology import Topology
+
 
 @dataclass(slots=True)
 class Recipient:
@@ -83,7 +85,7 @@ class Publisher:
                 " per message: send large batches over REST (streamed) or split them"
             )
         return await self._js.publish(
-            f"{self.prefix}.intake.{tenant_id}",
+            Topology(self.prefix).intake_subject(tenant_id),
             body,
             timeout=ack_wait,
             headers={"Nats-Msg-Id": msg_id},

@@ -2,42 +2,31 @@
 
 A worker publishes the results of a chunk to the RESULTS stream before it acknowledges
 the chunk, so a result is durable the moment a send is done. Two consumers read that
-stream in large batches: ``results-pg`` (this module: recipient statuses, batch
-completion; one transaction of set-based statements per flush) and ``results-ch``
-(``engine.events``: one ClickHouse insert per flush).
-
-Status rules. Sending yields a final status from ``queued`` (``sent``,
-``failed``, ``cancelled``, ...); each such transition counts once toward the batch's
-``final_count``, and the batch is ``completed`` exactly when that count reaches
-``total_recipients`` (a cancelled batch stays ``cancelled``, a paused one ``paused``).
-Provider events move ``sent`` forward by rank (delivered < bounced < complained); an
-event that arrives before its send was recorded is itself the final transition, and the
-later ``sent`` is then ignored. Applying the same result twice changes nothing.
+stream in large batches: ``results-pg`` (this module: recipient statuses and batch
+completion, through ``engine.lifecycle``; one transaction per flush) and ``results-ch``
+(``engine.event_writer``: one ClickHouse insert per flush). Applying the same result
+twice changes nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import orjson
+from nats.aio.msg import Msg
 
-from engine import deadletters
+from engine import deadletters, lifecycle, metrics, suppressions
+from engine.lifecycle import AFTER_SEND_EVENTS, RANK
 from engine.services import Services
+from engine.suppressions import SUPPRESSING
+from engine.topology import Redelivery
 
 log = logging.getLogger(__name__)
-
-FINAL_STATUSES = frozenset(
-    {"sent", "delivered", "bounced", "complained", "failed", "suppressed", "cancelled"}
-)
-AFTER_SEND = ("sent", "delivered", "bounced", "complained")  # ranked, lowest first
-SUPPRESSING = frozenset({"bounced", "complained"})
-_AFTER_SEND_EVENTS = frozenset(AFTER_SEND[1:])
-_RANK = {status: rank for rank, status in enumerate(AFTER_SEND)}
 
 
 @dataclass(slots=True)
@@ -87,8 +76,18 @@ class Columns:
     def __len__(self) -> int:
         return len(self.seq)
 
-    def append(self, batch_id: str, seq: int, status: str, provider_message_id: str | None = None,
-               error: str | None = None, attempts: int = 1, latency_ms: int = 0, domain: str = "") -> None:  # fmt: skip
+    def append(
+        self,
+        batch_id: str,
+        seq: int,
+        status: str,
+        *,
+        provider_message_id: str | None = None,
+        error: str | None = None,
+        attempts: int = 1,
+        latency_ms: int = 0,
+        domain: str = "",
+    ) -> None:
         self.batch_id.append(batch_id)
         self.seq.append(seq)
         self.status.append(status)
@@ -105,8 +104,8 @@ class Columns:
     @classmethod
     def from_rows(cls, rows: list[ResultRow]) -> Columns:
         columns = cls()
-        for row in rows:
-            columns.append(*(getattr(row, name) for name in _FIELDS))
+        for name in _FIELDS:
+            getattr(columns, name).extend(getattr(row, name) for row in rows)
         return columns
 
     def rows(self) -> list[ResultRow]:
@@ -156,119 +155,18 @@ def decode(data: bytes) -> ResultMessage:
         raise ValueError(f"not a results message: {exc!r}") from None
 
 
-async def dead_letter(services: Services, consumer: str, data: bytes, reason: str) -> None:
-    """Dead-letter a results message that ``consumer`` gave up on (``engine.deadletters``),
-    under the tenant it names or, for webhook results, the tenant of its first batch."""
-    await deadletters.publish(services, "results", await _tenant_of(services, data), reason,
-                              consumer=consumer, data=deadletters.text_of(data))  # fmt: skip
-
-
-async def _tenant_of(services: Services, data: bytes) -> str | None:
-    try:
-        body = orjson.loads(data)
-        if isinstance(body.get("t"), str):
-            return body["t"]
-        batch = body["b"] if isinstance(body["b"], str) else body["b"][0]
-        return await services.pool.fetchval(
-            "SELECT tenant_id FROM batches WHERE id = $1", uuid.UUID(batch)
-        )
-    except Exception as exc:  # a poison message may name nothing usable
-        log.info("dead-lettered results message without a tenant (%r)", exc)
-        return None
-
-
-async def publish(services: Services, tenant_id: str | None, provider: str,
-                  columns: Columns, msg_id: str | None = None) -> None:  # fmt: skip
+async def publish(
+    services: Services,
+    tenant_id: str | None,
+    provider: str,
+    columns: Columns,
+    msg_id: str | None = None,
+) -> None:
     """Make results durable in NATS (waits for the stream's acknowledgement)."""
     headers = {"Nats-Msg-Id": msg_id} if msg_id else None
     await services.js.publish(
         services.topology.results_subject, encode(tenant_id, provider, columns), headers=headers
     )
-
-
-_FINAL_TRANSITION = """
-WITH v AS (  -- per recipient only its first result of this flush can be the final transition
-    SELECT DISTINCT ON (batch_id, seq) batch_id, seq, status, pmid, error, attempts
-      FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::int2[])
-           WITH ORDINALITY AS v(batch_id, seq, status, pmid, error, attempts, position)
-     ORDER BY batch_id, seq, position
-), u AS (
-    UPDATE recipients r
-       SET status = v.status,
-           provider_message_id = coalesce(v.pmid, r.provider_message_id),
-           error = v.error,
-           attempts = greatest(r.attempts, v.attempts),
-           updated_at = now()
-      FROM v
-     WHERE r.batch_id = v.batch_id AND r.seq = v.seq AND r.status = 'queued'
- RETURNING r.batch_id, r.status
-), c AS (
-    SELECT batch_id, status, count(*)::int AS n FROM u GROUP BY batch_id, status
-), counted AS (
-    INSERT INTO batch_counts (batch_id, status, n)
-    SELECT batch_id, status, n FROM c
-     UNION ALL
-    SELECT batch_id, 'queued', -sum(n)::int FROM c GROUP BY batch_id
-    ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
-), t AS (
-    SELECT batch_id, sum(n)::int AS n FROM c GROUP BY batch_id
-)
-UPDATE batches b
-   SET final_count = b.final_count + t.n,
-       started_at = coalesce(b.started_at, now()),
-       progress_at = now(),
-       status = CASE
-           WHEN b.final_count + t.n >= b.total_recipients
-                AND b.status IN ('queued', 'processing') THEN 'completed'
-           WHEN b.status = 'queued' THEN 'processing'
-           ELSE b.status END,  -- a paused batch stays paused, a cancelled one cancelled
-       completed_at = CASE
-           WHEN b.final_count + t.n >= b.total_recipients AND b.status <> 'paused'
-           THEN coalesce(b.completed_at, now())
-           ELSE b.completed_at END
-  FROM t
- WHERE b.id = t.batch_id
-RETURNING b.id, b.status
-"""
-
-# Rows are locked and read first (FOR UPDATE), so the counts move from the status each
-# recipient really had, also when another writer changed it a moment before.
-_AFTER_SEND_TRANSITION = """
-WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[]) AS v(batch_id, seq, status, pmid)
-), old AS (
-    SELECT r.batch_id, r.seq, r.status AS old_status, v.status AS new_status, v.pmid
-      FROM recipients r JOIN v ON r.batch_id = v.batch_id AND r.seq = v.seq
-     WHERE array_position($5::text[], r.status) < array_position($5::text[], v.status)
-       FOR UPDATE OF r
-), u AS (
-    UPDATE recipients r
-       SET status = old.new_status,
-           provider_message_id = coalesce(r.provider_message_id, old.pmid),
-           updated_at = now()
-      FROM old
-     WHERE r.batch_id = old.batch_id AND r.seq = old.seq
- RETURNING r.batch_id, old.old_status, old.new_status
-), moves AS (
-    SELECT batch_id, old_status, new_status, count(*)::int AS n FROM u GROUP BY 1, 2, 3
-)
-INSERT INTO batch_counts (batch_id, status, n)
-SELECT batch_id, status, sum(n)::int FROM (
-    SELECT batch_id, new_status AS status, n FROM moves
-     UNION ALL
-    SELECT batch_id, old_status, -n FROM moves
-) m GROUP BY batch_id, status
-ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
-"""
-
-_SUPPRESS = """
-INSERT INTO suppressions (tenant_id, email, reason)
-SELECT b.tenant_id, lower(r.email), v.status
-  FROM unnest($1::uuid[], $2::int[], $3::text[]) AS v(batch_id, seq, status)
-  JOIN recipients r ON r.batch_id = v.batch_id AND r.seq = v.seq
-  JOIN batches b ON b.id = v.batch_id
-ON CONFLICT (tenant_id, email) DO NOTHING
-"""
 
 
 def _arrays(columns: Columns, with_details: bool) -> list[list[Any]]:
@@ -325,8 +223,7 @@ async def apply_flush(pool: asyncpg.Pool, parts: list[Columns]) -> Flush:
                 flush.failed[first] = exc
                 return
             await pool.fetchval("SELECT 1")  # raises while PostgreSQL is down
-            log.warning("a flush of %d results messages failed (%r); applying it by halves",
-                        end - first, exc)  # fmt: skip
+            log.warning("a flush of %d results failed (%r); by halves now", end - first, exc)
             middle = (first + end) // 2
             await attempt(first, middle)
             await attempt(middle, end)
@@ -343,24 +240,72 @@ async def apply_results(conn: asyncpg.Connection, columns: Columns) -> list[tupl
     after the send are applied after that, in rank order, so a ``sent`` and a ``delivered``
     of one recipient in the same flush both land.
     """
-    later = [i for i, status in enumerate(columns.status) if status in _AFTER_SEND_EVENTS]
+    later = [i for i, status in enumerate(columns.status) if status in AFTER_SEND_EVENTS]
     async with conn.transaction():
         # Every statement here looks up given (batch_id, seq) keys: one primary-key probe per
         # result is always right. Left to itself the planner may hash-join a large flush
         # against the whole table (a full scan of a 1,000,000-recipient batch per flush).
         await conn.execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
-        touched = await conn.fetch(_FINAL_TRANSITION, *_arrays(columns, True))
+        touched = await lifecycle.record_final(conn, *_arrays(columns, True))
         if later:
             # The highest-ranked event per recipient, applied over whatever it has now.
             best: dict[tuple[str, int], int] = {}
             for i in later:
                 key = (columns.batch_id[i], columns.seq[i])
                 known = best.get(key)
-                if known is None or _RANK[columns.status[i]] > _RANK[columns.status[known]]:
+                if known is None or RANK[columns.status[i]] > RANK[columns.status[known]]:
                     best[key] = i
             events = columns.select(list(best.values()))
-            await conn.execute(_AFTER_SEND_TRANSITION, *_arrays(events, False), list(AFTER_SEND))
+            await lifecycle.record_after_send(conn, *_arrays(events, False))
             suppress = [i for i, status in enumerate(events.status) if status in SUPPRESSING]
             if suppress:
-                await conn.execute(_SUPPRESS, *_arrays(events.select(suppress), False)[:3])
+                await suppressions.suppress_results(
+                    conn, *_arrays(events.select(suppress), False)[:3]
+                )
     return [(str(r["id"]), r["status"]) for r in touched]
+
+
+# --- the results-pg consumer -------------------------------------------------------
+
+
+async def apply_messages(services: Services, msgs: list[Msg], redelivery: Redelivery) -> None:
+    """Apply a fetch of results messages in one transaction (``apply_flush``) and settle
+    each: acknowledged; dead-lettered when it is no results message or PostgreSQL refuses
+    its values (the others are applied); back to NATS (bounded) when it fails on its own
+    otherwise."""
+    parts: list[Columns] = []
+    good: list[Msg] = []
+    for msg in msgs:
+        try:
+            parts.append(decode(msg.data).columns)
+            good.append(msg)
+        except ValueError as exc:
+            await _refuse(services, msg, str(exc))
+    flush = await apply_flush(services.pool, parts)
+    metrics.STATUS_ROWS.inc(sum(len(p) for i, p in enumerate(parts) if i not in flush.failed))
+    for batch_id, status in flush.touched:
+        if status == "completed":
+            log.info("batch completed", extra={"batch_id": batch_id})
+    for index, msg in enumerate(good):
+        error = flush.failed.get(index)
+        if error is None:
+            await msg.ack()
+        elif isinstance(error, REFUSED):
+            reason = f"PostgreSQL refused its values: {deadletters.reason_of(error)}"
+            await _refuse(services, msg, reason)
+        else:
+            give_up = functools.partial(give_up_message, services)
+            await deadletters.retry_or_give_up("results-pg", msg, error, give_up, redelivery)
+
+
+async def give_up_message(services: Services, msg: Msg, reason: str) -> None:
+    """Dead-letter a results message that kept failing (raises, keeping it, while
+    PostgreSQL is down)."""
+    await services.pool.fetchval("SELECT 1")
+    await _refuse(services, msg, reason)
+
+
+async def _refuse(services: Services, msg: Msg, reason: str) -> None:
+    log.error("results-pg: dead-lettering a results message: %s", reason)
+    await deadletters.results(services, "results-pg", msg.data, reason)
+    await msg.term()

@@ -31,12 +31,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from nats.aio.msg import Msg
 
 from engine import deadletters, metrics, results
 from engine.cells import Cells
+from engine.chunks import Chunk
 from engine.config import Rate, parse_rate
+from engine.lifecycle import SENDING
 from engine.ratelimit import TokenBuckets
 from engine.results import Columns
 from engine.services import Services
@@ -47,7 +48,6 @@ from providers.base import Message, Provider, check_address, header_safe
 log = logging.getLogger(__name__)
 
 _BATCH_TTL = 1.0  # seconds a batch's status is trusted before it is read again
-_MAX_SEQ = 2**31 - 1  # recipients.seq is an int4
 
 
 @dataclass(slots=True)
@@ -66,7 +66,7 @@ class BatchInfo:
 
     @property
     def sending(self) -> bool:
-        return self.status in ("queued", "processing")
+        return self.status in SENDING
 
 
 class BatchCache:
@@ -105,12 +105,18 @@ class BatchCache:
         if len(self._items) >= self.size:
             self._items.pop(next(iter(self._items)))
         info = BatchInfo(
-            batch_id, row["tenant_id"], row["provider"], row["from_email"],
+            batch_id,
+            row["tenant_id"],
+            row["provider"],
+            row["from_email"],
             header_safe(row["from_name"]) if row["from_name"] else row["from_name"],
-            template, row["dry_run"],
-            row["status"], row["generation"],
-            parse_rate(row["send_rate"]) if row["send_rate"] else None, now,
-        )  # fmt: skip
+            template,
+            row["dry_run"],
+            row["status"],
+            row["generation"],
+            parse_rate(row["send_rate"]) if row["send_rate"] else None,
+            now,
+        )
         self._items[batch_id] = info
         return info
 
@@ -130,11 +136,12 @@ class Sender:
     async def process(self, msg: Msg) -> None:
         """Handle one chunk message end to end; acknowledges it when done."""
         try:
-            batch_id, first, count, generation = _parse_chunk(msg.data)
+            chunk = Chunk.decode(msg.data)
         except ValueError as exc:
             await self._dead_letter_chunk(msg, str(exc))
             return
-        info = await self.batches.get(batch_id, generation)
+        batch_id, first, count = chunk.batch_id, chunk.first, chunk.count
+        info = await self.batches.get(batch_id, chunk.generation)
         if info is None or not (info.sending or info.status == "cancelled"):
             await msg.ack()  # done, failed, or paused (resume publishes its cells again)
             return
@@ -148,8 +155,10 @@ class Sender:
                 """SELECT seq, email, name, vars FROM recipients
                     WHERE batch_id = $1 AND seq >= $2 AND seq < $3 AND status = 'queued'
                     ORDER BY seq""",
-                uuid.UUID(batch_id), first, first + count,
-            )  # fmt: skip
+                uuid.UUID(batch_id),
+                first,
+                first + count,
+            )
             rows = [r for r in rows if not claim.done(r["seq"])]
             if rows:
                 out = await self._send(info, rows, msg)
@@ -167,10 +176,11 @@ class Sender:
         that worker. Raises, changing nothing, while PostgreSQL, Dragonfly or NATS do not
         answer (the chunk is then tried again)."""
         try:
-            batch_id, first, count, _ = _parse_chunk(msg.data)
+            chunk = Chunk.decode(msg.data)
         except ValueError as exc:
             await self._dead_letter_chunk(msg, f"{exc}; {reason}")
             return
+        batch_id, first, count = chunk.batch_id, chunk.first, chunk.count
         batch = await self.services.pool.fetchrow(
             "SELECT tenant_id, provider FROM batches WHERE id = $1", uuid.UUID(batch_id)
         )
@@ -184,17 +194,30 @@ class Sender:
             rows = await self.services.pool.fetch(
                 """SELECT seq, email FROM recipients
                     WHERE batch_id = $1 AND seq >= $2 AND seq < $3 AND status = 'queued'""",
-                uuid.UUID(batch_id), first, first + count,
-            )  # fmt: skip
+                uuid.UUID(batch_id),
+                first,
+                first + count,
+            )
             out = Columns()
             for r in rows:
                 if not claim.done(r["seq"]):
-                    out.append(batch_id, r["seq"], "failed", None, reason, 0, 0,
-                               _domain(r["email"]))  # fmt: skip
+                    out.append(
+                        batch_id,
+                        r["seq"],
+                        "failed",
+                        error=reason,
+                        attempts=0,
+                        domain=_domain(r["email"]),
+                    )
             if out:
-                await self._dead_letter(batch_id, batch["tenant_id"], batch["provider"],
-                                        "the chunk failed on every delivery",
-                                        [(seq, reason, 0) for seq in out.seq])  # fmt: skip
+                await deadletters.send(
+                    self.services,
+                    batch_id,
+                    batch["tenant_id"],
+                    batch["provider"],
+                    "the chunk failed on every delivery",
+                    [(seq, reason, 0) for seq in out.seq],
+                )
                 await results.publish(self.services, batch["tenant_id"], batch["provider"], out)
                 metrics.EMAILS.labels(batch["provider"], "failed").inc(len(out))
                 published = out.seq
@@ -204,23 +227,23 @@ class Sender:
 
     async def _send(self, info: BatchInfo, rows: list, msg: Msg) -> Columns:
         out = Columns()
-        if info.dry_run or info.status == "cancelled":
-            status, note = (
-                ("cancelled", None) if info.status == "cancelled" else ("sent", "dry-run")
-            )
+        if info.dry_run or info.status == "cancelled":  # nothing goes to the provider
+            status = "cancelled" if info.status == "cancelled" else "sent"
             for r in rows:
-                out.append(info.id, r["seq"], status, note, None, 0, 0, _domain(r["email"]))
+                out.append(info.id, r["seq"], status, attempts=0, domain=_domain(r["email"]))
             return out
         exhausted: list[tuple[int, str | None, int]] = []  # retryable, past the retry budget
         unbuildable: list[tuple[int, str | None, int]] = []  # no message could be built
         await self._deliver(info, rows, msg, out, exhausted, unbuildable)
         self._count(info, out)
-        if unbuildable:
-            await self._dead_letter(info.id, info.tenant_id, info.provider,
-                                    "the message could not be built", unbuildable)  # fmt: skip
-        if exhausted:
-            await self._dead_letter(info.id, info.tenant_id, info.provider,
-                                    "retryable provider errors past the retry budget", exhausted)  # fmt: skip
+        for reason, failed in (
+            ("the message could not be built", unbuildable),
+            ("retryable provider errors past the retry budget", exhausted),
+        ):
+            if failed:
+                await deadletters.send(
+                    self.services, info.id, info.tenant_id, info.provider, reason, failed
+                )
         return out
 
     async def _deliver(
@@ -239,37 +262,44 @@ class Sender:
         # Provider calls of at most half the burst, and the bucket one call smaller than the
         # burst: a call that leaves late (a busy machine) then still fits the provider's
         # limit of rate + burst in any second, measured at the provider (bench/rate.py).
-        step = max(1, min(provider.max_batch, configured.burst // 2))
+        step = max(1, min(provider.max_per_call, configured.burst // 2))
         rate = Rate(configured.per_second, max(step, configured.burst - step))
         pending = list(rows)
         attempt = 1
         while pending:
             retry, retry_after = [], 0.0
             for start in range(0, len(pending), step):
-                part, messages = self._messages(info, pending[start : start + step], attempt,
-                                                out, unbuildable)  # fmt: skip
+                part, messages = self._messages(
+                    info, pending[start : start + step], attempt, out, unbuildable
+                )
                 if not part:
                     continue
                 if not await self._take_tokens(info, len(part), rate, msg):
                     self._stopped(info, out, part + pending[start + step :] + retry)
                     return
                 sent_at = time.perf_counter()
-                answers = await provider.send_batch(messages)
+                answers = await provider.send(messages)
                 elapsed = time.perf_counter() - sent_at
                 metrics.SEND_SECONDS.labels(info.provider).observe(elapsed)
                 latency_ms = int(elapsed * 1000)
                 for row, answer in zip(part, answers, strict=True):
-                    if answer.ok:
-                        out.append(info.id, row["seq"], "sent", answer.provider_message_id,
-                                   None, attempt, latency_ms, _domain(row["email"]))  # fmt: skip
-                    elif answer.retryable and attempt < self.settings.send_max_attempts:
+                    ok = answer.ok
+                    if not ok and answer.retryable and attempt < self.settings.send_max_attempts:
                         retry.append(row)
                         retry_after = max(retry_after, answer.retry_after or 0.0)
-                    else:
-                        out.append(info.id, row["seq"], "failed", None, answer.error,
-                                   attempt, latency_ms, _domain(row["email"]))  # fmt: skip
-                        if answer.retryable:
-                            exhausted.append((row["seq"], answer.error, attempt))
+                        continue
+                    out.append(
+                        info.id,
+                        row["seq"],
+                        "sent" if ok else "failed",
+                        provider_message_id=answer.provider_message_id if ok else None,
+                        error=None if ok else answer.error,
+                        attempts=attempt,
+                        latency_ms=latency_ms,
+                        domain=_domain(row["email"]),
+                    )
+                    if not ok and answer.retryable:
+                        exhausted.append((row["seq"], answer.error, attempt))
             if retry and not await self._backoff(info, attempt, retry_after, msg):
                 self._stopped(info, out, retry)
                 return
@@ -281,7 +311,7 @@ class Sender:
         here; a pause leaves them ``queued`` for the resume."""
         if info.status == "cancelled":
             for r in unsent:
-                out.append(info.id, r["seq"], "cancelled", None, None, 0, 0, _domain(r["email"]))
+                out.append(info.id, r["seq"], "cancelled", attempts=0, domain=_domain(r["email"]))
 
     def _count(self, info: BatchInfo, out: Columns) -> None:
         sent, failed = out.status.count("sent"), out.status.count("failed")
@@ -307,8 +337,14 @@ class Sender:
                 messages.append(build_message(info, row, public_url, secret))
             except Exception as exc:
                 error = f"message could not be built: {deadletters.reason_of(exc)}"
-                out.append(info.id, row["seq"], "failed", None, error, attempt, 0,
-                           _domain(row["email"]))  # fmt: skip
+                out.append(
+                    info.id,
+                    row["seq"],
+                    "failed",
+                    error=error,
+                    attempts=attempt,
+                    domain=_domain(row["email"]),
+                )
                 unbuildable.append((row["seq"], error, attempt))
             else:
                 built.append(row)
@@ -359,19 +395,8 @@ class Sender:
     async def _dead_letter_chunk(self, msg: Msg, reason: str) -> None:
         """A chunk message that names no batch (malformed) to the DLQ, and terminated."""
         log.error("dead-lettering a chunk message: %s", reason)
-        await deadletters.publish(self.services, "chunk", _chunk_tenant(msg.data), reason,
-                                  data=deadletters.text_of(msg.data))  # fmt: skip
+        await deadletters.chunk(self.services, msg.data, reason)
         await msg.term()
-
-    async def _dead_letter(
-        self, batch_id: str, tenant_id: str, provider: str, reason: str,
-        failed: list[tuple[int, str | None, int]],
-    ) -> None:  # fmt: skip
-        """Failed recipients of one chunk to the DLQ (a replay queues them again)."""
-        await deadletters.publish(
-            self.services, "send", tenant_id, reason, batch_id=batch_id, provider=provider,
-            failed=[{"seq": seq, "error": error, "attempts": attempts} for seq, error, attempts in failed],
-        )  # fmt: skip
 
 
 def build_message(
@@ -392,33 +417,16 @@ def build_message(
     headers["X-BatchSender-Ref"] = ref
     name = row["name"]
     return Message(
-        ref, check_address(row["email"]), header_safe(name) if name else name,
-        check_address(info.from_email), info.from_name, header_safe(rendered.subject), rendered.html,
-        rendered.text, headers,
-    )  # fmt: skip
-
-
-def _parse_chunk(data: bytes) -> tuple[str, int, int, int]:
-    """(batch id, first seq, count, generation) of a chunk message; ``ValueError`` when it
-    is not one."""
-    try:
-        chunk = orjson.loads(data)
-        batch_id = str(uuid.UUID(chunk["b"]))
-        first, count, generation = int(chunk["f"]), int(chunk["n"]), int(chunk.get("g", 0))
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"not a chunk message: {exc!r}") from None
-    if not (1 <= first <= _MAX_SEQ and 1 <= count <= _MAX_SEQ - first + 1):
-        raise ValueError(f"not a chunk message: seqs {first} to {first + count - 1}")
-    return batch_id, first, count, generation
-
-
-def _chunk_tenant(data: bytes) -> str | None:
-    """The tenant a (malformed) chunk message names, if any, for its dead letter."""
-    try:
-        tenant = orjson.loads(data).get("t")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return tenant if isinstance(tenant, str) else None
+        ref,
+        check_address(row["email"]),
+        header_safe(name) if name else name,
+        check_address(info.from_email),
+        info.from_name,
+        header_safe(rendered.subject),
+        rendered.html,
+        rendered.text,
+        headers,
+    )
 
 
 def _domain(email: str) -> str:

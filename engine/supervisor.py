@@ -132,9 +132,6 @@ class Supervisor:
         self.wanted = max(1, self.wanted - 1)
         log.info("workers wanted: %d", self.wanted)
 
-    def scale_to(self, processes: int) -> None:
-        self.wanted = max(1, processes)
-
     # --- children -------------------------------------------------------------------
     def begin_drain(self) -> None:
         log.info("draining %d workers", len(self.children))
@@ -219,10 +216,10 @@ class Supervisor:
             os.close(self._wake_w)
             import uvloop
 
-            from engine import runtime
+            from engine import gc_tuning
             from engine.worker import Worker
 
-            runtime.tune_gc(runtime.WORKER)
+            gc_tuning.tune_gc(gc_tuning.WORKER)
             uvloop.run(Worker(self.settings, heartbeat).run())
         except BaseException:
             log.exception("worker crashed")

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from engine.errors import Gone, NotFound, ValidationError
-from engine.intake import valid_email
+from engine.intake.fields import valid_email
 
 LINK_DAYS = 90
 _VERSION = 1
@@ -87,8 +87,9 @@ async def unsubscribe(pool: asyncpg.Pool, secret: str, token: str) -> str:
         await pool.execute(
             """INSERT INTO suppressions (tenant_id, email, reason) VALUES ($1, $2, 'unsubscribed')
                ON CONFLICT (tenant_id, email) DO NOTHING""",
-            tenant_id, email,
-        )  # fmt: skip
+            tenant_id,
+            email,
+        )
     except asyncpg.ForeignKeyViolationError:  # the tenant is gone
         raise NotFound("this unsubscribe link is not valid") from None
     return email
@@ -104,8 +105,10 @@ async def list_suppressions(
     rows = await pool.fetch(
         """SELECT email, reason, created_at FROM suppressions
             WHERE tenant_id = $1 AND email > $2 ORDER BY email LIMIT $3""",
-        tenant_id, (after or "").lower(), limit + 1,
-    )  # fmt: skip
+        tenant_id,
+        (after or "").lower(),
+        limit + 1,
+    )
     page = rows[:limit]
     return {
         "data": [
@@ -145,8 +148,10 @@ async def add_suppressions(pool: asyncpg.Pool, tenant_id: str, body: Any) -> int
         """INSERT INTO suppressions (tenant_id, email, reason)
            SELECT $1, e, $3 FROM unnest($2::text[]) AS e
            ON CONFLICT (tenant_id, email) DO NOTHING""",
-        tenant_id, emails, reason,
-    )  # fmt: skip
+        tenant_id,
+        emails,
+        reason,
+    )
     return int(result.split()[-1])
 
 
@@ -156,3 +161,23 @@ async def remove_suppression(pool: asyncpg.Pool, tenant_id: str, email: str) -> 
     )
     if result.endswith(" 0"):
         raise NotFound(f"{email!r} is not on the suppression list")
+
+
+SUPPRESSING = frozenset({"bounced", "complained"})  # results that suppress the address
+
+
+async def suppress_results(
+    conn: asyncpg.Connection, batch_ids: list[str], seqs: list[int], statuses: list[str]
+) -> None:
+    """Put the recipients of these (``SUPPRESSING``) results on their tenants' lists."""
+    await conn.execute(
+        """INSERT INTO suppressions (tenant_id, email, reason)
+           SELECT b.tenant_id, lower(r.email), v.status
+             FROM unnest($1::uuid[], $2::int[], $3::text[]) AS v(batch_id, seq, status)
+             JOIN recipients r ON r.batch_id = v.batch_id AND r.seq = v.seq
+             JOIN batches b ON b.id = v.batch_id
+           ON CONFLICT (tenant_id, email) DO NOTHING""",
+        batch_ids,
+        seqs,
+        statuses,
+    )

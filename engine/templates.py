@@ -96,7 +96,9 @@ def _limit_operands(operator: str, left: Any, right: Any) -> None:
     if operator == "**":
         if not isinstance(left, int | float) or not isinstance(right, int | float):
             return
-        if abs(right) > 1024 or (isinstance(left, int) and abs(left).bit_length() * right > MAX_INT_BITS):  # fmt: skip
+        if abs(right) > 1024 or (
+            isinstance(left, int) and abs(left).bit_length() * right > MAX_INT_BITS
+        ):
             raise TemplateLimitError(f"a number larger than 2**{MAX_INT_BITS} was asked for")
     elif operator == "*":
         for seq, count in ((left, right), (right, left)):
@@ -108,7 +110,9 @@ def _limit_operands(operator: str, left: Any, right: Any) -> None:
                 raise TemplateLimitError(f"a number larger than 2**{MAX_INT_BITS} was asked for")
     elif operator == "%" and isinstance(left, str):
         values = right.values() if isinstance(right, Mapping) else right
-        _check_arguments(values if isinstance(values, Iterable) and not isinstance(values, str) else [values])  # fmt: skip
+        _check_arguments(
+            values if isinstance(values, Iterable) and not isinstance(values, str) else [values]
+        )
         if re.search(r"%[^a-zA-Z%]*\d{5}", left):
             raise TemplateLimitError("format widths are at most 9999")
 
@@ -158,8 +162,15 @@ class _Bounded(SandboxedEnvironment):
 
 _plain = _Bounded(autoescape=False)
 _html = _Bounded(autoescape=True)
-_REFUSED = (nodes.Macro, nodes.CallBlock, nodes.Include, nodes.Import, nodes.FromImport,
-            nodes.Extends, nodes.Block)  # fmt: skip
+_REFUSED = (
+    nodes.Macro,
+    nodes.CallBlock,
+    nodes.Include,
+    nodes.Import,
+    nodes.FromImport,
+    nodes.Extends,
+    nodes.Block,
+)
 
 
 class _Bounder(NodeTransformer):
@@ -169,8 +180,11 @@ class _Bounder(NodeTransformer):
         self.field = field
 
     def _refuse(self, what: str) -> ValidationError:
-        return ValidationError(f"{self.field}: {what} not available in templates",
-                               {"field": self.field}, code="invalid_template")  # fmt: skip
+        return ValidationError(
+            f"{self.field}: {what} not available in templates",
+            {"field": self.field},
+            code="invalid_template",
+        )
 
     def generic_visit(self, node: nodes.Node, *args: Any, **kwargs: Any) -> nodes.Node:
         if isinstance(node, _REFUSED):
@@ -216,8 +230,9 @@ class _Joined:
 _PLACEHOLDER = re.compile(r"\{\{[ \t\r\n]*([A-Za-z_][A-Za-z0-9_]*)[ \t\r\n]*\}\}")
 _NEWLINE = re.compile(r"\r\n|\r|\n")
 # Names Jinja2 reads as constants or operators rather than variables.
-_NOT_NAMES = frozenset({"true", "false", "none", "True", "False", "None", "and", "or", "not",
-                        "in", "is", "if", "else"})  # fmt: skip
+_NOT_NAMES = frozenset(
+    {"true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is", "if", "else"}
+)
 
 
 def _joined(source: str, html: bool) -> _Joined | None:
@@ -266,9 +281,10 @@ def _compile(env: _Bounded, field: str, source: str | None) -> tuple[Any, set[st
         raise
     except (RecursionError, MemoryError, ValueError, TypeError, SecurityError) as exc:
         raise ValidationError(
-            f"{field}: the template cannot be compiled: {exc}"[:300], {"field": field},
+            f"{field}: the template cannot be compiled: {exc}"[:300],
+            {"field": field},
             code="invalid_template",
-        ) from None  # fmt: skip
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +305,9 @@ class BatchTemplate:
         self._subject, used_subject = _compile(_plain, "subject", subject)
         self._html, used_html = _compile(_html, "html", html)
         self._text, used_text = _compile(_plain, "text", text)
-        self._fast = all(isinstance(p, _Joined | None) for p in (self._subject, self._html, self._text))  # fmt: skip
+        self._fast = all(
+            isinstance(p, _Joined | None) for p in (self._subject, self._html, self._text)
+        )
         self.variables = frozenset(used_subject | used_html | used_text)
         self.required_vars = self.variables - BUILTIN_VARIABLES
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import asyncpg
 
+from engine import lifecycle
 from engine.config import Settings, parse_rate
 from engine.errors import Conflict, NotFound, TooManyRequests, Unauthorized, ValidationError
 
-KEY_PREFIX = "bsk_"
+API_KEY_PREFIX = "bsk_"
 PREFIX_LENGTH = 10  # characters of a key kept in clear (``bsk_`` and six more)
 MAX_ACTIVE_KEYS = 100  # unrevoked keys per tenant
 _MAX_ID = (1 << 63) - 1
@@ -44,15 +45,26 @@ class ApiKey:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> ApiKey:
-        return cls(row["id"], row["tenant_id"], row["prefix"], row["created_at"],
-                   row["revoked_at"], row["last_used_at"])  # fmt: skip
+        return cls(
+            row["id"],
+            row["tenant_id"],
+            row["prefix"],
+            row["created_at"],
+            row["revoked_at"],
+            row["last_used_at"],
+        )
 
     def as_json(self) -> dict[str, Any]:
         def when(value: datetime | None) -> str | None:
             return value.isoformat() if value else None
 
-        return {"id": self.id, "prefix": self.prefix, "created_at": when(self.created_at),
-                "revoked_at": when(self.revoked_at), "last_used_at": when(self.last_used_at)}  # fmt: skip
+        return {
+            "id": self.id,
+            "prefix": self.prefix,
+            "created_at": when(self.created_at),
+            "revoked_at": when(self.revoked_at),
+            "last_used_at": when(self.last_used_at),
+        }
 
 
 _COLUMNS = "id, tenant_id, prefix, created_at, revoked_at, last_used_at"
@@ -75,15 +87,18 @@ async def issue_key(pool: asyncpg.Pool, tenant_id: str) -> tuple[ApiKey, str]:
     """Create the tenant when needed and a new API key for it; return the key's record and
     the key itself (shown once). ``Conflict`` when the tenant has ``MAX_ACTIVE_KEYS``."""
     await ensure_tenant(pool, tenant_id)
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
     row = await pool.fetchrow(
         f"""INSERT INTO api_keys (tenant_id, key_hash, prefix)
             SELECT $1, $2, $3
              WHERE (SELECT count(*) FROM api_keys
                      WHERE tenant_id = $1 AND revoked_at IS NULL) < $4
             RETURNING {_COLUMNS}""",
-        tenant_id, hash_key(key), key[:PREFIX_LENGTH], MAX_ACTIVE_KEYS,
-    )  # fmt: skip
+        tenant_id,
+        hash_key(key),
+        key[:PREFIX_LENGTH],
+        MAX_ACTIVE_KEYS,
+    )
     if row is None:
         raise Conflict(
             f"this tenant already has {MAX_ACTIVE_KEYS} keys in use; revoke one first",
@@ -140,8 +155,10 @@ async def list_keys(
     rows = await pool.fetch(
         f"""SELECT {_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND id < $2
              ORDER BY id DESC LIMIT $3""",
-        tenant_id, before, limit + 1,
-    )  # fmt: skip
+        tenant_id,
+        before,
+        limit + 1,
+    )
     keys = [ApiKey.from_row(r) for r in rows[:limit]]
     return KeyPage(keys, str(keys[-1].id) if len(rows) > limit else None)
 
@@ -152,7 +169,7 @@ async def revoke_key(pool: asyncpg.Pool, ref: str, tenant_id: str | None = None)
     ``NotFound`` for no such key, ``Conflict`` for a prefix two keys share."""
     where: str
     value: object
-    any_form = tenant_id is None and ref.isascii() and ref.startswith(KEY_PREFIX)
+    any_form = tenant_id is None and ref.isascii() and ref.startswith(API_KEY_PREFIX)
     if ref.isascii() and ref.isdigit() and 0 < int(ref) <= _MAX_ID:
         where, value = "id = $1", int(ref)
     elif any_form and len(ref) > PREFIX_LENGTH:
@@ -163,8 +180,9 @@ async def revoke_key(pool: asyncpg.Pool, ref: str, tenant_id: str | None = None)
         raise NotFound("no such API key: give its id, its prefix or the key", code="unknown_key")
     ids = await pool.fetch(
         f"SELECT id FROM api_keys WHERE {where} AND ($2::text IS NULL OR tenant_id = $2) LIMIT 2",
-        value, tenant_id,
-    )  # fmt: skip
+        value,
+        tenant_id,
+    )
     if not ids:
         raise NotFound(f"no API key {ref!r}", code="unknown_key")
     if len(ids) > 1:
@@ -180,7 +198,6 @@ async def revoke_key(pool: asyncpg.Pool, ref: str, tenant_id: str | None = None)
 
 
 # Batches that count toward a tenant's ``max_active_batches``.
-ACTIVE_STATUSES = ("scheduled", "queued", "processing", "paused")
 RETRY_ACTIVE_SECONDS = 30
 
 
@@ -216,8 +233,9 @@ async def check_active_batches(conn: asyncpg.Connection, tenant_id: str, limit: 
     """``TooManyRequests`` when the tenant already has its maximum of unfinished batches."""
     active = await conn.fetchval(
         "SELECT count(*) FROM batches WHERE tenant_id = $1 AND status = ANY($2::text[])",
-        tenant_id, list(ACTIVE_STATUSES),
-    )  # fmt: skip
+        tenant_id,
+        list(lifecycle.ACTIVE),
+    )
     if active >= limit.max_active_batches:
         raise TooManyRequests(
             f"this tenant already has {active} unfinished batches (its limit is "
@@ -229,9 +247,13 @@ async def check_active_batches(conn: asyncpg.Connection, tenant_id: str, limit: 
 
 
 async def set_limits(
-    pool: asyncpg.Pool, tenant_id: str, *, max_batch_recipients: int | None = None,
-    max_active_batches: int | None = None, send_rate: str | None = None,
-) -> None:  # fmt: skip
+    pool: asyncpg.Pool,
+    tenant_id: str,
+    *,
+    max_batch_recipients: int | None = None,
+    max_active_batches: int | None = None,
+    send_rate: str | None = None,
+) -> None:
     """Set a tenant's own limits (None leaves a limit as it is; 0 or '' resets it to the
     server's default)."""
     if send_rate:
@@ -239,8 +261,10 @@ async def set_limits(
             parse_rate(send_rate)
         except ValueError as exc:
             raise ValidationError(f"send rate: {exc}", {"field": "send_rate"}) from None
-    for name, value in (("max_batch_recipients", max_batch_recipients),
-                        ("max_active_batches", max_active_batches)):  # fmt: skip
+    for name, value in (
+        ("max_batch_recipients", max_batch_recipients),
+        ("max_active_batches", max_active_batches),
+    ):
         if value is not None and value < 0:
             raise ValidationError(f"{name}: must not be negative", {"field": name})
     done = await pool.execute(
@@ -251,7 +275,10 @@ async def set_limits(
                                          ELSE nullif($3, 0) END,
                send_rate = CASE WHEN $4::text IS NULL THEN send_rate ELSE nullif($4, '') END
          WHERE id = $1""",
-        tenant_id, max_batch_recipients, max_active_batches, send_rate,
-    )  # fmt: skip
+        tenant_id,
+        max_batch_recipients,
+        max_active_batches,
+        send_rate,
+    )
     if done.endswith(" 0"):
         raise NotFound(f"tenant {tenant_id!r} not found", code="unknown_tenant")

@@ -26,6 +26,10 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 DAY = 86_400.0
+# A replayed intake message is published under a new Nats-Msg-Id (the first one is still
+# in JetStream's duplicate window) and carries its original id, the batch's external id,
+# in this header (``engine.deadletters.replay``).
+ORIGINAL_ID = "BatchSender-External-Id"
 # A worker that dies holding chunks gives them back after this long; live workers keep
 # their chunks with in_progress() every SEND_ACK_WAIT / 3 seconds (engine.worker).
 SEND_ACK_WAIT = 15.0

@@ -1,5 +1,9 @@
 """Provider webhooks: verify the provider's signature, parse, hand the events to NATS.
 
+How a provider's posts are signed and read, and with which secret, is its
+``ProviderSpec.webhook`` (``providers.registry.WEBHOOKS``); what is done here is the same
+for every provider.
+
 Events become results rows (``delivered``, ``bounced``, ``complained``) on the RESULTS
 stream, where the status writer and the ClickHouse writer pick them up like send results.
 The message id is a digest of the body, so a provider's retry of the same post is
@@ -9,8 +13,8 @@ A post is signed over its timestamp and body. One signed more than ``TOLERANCE_S
 from this server's clock is refused (401 ``stale_signature``), and so is a signature
 already received (401 ``replayed_signature``): each accepted signature is remembered in
 Dragonfly (SET NX) for the whole time its timestamp would still be accepted. A provider's
-own retry signs again with a new timestamp, so only a copy is refused. The mock's route
-exists only where the mock provider is enabled (``MOCK_PROVIDER_ENABLED``).
+own retry signs again with a new timestamp, so only a copy is refused. A provider has a
+route only where it has a webhook and is enabled (``Settings.provider_enabled``).
 """
 
 from __future__ import annotations
@@ -24,9 +28,8 @@ from engine import metrics, results
 from engine.errors import BadRequest, NotFound, Unauthorized
 from engine.results import Columns
 from engine.services import Services
-from providers import mock
+from providers.registry import WEBHOOKS
 
-WEBHOOK_PROVIDERS = ("mock",)
 TOLERANCE_SECONDS = 300
 
 
@@ -35,9 +38,10 @@ async def receive(
 ) -> int:
     """Accept one webhook post; return the number of events handed on."""
     settings = services.settings
-    if provider not in WEBHOOK_PROVIDERS or not settings.provider_enabled(provider):
+    webhook = WEBHOOKS.get(provider)
+    if webhook is None or not settings.provider_enabled(provider):
         raise NotFound(f"no webhook endpoint for provider {provider!r}", code="unknown_provider")
-    signed = mock.verify_signature(body, headers, settings.mock_webhook_secret)
+    signed = webhook.verify(body, headers, webhook.secret(settings))
     if signed is None:
         raise Unauthorized("the webhook signature does not verify", code="bad_signature")
     if abs(time.time() - signed.timestamp) > TOLERANCE_SECONDS:
@@ -46,7 +50,7 @@ async def receive(
             code="stale_signature",
         )
     try:
-        events = mock.parse_webhook(body)
+        events = webhook.parse(body)
     except ValueError as exc:
         raise BadRequest(str(exc), code="invalid_webhook") from None
     columns = Columns()
@@ -58,8 +62,14 @@ async def receive(
             if batch_id not in known:
                 uuid.UUID(batch_id)
                 known.add(batch_id)
-            columns.append(batch_id, int(seq), event.event, event.provider_message_id, None, 0, 0,
-                           (event.email or "").rpartition("@")[2].lower())  # fmt: skip
+            columns.append(
+                batch_id,
+                int(seq),
+                event.event,
+                provider_message_id=event.provider_message_id,
+                attempts=0,
+                domain=(event.email or "").rpartition("@")[2].lower(),
+            )
         except ValueError:
             raise BadRequest(
                 f"event {event.event_id!r} has an unknown ref {event.ref!r}", code="invalid_webhook"

@@ -1,47 +1,41 @@
 """One worker process: its own uvloop event loop, connections and pull consumers.
 
-Four loops share the process: ``send`` (chunks, up to ``WORKER_CONCURRENCY`` at once),
-``results-pg`` (recipient statuses), ``results-ch`` (ClickHouse events) and ``intake``
-(batches published to NATS). A heartbeat file touched by the event loop itself tells the
-supervisor the loop is alive. SIGTERM drains: fetching stops, chunks in flight finish and
-publish their results, the ClickHouse buffer is flushed, then the process exits.
+Five loops share the process: ``send`` (chunks, up to ``WORKER_CONCURRENCY`` at once:
+``engine.sender``), ``results-pg`` (recipient statuses: ``engine.results``), ``results-ch``
+(ClickHouse events: ``engine.event_writer``), ``intake`` (batches published to NATS:
+``engine.intake.from_nats``) and the leader's chores (``engine.leader``). A heartbeat file
+touched by the event loop itself tells the supervisor the loop is alive. SIGTERM drains:
+fetching stops, chunks in flight finish and publish their results, the ClickHouse buffer
+is flushed, then the process exits.
 
 No message is redelivered for ever: a message whose handling fails comes back after a
 growing delay and is dead-lettered on its last allowed delivery (``engine.deadletters``,
 ``engine.topology.Redelivery``); a message that can never succeed (malformed, refused by
-PostgreSQL) is dead-lettered at once. A results message PostgreSQL refuses does not hold
-back the others of its flush (``engine.results.apply_flush``).
+PostgreSQL) is dead-lettered at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import asyncpg
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from engine import deadletters, metrics, recovery, results
-from engine.adapters import AVAILABLE, build_provider
-from engine.cells import Cells
+from engine import leader, metrics, results
 from engine.config import Settings
-from engine.deadletters import reason_of, retry_or_give_up
-from engine.errors import BatchSenderError, TooManyRequests
-from engine.events import EventWriter
-from engine.intake import create_from_nats
-from engine.leader import Lease
-from engine.queues import EXTERNAL_ID_HEADER
-from engine.results import REFUSED, Columns, apply_flush, decode
+from engine.deadletters import retry_or_give_up
+from engine.event_writer import EventWriter
+from engine.intake import from_nats
 from engine.sender import Sender
 from engine.services import Services
 from engine.topology import REDELIVERY, SEND_ACK_WAIT, Redelivery
+from providers.registry import PROVIDERS
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +76,7 @@ class Worker:
             return
         stopped.cancel()
         services = opening.result()
-        providers = {name: build_provider(name, self.settings) for name in AVAILABLE}
+        providers = {name: spec.build(self.settings) for name, spec in PROVIDERS.items()}
         events = EventWriter(services, self.redelivery)
         metrics.WORKER_PROCESSES.set(1)
         log.info("worker started", extra={"pid": os.getpid()})
@@ -96,7 +90,7 @@ class Worker:
                 loops.create_task(self._results_loop(services))
                 loops.create_task(self._event_loop(services.js, topo.results_stream, events))
                 loops.create_task(self._intake_loop(services))
-                loops.create_task(self._lead(services, sender.cells))  # fmt: skip
+                loops.create_task(leader.lead(services, sender.cells, self.stopping))
         except BaseException:
             log.exception("worker loop failed; exiting")
             raise
@@ -151,9 +145,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
 
-    async def _fetch(self, psub, batch: int, wait: float = 1.0) -> list[Msg]:
+    async def _fetch(self, psub, size: int, wait: float = 1.0) -> list[Msg]:
         try:
-            return await psub.fetch(batch, timeout=wait)
+            return await psub.fetch(size, timeout=wait)
         except nats.errors.TimeoutError:
             return []
         except Exception as exc:  # NATS restarting: wait and go on
@@ -190,15 +184,15 @@ class Worker:
         js: JetStreamContext,
         stream: str,
         durable: str,
-        batch: int,
+        fetch_size: int,
         handle: Callable[[list[Msg]], Awaitable[None]],
         give_up: Callable[[Msg, str], Awaitable[None]],
     ) -> None:
-        """Fetch up to ``batch`` messages at a time and ``handle`` them; when that raises,
-        each message is retried or, on its last delivery, given up (``give_up``)."""
+        """Fetch up to ``fetch_size`` messages at a time and ``handle`` them; when that
+        raises, each message is retried or, on its last delivery, given up (``give_up``)."""
         async with self._subscription(js, stream, durable) as psub:
             while not self.stopping.is_set():
-                msgs = await self._fetch(psub, batch)
+                msgs = await self._fetch(psub, fetch_size)
                 if not msgs:
                     continue
                 try:
@@ -213,8 +207,8 @@ class Worker:
             services.topology.results_stream,
             "results-pg",
             RESULTS_FLUSH_MESSAGES,
-            lambda msgs: self._apply_results(services, msgs),
-            lambda msg, reason: self._give_up_results(services, msg, reason),
+            lambda msgs: results.apply_messages(services, msgs, self.redelivery),
+            lambda msg, reason: results.give_up_message(services, msg, reason),
         )
 
     async def _intake_loop(self, services: Services) -> None:
@@ -223,46 +217,9 @@ class Worker:
             services.topology.intake_stream,
             "intake",
             1,
-            lambda msgs: self._intake(services, msgs),
-            lambda msg, reason: self._give_up_intake(services, msg, reason),
+            lambda msgs: from_nats.handle(services, msgs),
+            lambda msg, reason: from_nats.give_up(services, msg, reason),
         )
-
-    async def _apply_results(self, services: Services, msgs: list[Msg]) -> None:
-        """One transaction for the flush; a message PostgreSQL refuses is dead-lettered and
-        the others applied; one that fails on its own otherwise comes back (bounded)."""
-        parts: list[Columns] = []
-        good: list[Msg] = []
-        for msg in msgs:
-            try:
-                parts.append(decode(msg.data).columns)
-                good.append(msg)
-            except ValueError as exc:
-                await self._refuse_results(services, msg, str(exc))
-        flush = await apply_flush(services.pool, parts)
-        metrics.STATUS_ROWS.inc(sum(len(p) for i, p in enumerate(parts) if i not in flush.failed))
-        for batch_id, status in flush.touched:
-            if status == "completed":
-                log.info("batch completed", extra={"batch_id": batch_id})
-        for index, msg in enumerate(good):
-            error = flush.failed.get(index)
-            if error is None:
-                await msg.ack()
-            elif isinstance(error, REFUSED):
-                await self._refuse_results(
-                    services, msg, f"PostgreSQL refused its values: {reason_of(error)}"
-                )
-            else:
-                give_up = functools.partial(self._give_up_results, services)
-                await retry_or_give_up("results-pg", msg, error, give_up, self.redelivery)
-
-    async def _refuse_results(self, services: Services, msg: Msg, reason: str) -> None:
-        log.error("results-pg: dead-lettering a results message: %s", reason)
-        await results.dead_letter(services, "results-pg", msg.data, reason)
-        await msg.term()
-
-    async def _give_up_results(self, services: Services, msg: Msg, reason: str) -> None:
-        await services.pool.fetchval("SELECT 1")  # raises while PostgreSQL is down: kept
-        await self._refuse_results(services, msg, reason)
 
     async def _event_loop(self, js: JetStreamContext, stream: str, writer: EventWriter) -> None:
         async with self._subscription(js, stream, "results-ch") as psub:
@@ -270,76 +227,11 @@ class Worker:
                 if not writer.full:
                     wait = self.settings.clickhouse_flush_seconds
                     if msgs := await self._fetch(psub, 500, wait=wait):
-                        await self._add_events(writer, msgs)
+                        await writer.add_or_retry(msgs)
                 if writer.due and not await writer.flush():
                     await self._sleep(min(30.0, 2.0**writer.failures))
         await writer.flush()
 
-    async def _add_events(self, writer: EventWriter, msgs: list[Msg]) -> None:
-        try:
-            await writer.add(msgs)
-        except Exception as exc:  # PostgreSQL down (the tenant lookup): nothing was added
-            for msg in msgs:
-                await retry_or_give_up("results-ch", msg, exc, writer.give_up, self.redelivery)
-
-    async def _intake(self, services: Services, msgs: list[Msg]) -> None:
-        for msg in msgs:
-            msg_id = _intake_msg_id(msg)
-            try:
-                created = await create_from_nats(services, msg.subject, msg.data, msg_id)
-            except BatchSenderError as exc:
-                if isinstance(exc, TooManyRequests) and exc.code == "too_many_active_batches":
-                    log.info("intake message waits: %s", exc.message)  # later, not never
-                    await msg.nak(delay=exc.retry_after)
-                    continue
-                log.warning("intake message dead-lettered: %s", exc.message)
-                await _dead_letter_intake(services, msg, exc.message, exc.code, exc.details)
-                await msg.ack()
-                continue
-            except asyncpg.DataError as exc:  # a value PostgreSQL cannot store: every time
-                reason = f"PostgreSQL refused its values: {reason_of(exc)}"
-                log.warning("intake message dead-lettered: %s", reason)
-                await _dead_letter_intake(services, msg, reason, "refused_by_database", None)
-                await msg.ack()
-                continue
-            log.info("intake batch recorded", extra={"batch_id": created.id, "msg_id": msg_id})
-            await msg.ack()
-
-    async def _give_up_intake(self, services: Services, msg: Msg, reason: str) -> None:
-        await services.pool.fetchval("SELECT 1")  # raises while PostgreSQL is down: kept
-        await _dead_letter_intake(services, msg, reason, "processing_failed", None)
-        await msg.term()
-
-    async def _lead(self, services: Services, cells: Cells) -> None:
-        """Hold the leader lease when free and run the leader's chores while holding it."""
-        lease = Lease(services.redis, services.key("leader"))
-        tick = 0
-        while not self.stopping.is_set():
-            try:
-                if await lease.hold():
-                    await recovery.run(services, cells, tick)
-                    tick += 1
-            except Exception:
-                log.exception("leader chores failed")
-            await self._sleep(recovery.TICK)
-
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
-
-
-def _intake_msg_id(msg: Msg) -> str:
-    """The batch's external id: a replayed dead letter keeps its original id (see
-    ``engine.queues.replay``)."""
-    headers = msg.headers or {}
-    return (headers.get(EXTERNAL_ID_HEADER) or headers.get("Nats-Msg-Id")
-            or f"seq:{msg.metadata.sequence.stream}")  # fmt: skip
-
-
-async def _dead_letter_intake(
-    services: Services, msg: Msg, reason: str, code: str, details: object
-) -> None:
-    await deadletters.publish(
-        services, "intake", msg.subject.rsplit(".", 1)[-1], reason, code=code, details=details,
-        subject=msg.subject, msg_id=_intake_msg_id(msg), data=deadletters.text_of(msg.data),
-    )  # fmt: skip

@@ -38,12 +38,22 @@ class BatchUser(HttpUser):
     def create_batch(self) -> None:
         tag = random.randrange(1 << 30)
         body = {
-            "name": f"locust {tag}", "from_email": "load@example.com",
-            "subject": "Hi {{ name }}", "text": "Load test {{ name }}", "provider": "mock",
-            "recipients": [{"email": f"l{tag}.{i}@example.com", "name": f"L{i}"} for i in range(RECIPIENTS)],
-        }  # fmt: skip
-        with self.client.post("/api/batches", data=orjson.dumps(body), catch_response=True,
-                              headers={"Content-Type": "application/json"}, name="/api/batches [POST]") as r:  # fmt: skip
+            "name": f"locust {tag}",
+            "from_email": "load@example.com",
+            "subject": "Hi {{ name }}",
+            "text": "Load test {{ name }}",
+            "provider": "mock",
+            "recipients": [
+                {"email": f"l{tag}.{i}@example.com", "name": f"L{i}"} for i in range(RECIPIENTS)
+            ],
+        }
+        with self.client.post(
+            "/api/batches",
+            data=orjson.dumps(body),
+            catch_response=True,
+            headers={"Content-Type": "application/json"},
+            name="/api/batches [POST]",
+        ) as r:
             if r.status_code == 201:
                 self.batches = (self.batches + [r.json()["id"]])[-20:]
             else:

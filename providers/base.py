@@ -1,4 +1,9 @@
-"""What every provider adapter offers the engine.
+"""What every provider adapter offers the engine, and what a provider module declares.
+
+Each module ``providers/<name>.py`` has one ``SPEC`` (a ``ProviderSpec``): its name, its
+batch limit, the settings it reads, how its adapter is built and how its webhook posts
+are checked. ``providers.registry`` lists the modules; the engine knows providers only
+through it.
 
 A provider takes a list of already-personalised messages (one chunk) and answers one
 result per message, in the same order. Errors are classified here, by the adapter that
@@ -17,8 +22,9 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # What may not appear in a header value: C0 and C1 controls (CR, LF, TAB, NUL, ...), the
 # Unicode line and paragraph separators (str.splitlines() breaks lines there, and so does
@@ -149,12 +155,12 @@ class SendResult:
 
 
 class Provider(Protocol):
-    """A provider adapter. ``max_batch`` is how many messages one ``send_batch`` call takes."""
+    """A provider adapter. ``max_per_call`` is how many messages one ``send`` call takes."""
 
     name: str
-    max_batch: int
+    max_per_call: int
 
-    async def send_batch(self, messages: list[Message]) -> list[SendResult]: ...
+    async def send(self, messages: list[Message]) -> list[SendResult]: ...
 
     async def close(self) -> None: ...
 
@@ -174,3 +180,56 @@ def failed_all(messages: list[Message], error: ProviderError) -> list[SendResult
         SendResult(m.ref, False, None, str(error), error.retryable, error.retry_after)
         for m in messages
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A webhook post whose signature verified: when it was signed, and the signature
+    (unique per post, what a replay would repeat)."""
+
+    timestamp: int
+    signature: str
+
+
+@dataclass(slots=True)
+class WebhookEvent:
+    """One delivery event a provider posted; ``ref`` is the ``Message.ref`` it is about."""
+
+    ref: str
+    event: str  # "delivered" | "bounced" | "complained"
+    provider_message_id: str | None
+    email: str | None
+    timestamp: float
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """How a provider's webhook posts are checked and read."""
+
+    # (body, headers, secret) -> the signature when it verifies, else None
+    verify: Callable[[bytes, Mapping[str, str], str], Signed | None]
+    parse: Callable[[bytes], list[WebhookEvent]]  # raises ValueError when malformed
+    secret: Callable[[Any], str]  # the verification secret, from the settings
+    headers: tuple[str, ...] = ()  # the request headers the check reads
+    scheme: str = ""  # how a post is signed, in one sentence (the API documentation)
+
+
+def _always(_settings: Any) -> bool:
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    """Everything the engine knows about one provider.
+
+    The callables are given the engine's settings object, which has every attribute of
+    ``settings`` (a Protocol; this package does not import the engine).
+    """
+
+    name: str
+    max_per_call: int  # recipients per provider call, and so per chunk
+    settings: type  # the settings this provider reads
+    build: Callable[[Any], Provider]  # its send adapter
+    enabled: Callable[[Any], bool] = _always  # whether this deployment offers it
+    webhook: Webhook | None = None  # None: no webhook route

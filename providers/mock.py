@@ -1,6 +1,6 @@
-"""The "mock" provider: HTTP client adapter and webhook helpers.
+"""The "mock" provider: HTTP client adapter, webhook helpers and its ``SPEC``.
 
-The server side lives in ``providers.mock_server``. Wire format of ``POST /v1/send``:
+The server side lives in ``devkit.mock_provider``. Wire format of ``POST /v1/send``:
 request ``{"messages": [{"ref", "to", "to_name", "from", "from_name", "subject", "html",
 "text", "headers"}]}``, answer ``{"results": [{"ref", "status": "accepted", "id"} |
 {"ref", "status": "rejected", "error", "retryable"}]}`` in request order.
@@ -12,15 +12,23 @@ import hashlib
 import hmac
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from time import time
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
-from providers.base import Message, ProviderError, SendResult, failed_all
+from providers.base import (
+    Message,
+    ProviderError,
+    ProviderSpec,
+    SendResult,
+    Signed,
+    Webhook,
+    WebhookEvent,
+    failed_all,
+)
 
 WEBHOOK_EVENTS = frozenset({"delivered", "bounced", "complained"})
 SIGNATURE_HEADER = "X-Mock-Signature"
@@ -32,7 +40,7 @@ class MockProvider:
     """Sends chunks to the mock provider's ``POST /v1/send`` over one pooled session."""
 
     name = "mock"
-    max_batch = 100
+    max_per_call = 100  # messages per POST /v1/send: the engine's chunk size too (SPEC)
 
     def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
         self._url = base_url.rstrip("/") + "/v1/send"
@@ -46,7 +54,7 @@ class MockProvider:
             )
         return self._session
 
-    async def send_batch(self, messages: list[Message]) -> list[SendResult]:
+    async def send(self, messages: list[Message]) -> list[SendResult]:
         """Send one chunk; never raises for provider or network failures."""
         if not messages:
             return []
@@ -138,18 +146,6 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-@dataclass(slots=True)
-class WebhookEvent:
-    """One delivery event posted by the mock provider."""
-
-    ref: str
-    event: str  # "delivered" | "bounced" | "complained"
-    provider_message_id: str | None
-    email: str | None
-    timestamp: float
-    event_id: str
-
-
 def sign(body: bytes, secret: str, timestamp: int) -> str:
     """The ``X-Mock-Signature`` value: HMAC-SHA256 over ``"<timestamp>." + body``, so a
     signature holds for one timestamp only (the receiver bounds its age and refuses a
@@ -163,15 +159,6 @@ def signed_headers(body: bytes, secret: str, timestamp: int | None = None) -> di
     """The headers of one webhook post: signed now (or at ``timestamp``)."""
     at = int(time()) if timestamp is None else timestamp
     return {TIMESTAMP_HEADER: str(at), SIGNATURE_HEADER: sign(body, secret, at)}
-
-
-@dataclass(frozen=True, slots=True)
-class Signed:
-    """A webhook post whose signature verified: when it was signed, and the signature
-    (unique per post, what a replay would repeat)."""
-
-    timestamp: int
-    signature: str
 
 
 def verify_signature(body: bytes, headers: Mapping[str, str], secret: str) -> Signed | None:
@@ -230,3 +217,40 @@ def _optional_str(index: int, item: dict[str, Any], key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"event {index}: {key!r} must be a string or null")
     return value
+
+
+class MockSettings(Protocol):
+    """The settings the mock provider reads."""
+
+    mock_provider_enabled: bool  # MOCK_PROVIDER_ENABLED: its place at intake, its webhook
+    mock_provider_url: str
+    mock_webhook_secret: str
+
+
+def _build(settings: MockSettings) -> MockProvider:
+    return MockProvider(settings.mock_provider_url)
+
+
+def _enabled(settings: MockSettings) -> bool:
+    return settings.mock_provider_enabled
+
+
+def _webhook_secret(settings: MockSettings) -> str:
+    return settings.mock_webhook_secret
+
+
+SPEC = ProviderSpec(
+    name=MockProvider.name,
+    max_per_call=MockProvider.max_per_call,
+    settings=MockSettings,
+    build=_build,
+    enabled=_enabled,
+    webhook=Webhook(
+        verify=verify_signature,
+        parse=parse_webhook,
+        secret=_webhook_secret,
+        headers=(TIMESTAMP_HEADER, SIGNATURE_HEADER),
+        scheme=f"`{TIMESTAMP_HEADER}` (Unix seconds) and `{SIGNATURE_HEADER}: sha256=<hex "
+        "HMAC-SHA256 of '<timestamp>.' + body>` (only where MOCK_PROVIDER_ENABLED)",
+    ),
+)

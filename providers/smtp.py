@@ -1,5 +1,7 @@
 """SMTP provider: sends each chunk over a small pool of reused aiosmtplib connections.
 
+It has no webhook route (``SPEC.webhook`` is None).
+
 Every header value written passes ``header_safe`` here too (the engine's messages already
 did; this keeps the adapter safe for any caller, at the cost of nothing at SMTP speeds).
 Custom headers with an ASCII value (``List-Unsubscribe``, ``List-Unsubscribe-Post``, ...)
@@ -20,7 +22,7 @@ from email.errors import MessageError
 from email.message import EmailMessage
 from email.policy import Policy
 from email.utils import formataddr, formatdate, make_msgid
-from typing import cast
+from typing import Protocol, cast
 
 import aiosmtplib
 from aiosmtplib import (
@@ -30,7 +32,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from providers.base import Message, ProviderError, SendResult, header_safe
+from providers.base import Message, ProviderError, ProviderSpec, SendResult, header_safe
 
 # Headers a caller may not set: they would break the MIME structure or leak recipients.
 _PROTECTED_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version", "bcc"})
@@ -128,7 +130,7 @@ class _ConnectFailed(Exception):
 
 @dataclass(slots=True)
 class _Job:
-    """One ``send_batch`` call: work shared by the connections that take part."""
+    """One ``send`` call: work shared by the connections that take part."""
 
     work: deque[tuple[int, Message]]
     results: list[SendResult | None]
@@ -139,7 +141,7 @@ class SmtpProvider:
     """Sends chunks over up to ``pool_size`` open SMTP connections, reused across calls."""
 
     name = "smtp"
-    max_batch = 50
+    max_per_call = 50  # messages per send call: the engine's chunk size too (SPEC)
 
     def __init__(
         self,
@@ -171,7 +173,7 @@ class SmtpProvider:
         for client in self._clients:
             self._idle.put_nowait(client)
 
-    async def send_batch(self, messages: list[Message]) -> list[SendResult]:
+    async def send(self, messages: list[Message]) -> list[SendResult]:
         """Send a chunk concurrently over the pool; results come back in input order."""
         job = _Job(deque(enumerate(messages)), [None] * len(messages))
         workers = min(len(self._clients), len(messages))
@@ -259,3 +261,31 @@ async def _quit(client: aiosmtplib.SMTP) -> None:
 
 def _failed(message: Message, error: str, retryable: bool) -> SendResult:
     return SendResult(message.ref, False, error=error, retryable=retryable)
+
+
+class SmtpSettings(Protocol):
+    """The settings the SMTP provider reads."""
+
+    smtp_host: str
+    smtp_port: int
+    smtp_username: str  # "": no authentication
+    smtp_password: str
+    smtp_tls: bool  # STARTTLS
+
+
+def _build(settings: SmtpSettings) -> SmtpProvider:
+    return SmtpProvider(
+        settings.smtp_host,
+        settings.smtp_port,
+        username=settings.smtp_username or None,
+        password=settings.smtp_password or None,
+        start_tls=settings.smtp_tls,
+    )
+
+
+SPEC = ProviderSpec(
+    name=SmtpProvider.name,
+    max_per_call=SmtpProvider.max_per_call,
+    settings=SmtpSettings,
+    build=_build,
+)

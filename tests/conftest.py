@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from bench.stack import isolated_environ
+from devkit.stack import drop_all, isolated_environ
 from engine.config import Settings, load_settings
-from engine.migrate import drop_all, migrate_all
+from engine.migrate import migrate_all
 from engine.services import Services
 from engine.tenants import create_key
 

@@ -13,10 +13,10 @@ import aiohttp
 import orjson
 import pytest
 
-from bench.stack import Stack, command, environ_for, isolated_environ
+from devkit.stack import Stack, command, drop_all, environ_for, isolated_environ
 from engine.config import load_settings
 from engine.db import create_pool
-from engine.migrate import drop_all, migrate_all
+from engine.migrate import migrate_all
 from engine.tenants import create_key
 from tests.conftest import SESSION
 

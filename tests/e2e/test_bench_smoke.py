@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from bench.stack import ROOT
+from devkit.stack import ROOT
 
 
 def test_the_whole_benchmark_runs_small():

@@ -13,7 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
 from engine.config import Settings
-from engine.intake import create_batch, list_rows, parse_batch_fields
+from engine.intake.decoders import list_rows
+from engine.intake.fields import parse_batch_fields
+from engine.intake.store import create_batch
 from engine.services import Services
 from engine.tenants import create_key
 from tests.integration.conftest import bearer

@@ -70,7 +70,7 @@ async def test_finish_by_a_holder_whose_lease_was_taken_over_keeps_the_new_lease
 async def test_lost_state_waits_until_postgres_has_every_published_result(services, cells):
     await services.redis.delete(services.key("state"))
     columns = Columns()
-    columns.append(str(uuid.uuid4()), 1, "sent", "m1")
+    columns.append(str(uuid.uuid4()), 1, "sent", provider_message_id="m1")
     await results.publish(services, None, "mock", columns)  # not yet applied by results-pg
     claiming = asyncio.create_task(cells.claim(str(uuid.uuid4()), 1, 100))
     await asyncio.sleep(1.5)

@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from engine import recovery, tenants
+from engine import leader, tenants
 from engine.cells import Cells
 from engine.errors import ValidationError
-from engine.intake import create_batch, list_rows
+from engine.intake.decoders import list_rows
+from engine.intake.store import create_batch
 from engine.results import decode
 from engine.services import Services
 from tests.integration.conftest import bearer
@@ -87,7 +88,7 @@ async def test_a_due_scheduled_batch_is_started_by_the_leader(services, tenant):
     tenant_id, _ = tenant
     soon = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     batch_id = await _create(services, tenant_id, 150, scheduled_at=soon)
-    await recovery.start_due(services)
+    await leader.start_due(services)
     assert await _status(services, batch_id) == "scheduled"  # not yet
     # One address was suppressed after the batch was created: skipped at its start.
     await services.pool.execute(
@@ -99,7 +100,7 @@ async def test_a_due_scheduled_batch_is_started_by_the_leader(services, tenant):
         uuid.UUID(batch_id),
     )
     before = await last_seq(services)
-    assert await recovery.start_due(services) >= 1
+    assert await leader.start_due(services) >= 1
     assert await _status(services, batch_id) == "queued"
     chunks = await chunks_since(services, before, batch_id)
     assert [(c["f"], c["n"]) for c in chunks] == [(1, 100), (101, 50)]
@@ -133,19 +134,19 @@ async def test_the_leader_settles_a_cancelled_batch_around_cells_in_flight(servi
         "UPDATE batches SET status = 'cancelled' WHERE id = $1", uuid.UUID(batch_id)
     )
     seq = await _results_seq(services)
-    assert await recovery.settle_cancelled(services, cells) >= 148
+    assert await leader.settle_cancelled(services, cells) >= 148
     published = [r for m in await _results_since(services, seq) for r in m.rows]
     mine = sorted(r.seq for r in published if r.batch_id == batch_id)
     assert mine == list(range(3, 101)) + list(range(201, 251))
     assert {r.status for r in published if r.batch_id == batch_id} == {"cancelled"}
 
     seq = await _results_seq(services)
-    await recovery.settle_cancelled(services, cells)  # the same recipients are not settled twice
+    await leader.settle_cancelled(services, cells)  # the same recipients are not settled twice
     assert not [
         r for m in await _results_since(services, seq) for r in m.rows if r.batch_id == batch_id
     ]
     await cells.finish(in_flight, [101])  # the worker stopped after one recipient
-    await recovery.settle_cancelled(services, cells)
+    await leader.settle_cancelled(services, cells)
     published = [r for m in await _results_since(services, seq) for r in m.rows]
     assert sorted(r.seq for r in published if r.batch_id == batch_id) == list(range(102, 201))
 
@@ -163,10 +164,10 @@ async def test_a_stalled_batch_gets_its_unfinished_cells_again(services, tenant)
     )
     await services.js.purge_stream(services.topology.send_stream)  # its messages were lost
     before = await last_seq(services)
-    assert await recovery.recover_stalled(services) >= 1
+    assert await leader.recover_stalled(services) >= 1
     chunks = await chunks_since(services, before, batch_id)
     assert [(c["f"], c["g"]) for c in chunks] == [(1, 1), (201, 1)]
-    await recovery.recover_stalled(services)  # its progress clock was reset: not again at once
+    await leader.recover_stalled(services)  # its progress clock was reset: not again at once
     assert len(await chunks_since(services, before, batch_id)) == len(chunks)
 
 
@@ -239,7 +240,7 @@ async def test_a_large_cancelled_batch_is_settled_in_pages(services, tenant):
         "UPDATE batches SET status = 'cancelled' WHERE id = $1", uuid.UUID(batch_id)
     )
     seq = await _results_seq(services)
-    await recovery.settle_cancelled(services, Cells(services))
+    await leader.settle_cancelled(services, Cells(services))
     messages = [m for m in await _results_since(services, seq) if m.rows[0].batch_id == batch_id]
     assert sorted(r.seq for m in messages for r in m.rows) == list(range(1, 12_346))
     assert len(messages) == 3 and max(len(m.rows) for m in messages) <= 5_000  # NATS's 1 MB

@@ -25,7 +25,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from api.app import SERVICES, create_app
+from api.app import create_app
+from api.context import SERVICES
 from engine.config import Settings
 from engine.services import Services
 from engine.tenants import create_key

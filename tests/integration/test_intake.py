@@ -11,7 +11,9 @@ import orjson
 import pytest
 
 from engine.errors import Conflict, PayloadTooLarge, ValidationError
-from engine.intake import create_batch, list_rows, parse_batch_fields, request_digest
+from engine.intake.decoders import list_rows
+from engine.intake.fields import parse_batch_fields
+from engine.intake.store import create_batch, request_digest
 from engine.services import Services
 
 FIELDS = {

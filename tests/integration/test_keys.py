@@ -153,7 +153,7 @@ async def test_a_revocation_does_not_wait_long_for_a_process_that_does_not_answe
 
 def cli(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", "keys", *args], env={**os.environ, **environ},
+        [sys.executable, "-m", "cli.main", "keys", *args], env={**os.environ, **environ},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 

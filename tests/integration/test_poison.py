@@ -23,18 +23,20 @@ import pytest
 from aiohttp import web
 from nats.js.errors import NotFoundError
 
+from devkit.mock_provider import build_app
 from engine.clickhouse import ClickHouse
 from engine.config import Settings
-from engine.events import EventWriter
-from engine.intake import create_batch, list_rows, parse_batch_fields
-from engine.results import Columns, encode
+from engine.event_writer import EventWriter
+from engine.intake.decoders import list_rows
+from engine.intake.fields import parse_batch_fields
+from engine.intake.store import create_batch
+from engine.results import Columns, apply_messages, encode
 from engine.sender import Sender
 from engine.services import Services
 from engine.topology import Redelivery, delete_topology
 from engine.worker import Worker
 from providers.base import Message, SendResult
 from providers.mock import MockProvider
-from providers.mock_server import build_app
 
 FIELDS = {"name": "poison", "from_email": "news@shop.example", "subject": "Hi {{ name }}",
           "text": "Hello", "provider": "mock"}  # fmt: skip
@@ -260,7 +262,14 @@ async def test_poison_results_messages_are_dead_lettered_and_their_flush_applied
     def results(*rows: tuple[Any, Any, str]) -> bytes:
         columns = Columns()
         for batch, seq, status in rows:
-            columns.append(batch, seq, status, f"pm-{seq}", None, 1, 5, "example.com")
+            columns.append(
+                batch,
+                seq,
+                status,
+                provider_message_id=f"pm-{seq}",
+                latency_ms=5,
+                domain="example.com",
+            )
         return encode(tenant_id, "mock", columns)
 
     bodies = {
@@ -274,11 +283,10 @@ async def test_poison_results_messages_are_dead_lettered_and_their_flush_applied
     for body in bodies.values():
         await own.js.publish(own.topology.results_subject, body)
 
-    worker = Worker(own.settings, redelivery=FAST)
     pg = await own.js.pull_subscribe_bind("results-pg", own.topology.results_stream)
     msgs = await pg.fetch(len(bodies), timeout=5)
     assert len(msgs) == len(bodies)
-    await worker._apply_results(own, msgs)  # one flush
+    await apply_messages(own, msgs, FAST)  # one flush
 
     found = await recipients(own, batch_id)
     assert [found[f"p{i}@example.com"]["status"] for i in range(4)] == ["sent"] * 3 + ["queued"]
@@ -322,12 +330,12 @@ class BrokenProvider:
     """An adapter with a bug: every call raises (the chunk fails as a whole)."""
 
     name = "mock"
-    max_batch = 100
+    max_per_call = 100
 
     def __init__(self) -> None:
         self.calls = 0
 
-    async def send_batch(self, messages: list[Message]) -> list[SendResult]:
+    async def send(self, messages: list[Message]) -> list[SendResult]:
         self.calls += 1
         raise RuntimeError("adapter bug")
 

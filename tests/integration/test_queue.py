@@ -10,8 +10,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.app import SERVICES
-from engine import queues
+from api.context import SERVICES
+from engine import deadletters
 from engine.services import Services
 from engine.tenants import create_key
 from tests.integration.conftest import bearer
@@ -81,7 +81,7 @@ async def test_a_page_scans_a_bounded_number_of_messages(
     for i in range(30):
         await dead_letter(services, other, f"o{i}")
     await dead_letter(services, mine, "mine")
-    monkeypatch.setattr(queues, "DLQ_SCAN", 10)
+    monkeypatch.setattr(deadletters, "DLQ_SCAN", 10)
     pages, cursor, found = 0, None, []
     while True:
         page = await get(client, key, "/api/queue/dlq" + (f"?cursor={cursor}" if cursor else ""))
@@ -164,12 +164,12 @@ async def test_a_results_dead_letter_is_replayed_onto_the_results_stream(
 ) -> None:
     """A results message a consumer gave up on goes back to both results consumers; a
     malformed chunk (nothing to queue) stays in the DLQ."""
-    from engine import deadletters, results
+    from engine import results
 
     (mine, key), _ = await two_tenants(services)
     data = results.encode(mine, "mock", results.Columns())
-    await results.dead_letter(services, "results-pg", data, "refused by PostgreSQL")
-    await deadletters.publish(services, "chunk", mine, "not a chunk message", data="{}")
+    await deadletters.results(services, "results-pg", data, "refused by PostgreSQL")
+    await deadletters.chunk(services, orjson.dumps({"t": mine}), "not a chunk message")
     page = await get(client, key, "/api/queue/dlq")
     by_kind = {entry["kind"]: entry["seq"] for entry in page["data"]}
     assert set(by_kind) == {"results", "chunk"}

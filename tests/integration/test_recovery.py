@@ -6,9 +6,9 @@ import math
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from engine.intake import create_batch, list_rows
-from engine.leader import Lease
-from engine.recovery import requeue_interrupted
+from engine.intake.decoders import list_rows
+from engine.intake.store import create_batch
+from engine.leader import Lease, requeue_interrupted
 from engine.services import Services
 from tests.integration.test_intake import chunks_since, last_seq, recipients, spec
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from engine.intake import create_batch, list_rows, parse_batch_fields
+from engine.intake.decoders import list_rows
+from engine.intake.fields import parse_batch_fields
+from engine.intake.store import create_batch
 from engine.results import Columns, ResultRow, apply_results
 from engine.services import Services
 

@@ -10,17 +10,15 @@ import orjson
 import pytest
 
 from engine.errors import BadRequest, ValidationError
-from engine.intake import (
+from engine.intake.decoders import (
     BadRow,
     csv_rows,
-    fields_from_query,
     list_rows,
     ndjson_rows,
-    parse_batch_fields,
     parse_json_request,
     split_ndjson_header,
-    valid_email,
 )
+from engine.intake.fields import fields_from_query, parse_batch_fields, valid_email
 
 # --- addresses ---------------------------------------------------------------------------
 
@@ -406,7 +404,7 @@ async def test_split_ndjson_header_only() -> None:
 
 
 async def test_csv_quoted_field_may_span_lines_and_chunks():
-    from engine.intake import csv_rows
+    from engine.intake.decoders import csv_rows
 
     async def chunks():
         yield b'email,name,note\na@b.co,"A, x","line1\n'

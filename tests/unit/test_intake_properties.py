@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from api.body import parse_json
 from engine.errors import BatchSenderError
-from engine.intake import BadRow, csv_rows, ndjson_rows
+from engine.intake.decoders import BadRow, csv_rows, ndjson_rows
 from engine.templates import BatchTemplate
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

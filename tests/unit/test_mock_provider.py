@@ -14,9 +14,10 @@ import orjson
 import pytest
 from aiohttp import web
 
+import devkit.mock_provider
+from devkit.mock_provider import build_app
 from engine.sender import BatchInfo, build_message
 from engine.templates import BatchTemplate
-from providers import mock_server
 from providers.base import Message
 from providers.mock import (
     SIGNATURE_HEADER,
@@ -28,7 +29,6 @@ from providers.mock import (
     signed_headers,
     verify_signature,
 )
-from providers.mock_server import build_app
 from tests.integration.test_poison import capturing_provider
 
 
@@ -104,8 +104,10 @@ def closed_port() -> int:
 async def test_all_accepted_and_counted_once() -> None:
     async with mock_provider() as (base_url, provider):
         messages = make_messages(250)
-        chunks = [messages[i : i + provider.max_batch] for i in range(0, 250, provider.max_batch)]
-        answers = await asyncio.gather(*(provider.send_batch(chunk) for chunk in chunks))
+        chunks = [
+            messages[i : i + provider.max_per_call] for i in range(0, 250, provider.max_per_call)
+        ]
+        answers = await asyncio.gather(*(provider.send(chunk) for chunk in chunks))
         results = [result for answer in answers for result in answer]
 
         assert [r.ref for r in results] == [m.ref for m in messages]
@@ -131,7 +133,7 @@ async def test_invalid_domain_rejected_permanently() -> None:
     async with mock_provider() as (base_url, provider):
         good = make_messages(2, prefix="ok")
         bad = make_messages(2, prefix="bad", domain="invalid.test")
-        results = await provider.send_batch([good[0], bad[0], good[1], bad[1]])
+        results = await provider.send([good[0], bad[0], good[1], bad[1]])
 
         assert [r.ref for r in results] == ["ok:0", "bad:0", "ok:1", "bad:1"]
         assert [r.ok for r in results] == [True, False, True, False]
@@ -144,7 +146,7 @@ async def test_invalid_domain_rejected_permanently() -> None:
 
 async def test_failure_rate_one_gives_retryable_results() -> None:
     async with mock_provider(failure_rate=1.0, seed=7) as (base_url, provider):
-        answers = [await provider.send_batch(make_messages(3, prefix=f"f{i}")) for i in range(5)]
+        answers = [await provider.send(make_messages(3, prefix=f"f{i}")) for i in range(5)]
 
         for answer in answers:
             assert all(not r.ok and r.retryable for r in answer)
@@ -157,7 +159,7 @@ async def test_failure_rate_one_gives_retryable_results() -> None:
 async def test_latency_is_honoured() -> None:
     async with mock_provider(latency_ms=100) as (_, provider):
         started = time.monotonic()
-        results = await provider.send_batch(make_messages(2))
+        results = await provider.send(make_messages(2))
         assert time.monotonic() - started >= 0.095
         assert all(r.ok for r in results)
 
@@ -165,8 +167,8 @@ async def test_latency_is_honoured() -> None:
 async def test_duplicates_counted_when_ref_sent_twice() -> None:
     async with mock_provider() as (base_url, provider):
         messages = make_messages(10)
-        await provider.send_batch(messages)
-        await provider.send_batch(messages[:4])
+        await provider.send(messages)
+        await provider.send(messages[:4])
 
         stats = await get_json(f"{base_url}/v1/stats")
         assert (stats["accepted"], stats["unique"], stats["duplicates"]) == (14, 10, 4)
@@ -176,7 +178,7 @@ async def test_duplicates_counted_when_ref_sent_twice() -> None:
 
 async def test_reset_clears_recording() -> None:
     async with mock_provider() as (base_url, provider):
-        await provider.send_batch(make_messages(5))
+        await provider.send(make_messages(5))
         status, _ = await post_json(f"{base_url}/v1/reset", b"")
         assert status == 200
 
@@ -191,10 +193,10 @@ async def test_config_changes_behaviour_at_runtime() -> None:
     async with mock_provider() as (base_url, provider):
         status, body = await post_json(f"{base_url}/v1/config", b'{"failure_rate": 1.0}')
         assert status == 200 and body["failure_rate"] == 1.0
-        assert all(r.retryable and not r.ok for r in await provider.send_batch(make_messages(2)))
+        assert all(r.retryable and not r.ok for r in await provider.send(make_messages(2)))
 
         await post_json(f"{base_url}/v1/config", b'{"failure_rate": 0, "latency_ms": 0}')
-        assert all(r.ok for r in await provider.send_batch(make_messages(2)))
+        assert all(r.ok for r in await provider.send(make_messages(2)))
 
         status, body = await post_json(f"{base_url}/v1/config", b'{"failure_rate": 2}')
         assert status == 400 and "failure_rate" in body["error"]
@@ -229,7 +231,7 @@ async def test_other_4xx_is_permanent() -> None:
     async with mock_provider() as (base_url, _):
         provider = MockProvider(f"{base_url}/no-such-prefix")
         try:
-            results = await provider.send_batch(make_messages(2))
+            results = await provider.send(make_messages(2))
         finally:
             await provider.close()
         assert all(not r.ok and not r.retryable and "404" in (r.error or "") for r in results)
@@ -238,7 +240,7 @@ async def test_other_4xx_is_permanent() -> None:
 async def test_connection_refused_is_retryable() -> None:
     provider = MockProvider(f"http://127.0.0.1:{closed_port()}")
     try:
-        results = await provider.send_batch(make_messages(3))
+        results = await provider.send(make_messages(3))
     finally:
         await provider.close()
     assert all(not r.ok and r.retryable and r.error for r in results)
@@ -248,7 +250,7 @@ async def test_timeout_is_retryable() -> None:
     async with serving(build_app(latency_ms=300)) as base_url:
         provider = MockProvider(base_url, timeout=0.05)
         try:
-            results = await provider.send_batch(make_messages(2))
+            results = await provider.send(make_messages(2))
         finally:
             await provider.close()
     assert all(not r.ok and r.retryable for r in results)
@@ -256,7 +258,7 @@ async def test_timeout_is_retryable() -> None:
 
 async def test_empty_batch_sends_nothing() -> None:
     async with mock_provider() as (base_url, provider):
-        assert await provider.send_batch([]) == []
+        assert await provider.send([]) == []
         assert (await get_json(f"{base_url}/v1/stats"))["requests"] == 0
 
 
@@ -274,7 +276,7 @@ async def test_header_values_on_the_wire_are_safe() -> None:
     async with capturing_provider() as (base_url, wire):
         provider = MockProvider(base_url)
         try:
-            [result] = await provider.send_batch([message])
+            [result] = await provider.send([message])
         finally:
             await provider.close()
     assert result.ok
@@ -327,7 +329,7 @@ async def test_webhooks_are_signed_and_verify() -> None:
             messages = make_messages(3)
             messages[1].to_email = "bounce-7@example.com"
             messages[2].to_email = "Complaint@example.com"
-            results = await provider.send_batch(messages)
+            results = await provider.send(messages)
             stats = await webhooks_sent(base_url, 3)
 
     assert stats["webhooks_sent"] == receiver.event_count() == 3
@@ -359,7 +361,7 @@ async def test_webhooks_retried_after_receiver_failure() -> None:
     receiver = WebhookReceiver(fail_first=2)
     async with serving(receiver.app()) as hook_url:
         async with mock_provider(webhook_url=f"{hook_url}/hooks") as (base_url, provider):
-            await provider.send_batch(make_messages(4))
+            await provider.send(make_messages(4))
             stats = await webhooks_sent(base_url, 4)
     assert receiver.attempts >= 3 and receiver.event_count() == 4
     assert (stats["webhooks_sent"], stats["webhooks_dropped"]) == (4, 0)
@@ -368,10 +370,10 @@ async def test_webhooks_retried_after_receiver_failure() -> None:
 
 
 async def test_webhooks_beyond_cap_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mock_server, "MAX_PENDING_WEBHOOKS", 5)
+    monkeypatch.setattr(devkit.mock_provider, "MAX_PENDING_WEBHOOKS", 5)
     unreachable = f"http://127.0.0.1:{closed_port()}/hooks"
     async with mock_provider(webhook_url=unreachable) as (base_url, provider):
-        await provider.send_batch(make_messages(12))
+        await provider.send(make_messages(12))
         stats = await get_json(f"{base_url}/v1/stats")
     assert stats["webhooks_dropped"] == 7
     assert stats["webhooks_pending"] == 5

@@ -107,8 +107,8 @@ async def test_batch_delivered_once_each_over_reused_connections() -> None:
         provider = SmtpProvider("127.0.0.1", port, pool_size=4, timeout=5)
         try:
             messages = personalised(20)
-            results = await provider.send_batch(messages)
-            second = await provider.send_batch(personalised(8, prefix="c2"))
+            results = await provider.send(messages)
+            second = await provider.send(personalised(8, prefix="c2"))
         finally:
             await provider.close()
 
@@ -146,7 +146,7 @@ async def test_550_is_permanent_for_that_message_only() -> None:
     with smtp_server(handler) as port:
         provider = SmtpProvider("127.0.0.1", port, pool_size=2, timeout=5)
         try:
-            results = await provider.send_batch(messages)
+            results = await provider.send(messages)
         finally:
             await provider.close()
 
@@ -164,7 +164,7 @@ async def test_451_is_retryable() -> None:
     with smtp_server(handler) as port:
         provider = SmtpProvider("127.0.0.1", port, pool_size=1, timeout=5)
         try:
-            results = await provider.send_batch(messages)
+            results = await provider.send(messages)
         finally:
             await provider.close()
 
@@ -176,7 +176,7 @@ async def test_451_is_retryable() -> None:
 async def test_closed_port_gives_retryable_failures() -> None:
     provider = SmtpProvider("127.0.0.1", free_port(), pool_size=3, timeout=2)
     try:
-        results = await provider.send_batch(personalised(7))
+        results = await provider.send(personalised(7))
     finally:
         await provider.close()
     assert len(results) == 7
@@ -189,9 +189,9 @@ async def test_reconnects_after_server_closed_connections() -> None:
     provider = SmtpProvider("127.0.0.1", port, pool_size=2, timeout=5)
     try:
         with smtp_server(handler, port):
-            assert all(r.ok for r in await provider.send_batch(personalised(4)))
+            assert all(r.ok for r in await provider.send(personalised(4)))
         with smtp_server(handler, port):  # the old connections were closed by the server
-            assert all(r.ok for r in await provider.send_batch(personalised(4, prefix="c2")))
+            assert all(r.ok for r in await provider.send(personalised(4, prefix="c2")))
     finally:
         await provider.close()
     assert len(handler.delivered) == 8
@@ -275,7 +275,7 @@ async def send_over_one_connection(
     with smtp_server(handler) as port:
         provider = SmtpProvider("127.0.0.1", port, pool_size=1, timeout=5)
         try:
-            return await provider.send_batch(messages), handler
+            return await provider.send(messages), handler
         finally:
             await provider.close()
 

@@ -22,14 +22,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
-from engine import runtime
+from engine import gc_tuning
 from engine.config import Settings, export_process_env, load_settings
-from engine.errors import ConfigError
+from engine.errors import BatchSenderError, ConfigError
 
 log = logging.getLogger("batchsender")
+T = TypeVar("T")
 
 
 def _settings() -> Settings:
@@ -43,6 +46,15 @@ def _settings() -> Settings:
 
     setup_logging(settings.log_level)
     return settings
+
+
+def _engine_call(coro: Coroutine[Any, Any, T]) -> T:
+    """Run an engine call; a refusal (``BatchSenderError``) is one line and exit code 2."""
+    try:
+        return asyncio.run(coro)
+    except BatchSenderError as exc:
+        print(f"batchsender: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
@@ -103,7 +115,6 @@ def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     from engine.auth import revoke_key
-    from engine.errors import BatchSenderError
     from engine.migrate import migrate_postgres
     from engine.services import Services
     from engine.tenants import ApiKey
@@ -116,11 +127,7 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await services.close()
 
-    try:
-        key = asyncio.run(run())
-    except BatchSenderError as exc:
-        print(f"batchsender: {exc.message}", file=sys.stderr)
-        return 2
+    key = _engine_call(run())
     print(f"revoked key {key.id} ({key.prefix}) of tenant {key.tenant_id}")
     return 0
 
@@ -128,30 +135,30 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
     from engine import tenants
     from engine.db import create_pool
-    from engine.errors import BatchSenderError
 
     async def run() -> tenants.Limits:
         pool = await create_pool(settings, max_size=1)
         try:
             await tenants.set_limits(
-                pool, args.tenant, max_batch_recipients=args.max_batch_recipients,
-                max_active_batches=args.max_active_batches, send_rate=args.send_rate,
-            )  # fmt: skip
+                pool,
+                args.tenant,
+                max_batch_recipients=args.max_batch_recipients,
+                max_active_batches=args.max_active_batches,
+                send_rate=args.send_rate,
+            )
             return await tenants.limits(pool, args.tenant, settings)
         finally:
             await pool.close()
 
-    try:
-        limits = asyncio.run(run())
-    except BatchSenderError as exc:
-        print(f"batchsender: {exc.message}", file=sys.stderr)
-        return 2
+    limits = _engine_call(run())
     rate = (
         limits.send_rate
         or f"{settings.tenant_rate.per_second:g}/{settings.tenant_rate.burst} (default)"
     )
-    print(f"tenant {args.tenant}: at most {limits.max_batch_recipients} recipients per batch, "
-          f"{limits.max_active_batches} unfinished batches, sending at {rate} per second")  # fmt: skip
+    print(
+        f"tenant {args.tenant}: at most {limits.max_batch_recipients} recipients per batch, "
+        f"{limits.max_active_batches} unfinished batches, sending at {rate} per second"
+    )
     return 0
 
 
@@ -165,7 +172,7 @@ def cmd_api(_args: argparse.Namespace, settings: Settings) -> int:
     asyncio.run(migrate_all(settings))
     uvloop.install()
     app = create_app(settings)
-    runtime.tune_gc(runtime.INTAKE)
+    gc_tuning.tune_gc(gc_tuning.INTAKE)
     web.run_app(
         app,
         host=settings.api_host,
@@ -181,20 +188,20 @@ def cmd_api(_args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from engine.supervisor import Supervisor
 
-    runtime.tune_gc(runtime.WORKER)  # the workers inherit it (and freeze their own modules)
+    gc_tuning.tune_gc(gc_tuning.WORKER)  # the workers inherit it (and freeze their own modules)
     return Supervisor(settings, args.processes).run()
 
 
 def cmd_mock_provider(args: argparse.Namespace, _settings: Settings | None) -> int:
-    from providers import mock_server
+    from devkit import mock_provider
 
-    runtime.tune_gc(runtime.WORKER)
-    mock_server.main(args.rest)
+    gc_tuning.tune_gc(gc_tuning.WORKER)
+    mock_provider.main(args.rest)
     return 0
 
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
-    from api.send import send_file
+    from cli.send import send_file
 
     url = args.api_url or f"http://127.0.0.1:{settings.api_port}"
     fields = {
@@ -216,14 +223,21 @@ def cmd_all(_args: argparse.Namespace, settings: Settings) -> int:
     from engine.migrate import migrate_all
 
     asyncio.run(migrate_all(settings))
-    exe = [sys.executable, "-m", "api.cli"]
+    exe = [sys.executable, "-m", "cli.main"]
     commands = {
-        "mock-provider": exe + ["mock-provider", "--port", _port(settings.mock_provider_url),
-                                "--webhook-url", f"http://127.0.0.1:{settings.api_port}/webhooks/mock",
-                                "--webhook-secret", settings.mock_webhook_secret],
+        "mock-provider": exe
+        + [
+            "mock-provider",
+            "--port",
+            _port(settings.mock_provider_url),
+            "--webhook-url",
+            f"http://127.0.0.1:{settings.api_port}/webhooks/mock",
+            "--webhook-secret",
+            settings.mock_webhook_secret,
+        ],
         "api": exe + ["api"],
         "worker": exe + ["worker"],
-    }  # fmt: skip
+    }
     env = {**os.environ, **settings.as_environ()}
     children: dict[str, subprocess.Popen] = {}
     stopping = False
@@ -271,8 +285,11 @@ def _port(url: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchsender", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="batchsender",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply the PostgreSQL and ClickHouse schema").set_defaults(
         func=cmd_migrate
@@ -302,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--processes", type=int, default=None, help="default: WORKER_PROCESSES"
     )
     worker.set_defaults(func=cmd_worker)
-    mock = sub.add_parser("mock-provider", help="run the local mock provider (--help for options)",
-                          add_help=False)  # fmt: skip
+    mock = sub.add_parser(
+        "mock-provider", help="run the local mock provider (--help for options)", add_help=False
+    )
     mock.set_defaults(func=cmd_mock_provider)
     send = sub.add_parser("send", help="submit a CSV or NDJSON file as a batch and follow it")
     send.add_argument("file")
@@ -329,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.func is cmd_mock_provider:
-        args.rest = rest  # its own options, parsed by providers.mock_server
+        args.rest = rest  # its own options, parsed by devkit.mock_provider
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # Settings first: they must be in place before prometheus-client is imported.

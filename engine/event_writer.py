@@ -30,9 +30,9 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 from clickhouse_connect.driver.exceptions import DataError as ClickHouseDataError
 from nats.aio.msg import Msg
 
-from engine import metrics, results
+from engine import deadletters, metrics
 from engine.clickhouse import EVENT_COLUMNS, ClickHouse
-from engine.deadletters import reason_of
+from engine.deadletters import reason_of, retry_or_give_up
 from engine.results import ResultMessage, decode
 from engine.services import Services
 from engine.topology import REDELIVERY, Redelivery
@@ -138,6 +138,15 @@ class EventWriter:
             self._messages.append(msg)
             self._sizes.append(len(columns[0]) - size)
 
+    async def add_or_retry(self, msgs: list[Msg]) -> None:
+        """``add``; when that fails (PostgreSQL down: nothing was added), each message is
+        retried or given up."""
+        try:
+            await self.add(msgs)
+        except Exception as exc:
+            for msg in msgs:
+                await retry_or_give_up("results-ch", msg, exc, self.give_up, self.redelivery)
+
     async def _load_tenants(self, batch_ids: set[str]) -> None:
         ids = []
         for batch_id in batch_ids:
@@ -166,8 +175,11 @@ class EventWriter:
             self.failures += 1
             metrics.CLICKHOUSE_FAILURES.inc()
             if refused(exc):
-                log.warning("clickhouse client refused an insert of %d rows (%r); inserting "
-                            "it by halves", rows, exc)  # fmt: skip
+                log.warning(
+                    "clickhouse client refused an insert of %d rows (%r); inserting it by halves",
+                    rows,
+                    exc,
+                )
                 try:
                     await self._isolate(columns, msgs, sizes)
                 except Exception as outage:  # ClickHouse went away meanwhile
@@ -229,7 +241,7 @@ class EventWriter:
         await self.services.pool.fetchval("SELECT 1")
         if not await self._answers():
             raise ConnectionError("clickhouse does not answer")
-        await results.dead_letter(self.services, "results-ch", msg.data, reason)
+        await deadletters.results(self.services, "results-ch", msg.data, reason)
         await msg.term()
 
     async def _give_up_refused(self, msg: Msg, exc: Exception) -> None:
@@ -238,7 +250,7 @@ class EventWriter:
         reason = f"its rows cannot be written to ClickHouse: {reason_of(exc)}"
         log.error("results-ch: dead-lettering a results message: %s", reason)
         try:
-            await results.dead_letter(self.services, "results-ch", msg.data, reason)
+            await deadletters.results(self.services, "results-ch", msg.data, reason)
             await msg.term()
         except Exception:
             log.exception("results-ch: dead-lettering failed; the message comes back")

@@ -3,7 +3,7 @@
 ``isolated_environ`` names a deployment of its own (PostgreSQL and ClickHouse databases,
 NATS prefix, key prefix, metrics folder, free ports) on this machine's services, and
 ``Stack`` runs the real processes on it, started as a user would: ``batchsender
-mock-provider``, ``batchsender api`` and ``batchsender worker``.
+mock-provider``, ``batchsender api`` and ``batchsender worker``; ``drop_all`` removes it.
 """
 
 from __future__ import annotations
@@ -24,14 +24,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import asyncpg
 import orjson
 from aiohttp import web
 
+from engine.clickhouse import ClickHouse
 from engine.config import Settings, load_settings
 from engine.db import create_pool
-from engine.migrate import drop_all, migrate_all
+from engine.migrate import migrate_all
 from engine.tenants import create_key
 from providers.mock import SIGNATURE_HEADER, TIMESTAMP_HEADER
 
@@ -59,9 +62,49 @@ def isolated_environ(tag: str, database_host: str = "127.0.0.1:5432") -> dict[st
     }
 
 
+async def drop_all(settings: Settings) -> None:
+    """Remove everything of one deployment: streams, keys, ClickHouse and PostgreSQL
+    databases. For throw-away deployments (test sessions, benchmark runs) only."""
+    import contextlib
+
+    import nats
+    import redis.asyncio as aioredis
+
+    from engine.topology import Topology, delete_topology
+
+    nc = await nats.connect(settings.nats_url)
+    with contextlib.suppress(Exception):
+        await delete_topology(nc.jetstream(), Topology(settings.nats_prefix))
+    await nc.close()
+    client = aioredis.Redis.from_url(settings.dragonfly_url)
+    keys = [k async for k in client.scan_iter(match=settings.key_prefix + "*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+    with contextlib.suppress(Exception):
+        clickhouse = ClickHouse(settings)
+        clickhouse.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+        clickhouse.close()
+    parts = urlsplit(settings.database_url)
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{parts.path.lstrip("/")}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 def command(*args: str) -> list[str]:
     script = shutil.which("batchsender")
-    return [script, *args] if script else [sys.executable, "-m", "api.cli", *args]
+    return [script, *args] if script else [sys.executable, "-m", "cli.main", *args]
+
+
+def mock_provider_command(port: int, latency_ms: float) -> list[str]:
+    """The mock provider on 127.0.0.1:``port`` answering after ``latency_ms``, started
+    as a module (no installed ``batchsender`` script needed)."""
+    return [
+        sys.executable, "-m", "devkit.mock_provider", "--host", "127.0.0.1",
+        "--port", str(port), "--latency-ms", str(latency_ms),
+    ]  # fmt: skip
 
 
 def http_ok(url: str) -> bool:
@@ -99,8 +142,9 @@ class Stack:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(command(*args), env=self.environ, cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            command(*args), env=self.environ, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
         self.procs[name] = proc
         return proc
 
@@ -109,8 +153,16 @@ class Stack:
         false), API and worker; wait until up."""
         port = self.mock.rsplit(":", 1)[1]
         hooks = ("--webhook-url", f"{self.api}/webhooks/mock") if webhooks else ()
-        self.start("mock", "mock-provider", "--port", port, *hooks,
-                   "--webhook-secret", self.settings.mock_webhook_secret, *mock_options)  # fmt: skip
+        self.start(
+            "mock",
+            "mock-provider",
+            "--port",
+            port,
+            *hooks,
+            "--webhook-secret",
+            self.settings.mock_webhook_secret,
+            *mock_options,
+        )
         self.start("api", "api")
         self.start("worker", "worker")
         wait_until(lambda: http_ok(f"{self.api}/health"), 60, what="API /health")
@@ -188,8 +240,13 @@ class Stack:
         )
 
 
-_SERVICES = {"postgres": "postgres", "nats-server": "nats", "clickhouse-serv": "clickhouse",
-             "redis-server": "redis", "dragonfly": "dragonfly"}  # fmt: skip
+_SERVICES = {
+    "postgres": "postgres",
+    "nats-server": "nats",
+    "clickhouse-serv": "clickhouse",
+    "redis-server": "redis",
+    "dragonfly": "dragonfly",
+}
 
 
 def environ_for(settings_environ: dict[str, str], **overrides: str) -> dict[str, str]:

@@ -11,7 +11,8 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-_DONE = ("completed", "cancelled", "failed")
+from engine.lifecycle import FINISHED
+
 _TYPES = {".csv": "text/csv", ".ndjson": "application/x-ndjson", ".jsonl": "application/x-ndjson"}
 
 
@@ -36,8 +37,9 @@ async def send_file(url: str, key: str, path: Path, fields: dict[str, str], *, f
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         started = time.monotonic()
-        async with session.post(f"{url}/api/batches", params=fields, data=_file_chunks(path),
-                                headers=headers) as response:  # fmt: skip
+        async with session.post(
+            f"{url}/api/batches", params=fields, data=_file_chunks(path), headers=headers
+        ) as response:
             body = orjson.loads(await response.read())
         if response.status != 201:
             error = body.get("error", {})
@@ -46,8 +48,11 @@ async def send_file(url: str, key: str, path: Path, fields: dict[str, str], *, f
                 file=sys.stderr,
             )
             return 1
-        print(f"batch {body['id']}: {body['total_recipients']:,} recipients accepted "
-              f"in {time.monotonic() - started:.1f}s", file=sys.stderr)  # fmt: skip
+        print(
+            f"batch {body['id']}: {body['total_recipients']:,} recipients accepted "
+            f"in {time.monotonic() - started:.1f}s",
+            file=sys.stderr,
+        )
         if not follow:
             print(body["id"])
             return 0
@@ -59,7 +64,7 @@ async def send_file(url: str, key: str, path: Path, fields: dict[str, str], *, f
                 _bar(progress["final"], batch["total_recipients"], progress["per_second"])
             )
             sys.stderr.flush()
-            if batch["status"] in _DONE:
+            if batch["status"] in FINISHED:
                 counts = {k: v for k, v in batch["counts"].items() if v}
                 print(f"\n{batch['status']}: {counts}", file=sys.stderr)
                 print(body["id"])

@@ -2,7 +2,7 @@
 
 Routes: ``POST /v1/send``, ``GET /v1/stats``, ``GET /v1/received``, ``GET /v1/samples``,
 ``POST /v1/reset``, ``POST /v1/config``, ``GET /health``. Run with
-``python -m providers.mock_server --port 6100``.
+``python -m devkit.mock_provider --port 6100``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from aiohttp import web
 
 from providers.mock import signed_headers
 
-log = logging.getLogger("providers.mock_server")
+log = logging.getLogger("devkit.mock_provider")
 
 INVALID_DOMAIN = "invalid.test"
 MAX_SAMPLES = 1000

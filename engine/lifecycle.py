@@ -1,0 +1,463 @@
+"""A batch's life: its statuses, and every transition that changes them.
+
+A batch is ``creating`` while its recipients are copied (invisible to the API), then:
+
+| from                 | to                                   | by                           |
+|----------------------|--------------------------------------|------------------------------|
+| creating             | draft, scheduled, queued, completed  | ``created`` (intake)         |
+| draft                | scheduled, queued, completed         | ``schedule``, ``start``      |
+| scheduled            | queued, completed                    | ``start`` (the leader)       |
+| queued               | processing, completed                | ``record_final`` (results)   |
+| processing           | completed                            | ``record_final``             |
+| queued, processing   | paused                               | ``pause``                    |
+| paused               | queued, processing, completed        | ``resume``                   |
+| any unfinished       | cancelled                            | ``cancel``                   |
+| completed            | processing                           | ``reopen_failed`` (a replay) |
+
+A batch whose recipients are all suppressed is ``completed`` at once. ``failed`` is a
+batch status SPEC.md names; no transition sets it yet.
+
+A recipient goes ``pending`` (draft, scheduled) → ``queued`` → one final status (``sent``, ``failed``,
+``suppressed``, ``cancelled``, or a provider event that came first); after ``sent`` the
+provider's events move it on by rank (delivered < bounced < complained). Each final
+transition counts once toward the batch's ``final_count``; the batch is ``completed``
+exactly when that count reaches ``total_recipients`` (a paused batch stays paused, a
+cancelled one cancelled). ``batch_counts`` holds the recipients per status, moved in the
+same statement as the recipients themselves, so it is always exact.
+
+Every ``UPDATE batches`` and every write of ``batch_counts`` is here; the modules that
+act on batches (intake, control, results, the leader, dead-letter replay) call these.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+BATCH_STATUSES = (
+    "draft",
+    "scheduled",
+    "queued",
+    "processing",
+    "completed",
+    "paused",
+    "cancelled",
+    "failed",
+)
+RECIPIENT_STATUSES = (
+    "pending",
+    "queued",
+    "sent",
+    "delivered",
+    "bounced",
+    "complained",
+    "failed",
+    "suppressed",
+    "cancelled",
+)
+SENDING = ("queued", "processing")  # workers send its chunks
+ACTIVE = ("scheduled", "queued", "processing", "paused")  # counts toward a tenant's limit
+UNFINISHED = ("draft", *ACTIVE)  # can still be cancelled
+FINISHED = ("completed", "cancelled", "failed")
+AFTER_SEND = ("sent", "delivered", "bounced", "complained")  # ranked, lowest first
+AFTER_SEND_EVENTS = frozenset(AFTER_SEND[1:])
+RANK = {status: rank for rank, status in enumerate(AFTER_SEND)}
+
+
+# --- recipient counts --------------------------------------------------------------
+
+
+async def add_counts(conn: asyncpg.Connection, batch_id: uuid.UUID, counts: dict[str, int]) -> None:
+    """Add to the batch's recipient counts per status."""
+    await conn.execute(
+        """INSERT INTO batch_counts (batch_id, status, n)
+           SELECT $1, status, n FROM unnest($2::text[], $3::int[]) AS c(status, n) WHERE n > 0
+           ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n""",
+        batch_id,
+        list(counts),
+        list(counts.values()),
+    )
+
+
+_MOVE = """
+WITH u AS (
+    UPDATE recipients
+       SET status = $3, updated_at = now(), error = CASE WHEN $5 THEN NULL ELSE error END
+     WHERE batch_id = $1 AND status = $2 AND ($4::int[] IS NULL OR seq = ANY($4::int[]))
+ RETURNING seq
+), n AS (
+    SELECT count(*)::int AS n FROM u
+), counted AS (
+    INSERT INTO batch_counts (batch_id, status, n)
+    SELECT $1, s, d FROM n, LATERAL (VALUES ($2::text, -n.n), ($3::text, n.n)) AS v(s, d)
+     WHERE n.n > 0
+    ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
+)
+SELECT seq FROM u ORDER BY seq
+"""
+
+
+async def move_recipients(
+    conn: asyncpg.Connection,
+    batch_id: uuid.UUID,
+    from_status: str,
+    to_status: str,
+    seqs: list[int] | None = None,
+    *,
+    clear_error: bool = False,
+) -> list[int]:
+    """Move a batch's recipients (all, or the given ``seqs``) that are in ``from_status``
+    to ``to_status``, keeping ``batch_counts`` in step; return the seqs moved."""
+    rows = await conn.fetch(_MOVE, batch_id, from_status, to_status, seqs, clear_error)
+    return [r["seq"] for r in rows]
+
+
+# --- intake ------------------------------------------------------------------------
+
+
+def first_status(draft: bool, scheduled_at: datetime | None) -> str:
+    """The status a new batch is created in."""
+    if draft:
+        return "draft"
+    if scheduled_at is not None and scheduled_at > datetime.now(UTC):
+        return "scheduled"
+    return "queued"
+
+
+async def mark_suppressed(conn: asyncpg.Connection, batch_id: uuid.UUID, tenant_id: str) -> int:
+    """The batch's unsent recipients on the tenant's suppression list become ``suppressed``;
+    returns how many (the caller counts them)."""
+    if not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM suppressions WHERE tenant_id = $1)", tenant_id
+    ):
+        return 0
+    result = await conn.execute(
+        """UPDATE recipients r SET status = 'suppressed', error = s.reason, updated_at = now()
+           FROM suppressions s
+           WHERE r.batch_id = $1 AND s.tenant_id = $2 AND s.email = lower(r.email)
+             AND r.status IN ('pending', 'queued')""",
+        batch_id,
+        tenant_id,
+    )
+    return int(result.split()[-1])
+
+
+async def created(
+    conn: asyncpg.Connection,
+    batch_id: uuid.UUID,
+    status: str,
+    recipient_status: str,
+    total: int,
+    suppressed: int,
+) -> str:
+    """A ``creating`` batch whose recipients are copied (in ``recipient_status``) becomes
+    ``status`` — ``completed`` instead of ``queued`` when every recipient is suppressed.
+    Returns the status it has now."""
+    if status == "queued" and suppressed == total:
+        status = "completed"
+    await conn.execute(
+        """UPDATE batches SET status = $2, total_recipients = $3,
+               suppressed_count = $4, final_count = $4,
+               completed_at = CASE WHEN $2 = 'completed' THEN now() END
+           WHERE id = $1""",
+        batch_id,
+        status,
+        total,
+        suppressed,
+    )
+    await add_counts(
+        conn, batch_id, {recipient_status: total - suppressed, "suppressed": suppressed}
+    )
+    return status
+
+
+async def appended(
+    conn: asyncpg.Connection, batch_id: uuid.UUID, total: int, added: int, suppressed: int
+) -> int:
+    """A draft got ``added`` recipients (``suppressed`` of them suppressed), ``total`` now;
+    returns how many of all its recipients are suppressed."""
+    total_suppressed = await conn.fetchval(
+        """UPDATE batches SET total_recipients = $2, suppressed_count = suppressed_count + $3,
+                  final_count = final_count + $3
+            WHERE id = $1 RETURNING suppressed_count""",
+        batch_id,
+        total,
+        suppressed,
+    )
+    await add_counts(conn, batch_id, {"pending": added - suppressed, "suppressed": suppressed})
+    return total_suppressed
+
+
+# A batch's counts from its recipients (at a start, when nothing is being sent yet).
+_RECOUNT = """
+WITH c AS (
+    SELECT status, count(*)::int AS n FROM recipients WHERE batch_id = $1 GROUP BY status
+), counted AS (
+    INSERT INTO batch_counts (batch_id, status, n) SELECT $1, status, n FROM c
+), s AS (
+    SELECT coalesce(sum(n) FILTER (WHERE status = 'suppressed'), 0)::int AS suppressed,
+           coalesce(sum(n) FILTER (WHERE status = 'queued'), 0)::int AS queued
+      FROM c
+)
+UPDATE batches b
+   SET status = CASE WHEN s.queued = 0 THEN 'completed' ELSE 'queued' END,
+       suppressed_count = s.suppressed, final_count = s.suppressed, queued_at = NULL,
+       completed_at = CASE WHEN s.queued = 0 THEN now() END
+  FROM s WHERE b.id = $1
+RETURNING b.status
+"""
+
+
+async def start(pool: asyncpg.Pool, batch_id: uuid.UUID, from_status: str) -> dict[str, Any] | None:
+    """A ``draft`` or due ``scheduled`` batch (``from_status``) becomes ``queued``: its
+    recipients become ``queued``, those suppressed since it was created ``suppressed``
+    (``completed`` when nobody is left). Returns (status, tenant_id, provider, chunk_size,
+    total_recipients), or None when the batch was not in ``from_status``."""
+    async with pool.acquire() as conn, conn.transaction():
+        batch = await conn.fetchrow(
+            """SELECT tenant_id, provider, chunk_size, total_recipients FROM batches
+                WHERE id = $1 AND status = $2 FOR UPDATE""",
+            batch_id,
+            from_status,
+        )
+        if batch is None:
+            return None
+        await mark_suppressed(conn, batch_id, batch["tenant_id"])
+        await conn.execute(
+            "UPDATE recipients SET status = 'queued' WHERE batch_id = $1 AND status = 'pending'",
+            batch_id,
+        )
+        await conn.execute("DELETE FROM batch_counts WHERE batch_id = $1", batch_id)
+        status = await conn.fetchval(_RECOUNT, batch_id)
+    return {**dict(batch), "status": status}
+
+
+async def chunks_queued(pool: asyncpg.Pool, batch_id: uuid.UUID) -> None:
+    """Every chunk of the batch is published (until then recovery sees it interrupted)."""
+    await pool.execute("UPDATE batches SET queued_at = now() WHERE id = $1", batch_id)
+
+
+# --- control -----------------------------------------------------------------------
+
+
+async def schedule(pool: asyncpg.Pool, batch_id: uuid.UUID) -> bool:
+    """A draft whose ``scheduled_at`` is ahead becomes ``scheduled``; False when it is no
+    draft (any more)."""
+    return bool(
+        await pool.fetchval(
+            "UPDATE batches SET status = 'scheduled' WHERE id = $1 AND status = 'draft'"
+            " RETURNING true",
+            batch_id,
+        )
+    )
+
+
+async def pause(pool: asyncpg.Pool, tenant_id: str, batch_id: uuid.UUID) -> bool:
+    """A sending batch becomes ``paused``; False when it was not sending."""
+    return bool(
+        await pool.fetchval(
+            """UPDATE batches SET status = 'paused', paused_at = now()
+                WHERE id = $1 AND tenant_id = $2 AND status = ANY($3::text[])
+            RETURNING true""",
+            batch_id,
+            tenant_id,
+            list(SENDING),
+        )
+    )
+
+
+async def resume(pool: asyncpg.Pool, tenant_id: str, batch_id: uuid.UUID) -> asyncpg.Record | None:
+    """A paused batch goes back to ``queued``/``processing`` (``completed`` when it has
+    nothing left) under a new generation; (status, generation), or None when it was not
+    paused."""
+    return await pool.fetchrow(
+        """UPDATE batches
+              SET status = CASE WHEN final_count >= total_recipients THEN 'completed'
+                                WHEN started_at IS NULL THEN 'queued' ELSE 'processing' END,
+                  completed_at = CASE WHEN final_count >= total_recipients
+                                      THEN coalesce(completed_at, now()) END,
+                  generation = generation + 1, paused_at = NULL, progress_at = now()
+            WHERE id = $1 AND tenant_id = $2 AND status = 'paused'
+        RETURNING status, generation""",
+        batch_id,
+        tenant_id,
+    )
+
+
+async def cancel(pool: asyncpg.Pool, tenant_id: str, batch_id: uuid.UUID) -> str | None:
+    """An unfinished batch becomes ``cancelled``; a draft's or scheduled batch's recipients
+    (never queued) are ``cancelled`` at once, the others as their chunks or the leader
+    settle them. Returns the status it had, or None when it was finished."""
+    async with pool.acquire() as conn, conn.transaction():
+        before = await conn.fetchval(
+            """SELECT status FROM batches
+                WHERE id = $1 AND tenant_id = $2 AND status = ANY($3::text[]) FOR UPDATE""",
+            batch_id,
+            tenant_id,
+            list(UNFINISHED),
+        )
+        if before is None:
+            return None
+        await conn.execute(
+            "UPDATE batches SET status = 'cancelled', cancelled_at = now() WHERE id = $1",
+            batch_id,
+        )
+        if before in ("draft", "scheduled"):  # nothing was ever queued: end it here
+            moved = await move_recipients(conn, batch_id, "pending", "cancelled")
+            await conn.execute(
+                "UPDATE batches SET final_count = final_count + $2, completed_at = now()"
+                " WHERE id = $1",
+                batch_id,
+                len(moved),
+            )
+    return before
+
+
+# --- sending -----------------------------------------------------------------------
+
+
+_FINAL_TRANSITION = """
+WITH v AS (  -- per recipient only its first result of this flush can be the final transition
+    SELECT DISTINCT ON (batch_id, seq) batch_id, seq, status, pmid, error, attempts
+      FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::int2[])
+           WITH ORDINALITY AS v(batch_id, seq, status, pmid, error, attempts, position)
+     ORDER BY batch_id, seq, position
+), u AS (
+    UPDATE recipients r
+       SET status = v.status,
+           provider_message_id = coalesce(v.pmid, r.provider_message_id),
+           error = v.error,
+           attempts = greatest(r.attempts, v.attempts),
+           updated_at = now()
+      FROM v
+     WHERE r.batch_id = v.batch_id AND r.seq = v.seq AND r.status = 'queued'
+ RETURNING r.batch_id, r.status
+), c AS (
+    SELECT batch_id, status, count(*)::int AS n FROM u GROUP BY batch_id, status
+), counted AS (
+    INSERT INTO batch_counts (batch_id, status, n)
+    SELECT batch_id, status, n FROM c
+     UNION ALL
+    SELECT batch_id, 'queued', -sum(n)::int FROM c GROUP BY batch_id
+    ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
+), t AS (
+    SELECT batch_id, sum(n)::int AS n FROM c GROUP BY batch_id
+)
+UPDATE batches b
+   SET final_count = b.final_count + t.n,
+       started_at = coalesce(b.started_at, now()),
+       progress_at = now(),
+       status = CASE
+           WHEN b.final_count + t.n >= b.total_recipients
+                AND b.status IN ('queued', 'processing') THEN 'completed'
+           WHEN b.status = 'queued' THEN 'processing'
+           ELSE b.status END,  -- a paused batch stays paused, a cancelled one cancelled
+       completed_at = CASE
+           WHEN b.final_count + t.n >= b.total_recipients AND b.status <> 'paused'
+           THEN coalesce(b.completed_at, now())
+           ELSE b.completed_at END
+  FROM t
+ WHERE b.id = t.batch_id
+RETURNING b.id, b.status
+"""
+
+# Rows are locked and read first (FOR UPDATE), so the counts move from the status each
+# recipient really had, also when another writer changed it a moment before.
+_AFTER_SEND_TRANSITION = """
+WITH v AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[]) AS v(batch_id, seq, status, pmid)
+), old AS (
+    SELECT r.batch_id, r.seq, r.status AS old_status, v.status AS new_status, v.pmid
+      FROM recipients r JOIN v ON r.batch_id = v.batch_id AND r.seq = v.seq
+     WHERE array_position($5::text[], r.status) < array_position($5::text[], v.status)
+       FOR UPDATE OF r
+), u AS (
+    UPDATE recipients r
+       SET status = old.new_status,
+           provider_message_id = coalesce(r.provider_message_id, old.pmid),
+           updated_at = now()
+      FROM old
+     WHERE r.batch_id = old.batch_id AND r.seq = old.seq
+ RETURNING r.batch_id, old.old_status, old.new_status
+), moves AS (
+    SELECT batch_id, old_status, new_status, count(*)::int AS n FROM u GROUP BY 1, 2, 3
+)
+INSERT INTO batch_counts (batch_id, status, n)
+SELECT batch_id, status, sum(n)::int FROM (
+    SELECT batch_id, new_status AS status, n FROM moves
+     UNION ALL
+    SELECT batch_id, old_status, -n FROM moves
+) m GROUP BY batch_id, status
+ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
+"""
+
+
+async def record_final(
+    conn: asyncpg.Connection,
+    batch_ids: list[str],
+    seqs: list[int],
+    statuses: list[str],
+    provider_message_ids: list[str | None],
+    errors: list[str | None],
+    attempts: list[int],
+) -> list[asyncpg.Record]:
+    """``queued`` recipients take their final status (per recipient the first given; the
+    others are not final transitions); their batches' counts and statuses follow. Returns
+    (id, status) of the batches touched."""
+    return await conn.fetch(
+        _FINAL_TRANSITION, batch_ids, seqs, statuses, provider_message_ids, errors, attempts
+    )
+
+
+async def record_after_send(
+    conn: asyncpg.Connection,
+    batch_ids: list[str],
+    seqs: list[int],
+    statuses: list[str],
+    provider_message_ids: list[str | None],
+) -> None:
+    """Provider events (one per recipient) move recipients forward by rank (``AFTER_SEND``),
+    never back."""
+    await conn.execute(
+        _AFTER_SEND_TRANSITION, batch_ids, seqs, statuses, provider_message_ids, list(AFTER_SEND)
+    )
+
+
+# --- recovery and replay -----------------------------------------------------------
+
+
+async def revive_stalled(pool: asyncpg.Pool, stall_seconds: float) -> list[asyncpg.Record]:
+    """Sending batches with unfinished recipients and no progress for ``stall_seconds``
+    get a new generation (and count as progressing again); (id, generation) of each."""
+    return await pool.fetch(
+        """UPDATE batches SET generation = generation + 1, progress_at = now()
+            WHERE status = ANY($2::text[]) AND final_count < total_recipients
+              AND queued_at IS NOT NULL
+              AND coalesce(progress_at, queued_at) < now() - make_interval(secs => $1)
+        RETURNING id, generation""",
+        stall_seconds,
+        list(SENDING),
+    )
+
+
+async def reopen_failed(
+    pool: asyncpg.Pool, batch_id: uuid.UUID, seqs: list[int]
+) -> tuple[list[int], int]:
+    """Failed recipients (of ``seqs``) go back to ``queued`` (a dead-letter replay): they no
+    longer count as final, and a completed batch is ``processing`` again. Returns the seqs
+    moved and the batch's chunk size."""
+    async with pool.acquire() as conn, conn.transaction():
+        moved = await move_recipients(conn, batch_id, "failed", "queued", seqs, clear_error=True)
+        chunk_size = await conn.fetchval(
+            """UPDATE batches SET final_count = final_count - $2,
+                      status = CASE WHEN status = 'completed' AND $2 > 0 THEN 'processing'
+                                    ELSE status END,
+                      completed_at = CASE WHEN $2 > 0 THEN NULL ELSE completed_at END
+                WHERE id = $1 RETURNING chunk_size""",
+            batch_id,
+            len(moved),
+        )
+    return moved, chunk_size

@@ -1,0 +1,25 @@
+"""The providers this server knows: the one place the engine and the API look them up.
+
+Adding a provider is a module ``providers/<name>.py`` with a ``SPEC`` and its name in
+``AVAILABLE``.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from providers.base import ProviderSpec, Webhook
+
+# Every provider SPEC.md names, in the order intake lists them.
+KNOWN = ("mock", "smtp", "ses", "resend", "postmark", "sendgrid", "mailgun")
+# Those with a module here. (Batch limits of the others: ses 50, resend 100, postmark 500,
+# sendgrid 1000, mailgun 1000.)
+AVAILABLE = ("mock", "smtp")
+
+PROVIDERS: dict[str, ProviderSpec] = {
+    name: import_module(f"providers.{name}").SPEC for name in AVAILABLE
+}
+# The providers with a webhook route.
+WEBHOOKS: dict[str, Webhook] = {
+    name: spec.webhook for name, spec in PROVIDERS.items() if spec.webhook is not None
+}
