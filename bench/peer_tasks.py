@@ -1,5 +1,7 @@
-"""Worker side of the peer baselines in ``bench/peers.py``: one Celery task and one Dramatiq
-actor, each sending ONE recipient per request to the mock provider.
+"""Worker side of the peer baselines in ``bench/peers.py``: a Celery task and a Dramatiq
+actor that each send ONE recipient per request to the mock provider, and the chunked Celery
+task a team that knows Celery would write: one task per chunk of 100 recipients, one
+request for the 100, their statuses written to PostgreSQL in one statement.
 
 Both are built lazily so that a Dramatiq worker never imports Celery and the other way round
 (their resident memory is part of the figures):
@@ -13,6 +15,7 @@ Configured by the environment that ``bench/peers.py`` sets:
 - ``PEER_BROKER_URL``: the Redis broker, e.g. ``redis://127.0.0.1:6379/13``
 - ``PEER_HTTP_POOL``: keep-alive connections per worker process (= its concurrency)
 - ``PEER_CELERY_CONFIG``: JSON object of Celery settings merged into the app's config
+- ``PEER_DATABASE_URL``: the chunked peer's PostgreSQL database (its ``peer_recipients``)
 
 Personalisation is plain ``str.format`` per recipient (cheaper than Jinja2); the HTTP client
 is a urllib3 keep-alive pool per worker process (what ``requests`` uses underneath, without
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from dramatiq import Actor
 
 CELERY_TASK = "bench.peer_tasks.send_one"
+CELERY_CHUNK_TASK = "bench.peer_tasks.send_chunk"
 DRAMATIQ_ACTOR = "send_one"
 QUEUE = "peer_send"
 
@@ -99,6 +103,52 @@ def send_one(ref: str, email: str, name: str, code: str) -> str:
     return str(result["id"])
 
 
+_db_lock = threading.Lock()
+_db: tuple[int, Any] | None = None
+
+
+def _database() -> Any:
+    """One psycopg connection pool per worker process, sized like its HTTP pool (psycopg's
+    sync connections wait on sockets, which gevent's monkey-patching makes cooperative)."""
+    global _db
+    pid = os.getpid()
+    if _db is None or _db[0] != pid:
+        with _db_lock:
+            if _db is None or _db[0] != pid:
+                from psycopg_pool import ConnectionPool
+
+                size = int(os.environ.get("PEER_HTTP_POOL", "10"))
+                pool = ConnectionPool(
+                    os.environ["PEER_DATABASE_URL"], min_size=1, max_size=size, open=True
+                )
+                _db = (pid, pool)
+    return _db[1]
+
+
+# The chunk's statuses in one statement, as the issue describes the peer.
+_RECORD = """
+UPDATE peer_recipients r SET status = v.status, provider_message_id = v.pmid
+  FROM unnest(%s::int[], %s::text[], %s::text[]) AS v(id, status, pmid)
+ WHERE r.id = v.id
+"""
+
+
+def send_chunk(rows: list[list[Any]]) -> None:
+    """Render and send a chunk of recipients (``[id, email, name, code]`` each) in one
+    request, then write their statuses in one ``UPDATE ... FROM unnest``."""
+    messages = [render(str(r[0]), r[1], r[2], r[3]) for r in rows]
+    body = json.dumps({"messages": messages}).encode()
+    response = _http().request("POST", "/v1/send", body=body, headers=JSON_HEADERS)
+    if response.status != 200:
+        raise ProviderError(f"chunk at {rows[0][0]}: HTTP {response.status}")
+    results = json.loads(response.data)["results"]
+    statuses = ["sent" if a.get("status") == "accepted" else "failed" for a in results]
+    ids = [r[0] for r in rows]
+    pmids = [a.get("id") for a in results]
+    with _database().connection() as conn:
+        conn.execute(_RECORD, (ids, statuses, pmids))
+
+
 def build_celery_app(broker_url: str, config: dict[str, Any]) -> Celery:
     """The Celery app with the one task, ``config`` merged over the broker URL."""
     from celery import Celery
@@ -116,6 +166,17 @@ def build_celery_app(broker_url: str, config: dict[str, Any]) -> Celery:
     )
     def celery_send_one(ref: str, email: str, name: str, code: str) -> None:
         send_one(ref, email, name, code)
+
+    @app.task(
+        name=CELERY_CHUNK_TASK,
+        shared=False,
+        ignore_result=True,
+        autoretry_for=(ProviderError, urllib3.exceptions.HTTPError),
+        retry_backoff=True,
+        max_retries=20,
+    )
+    def celery_send_chunk(rows: list[list[Any]]) -> None:
+        send_chunk(rows)
 
     return app
 

@@ -4,8 +4,9 @@
     python -m bench.peers --recipients 100000 --only celery
     python -m bench.peers --recipients 100000 --run 20000     # run 20,000, scale to 100,000
     python -m bench.peers --recipients 10000 --try-all        # every configuration below
+    python -m bench.peers --recipients 200000 --only celery-chunked
 
-One task per recipient on a Redis broker (Celery: db 13, Dramatiq: db 14, flushed before
+Per-recipient peers: one task per recipient on a Redis broker (Celery: db 13, Dramatiq: db 14, flushed before
 and after), each task rendering its recipient with ``str.format`` and sending it as ONE
 message per request to the real mock provider (``devkit/mock_provider.py``, 20 ms per
 request by default) over a keep-alive connection pool per worker process. The workers are
@@ -14,6 +15,13 @@ counted: the mock is reset after them); the clock runs from the first enqueue un
 has accepted every recipient, with enqueueing timed separately (it overlaps the sending).
 At the end the mock must have seen every recipient exactly once.
 
+The chunked Celery peer is what a team that knows Celery would build: the recipients are
+COPYed into a PostgreSQL table of their own (``peer_recipients``, a database per run),
+then one task per chunk of 100 recipients renders each with ``str.format``, posts the 100
+in one request and writes their 100 statuses in one ``UPDATE ... FROM unnest``; gevent
+workers (2 × 50, prefetch 16, acks late). Its clock runs from the first COPYed row until
+the last status is in PostgreSQL.
+
 Worker code: ``bench/peer_tasks.py``. Settings follow each project's documentation for
 many short I/O-bound tasks; ``CELERY_CONFIGS`` / ``DRAMATIQ_CONFIGS`` list what was tried.
 """
@@ -21,6 +29,7 @@ many short I/O-bound tasks; ``CELERY_CONFIGS`` / ``DRAMATIQ_CONFIGS`` list what 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -30,7 +39,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +51,7 @@ import redis
 from devkit.stack import ROOT, free_port, http_ok, mock_provider_command, wait_until
 
 REDIS_URL = os.environ.get("PEER_REDIS_URL", "redis://127.0.0.1:6379")
+PEER_PG_URL = os.environ.get("PEER_PG_URL", "postgresql://postgres@127.0.0.1:5432")
 CELERY_DB = 13
 DRAMATIQ_DB = 14
 RUN_TIMEOUT_S = 300.0
@@ -137,7 +149,16 @@ DRAMATIQ_CONFIGS: dict[str, DramatiqConfig] = {
     # The docs' way for I/O-bound work: dramatiq-gevent, many greenlets. 1,708 (1,461/1,708/2,004)
     "gevent-2x100": DramatiqConfig(gevent=True, processes=2, threads=100),
 }
+# The chunked peer: one gevent worker per core, 50 greenlets each (a chunk's request and
+# its statuses take ~25 ms), a prefetch of 16 chunks, acks late (at-least-once).
+CHUNKED_CONFIGS: dict[str, CeleryConfig] = {
+    "gevent-2x50-prefetch16-ackslate": CeleryConfig(
+        "gevent", 50, instances=2, prefetch_multiplier=16, acks_late=True
+    ),
+}
+CHUNK = 100  # recipients per task and per provider request
 DEFAULT_CELERY = "gevent-2x100-prefetch32"
+DEFAULT_CHUNKED = "gevent-2x50-prefetch16-ackslate"
 DEFAULT_DRAMATIQ = "gevent-2x100"
 
 # What the ``dramatiq-gevent`` console script does.
@@ -174,6 +195,18 @@ def _cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_cpu_seconds() -> float:
+    """CPU seconds so far of every PostgreSQL process (the server and its backends)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "postgres":
+                total += _cpu_seconds(int(entry.name)) or 0.0
+        except OSError:
+            continue
+    return total
 
 
 def machine_busy_s() -> float:
@@ -307,10 +340,12 @@ class Harness:
         return pids
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds so far of every process started, Redis and this one (the enqueuer)."""
+        """CPU seconds so far of every process started, Redis, PostgreSQL and this one (the
+        enqueuer)."""
         cpu = {name: _cpu_seconds(pid) for name, pid in self.processes().items()}
         redis_pid = self.redis().info("server").get("process_id")
         cpu["redis-server"] = _cpu_seconds(int(redis_pid)) if redis_pid else None
+        cpu["postgres"] = _postgres_cpu_seconds()
         cpu["enqueuer (this process)"] = time.process_time()
         return {name: seconds for name, seconds in cpu.items() if seconds is not None}
 
@@ -362,8 +397,11 @@ def _measure(
     enqueue: Callable[[Iterator[Recipient]], None],
     warmup: int,
     timeout_s: float,
+    settled: Callable[[float], float] | None = None,
 ) -> dict[str, Any]:
-    """Warm up with ``warmup`` messages, reset the mock, then enqueue and send ``recipients``."""
+    """Warm up with ``warmup`` messages, reset the mock, then enqueue and send ``recipients``;
+    with ``settled``, the run ends when it says (given the time left) instead of when the
+    mock has accepted the last one."""
     enqueue(recipients_of(warmup, prefix="warmup-"))
     harness.wait_accepted(warmup, READY_TIMEOUT_S)
     time.sleep(0.5)  # let the warm-up's last acks land
@@ -376,6 +414,8 @@ def _measure(
     enqueue(recipients_of(recipients))
     enqueued = time.monotonic()
     finished = harness.wait_accepted(recipients, max(1.0, timeout_s - (enqueued - started)))
+    if settled is not None:
+        finished = settled(max(1.0, timeout_s - (finished - started)))
     cpu_after = harness.cpu_seconds()
     machine_s = machine_busy_s() - machine_before
     time.sleep(1.0)  # anything sent twice would show up by now
@@ -390,7 +430,7 @@ def _measure(
         and stats["rejected"] == 0
     )
     harness.keep_logs = not exactly_once
-    outside = ("mock-provider", "redis-server", "enqueuer")
+    outside = ("mock-provider", "redis-server", "postgres", "enqueuer")
     cpu = {
         name: round(cpu_after[name] - cpu_before.get(name, 0.0), 2)
         for name in cpu_after
@@ -480,6 +520,104 @@ def run_celery(
     return {"peer": "celery", **result}
 
 
+@contextmanager
+def _peer_database() -> Iterator[str]:
+    """A PostgreSQL database of its own with the ``peer_recipients`` table; dropped after."""
+    import psycopg
+
+    name = f"bs_peer_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{PEER_PG_URL}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = f"{PEER_PG_URL}/{name}"
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                """CREATE TABLE peer_recipients (
+                       id int PRIMARY KEY, email text NOT NULL, name text, code text,
+                       status text NOT NULL DEFAULT 'queued', provider_message_id text)"""
+            )
+        yield url
+    finally:
+        with psycopg.connect(f"{PEER_PG_URL}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_celery_chunked(
+    recipients: int,
+    latency_ms: float = 20.0,
+    config: str = DEFAULT_CHUNKED,
+    timeout_s: float = RUN_TIMEOUT_S,
+) -> dict[str, Any]:
+    """``recipients`` COPYed into PostgreSQL, then one Celery task per chunk of ``CHUNK``:
+    one provider request and one status ``UPDATE`` per chunk."""
+    import psycopg
+
+    from bench.peer_tasks import CELERY_CHUNK_TASK, build_celery_app
+
+    cfg = CHUNKED_CONFIGS[config]
+    app_config = cfg.app_config()
+    with _peer_database() as db_url, Harness("celery-chunked", CELERY_DB, latency_ms) as harness:
+        env = harness.worker_env(pool_size=cfg.concurrency)
+        env["PEER_CELERY_CONFIG"] = json.dumps(app_config)
+        env["PEER_DATABASE_URL"] = db_url
+        for i in range(1, cfg.instances + 1):
+            argv = [sys.executable, "-m", "celery", "-A", "bench.peer_tasks:celery_app"]
+            harness.start(f"celery-worker-{i}", [*argv, *cfg.worker_args(i)], env)
+        app = build_celery_app(harness.broker_url, app_config)
+        task = app.tasks[CELERY_CHUNK_TASK]
+
+        def ready() -> bool:
+            harness.check_alive()
+            return len(app.control.ping(timeout=0.5)) >= cfg.instances
+
+        wait_until(ready, READY_TIMEOUT_S, what="Celery workers answering ping")
+        conn = psycopg.connect(db_url, autocommit=True)
+        ids = itertools.count(1)
+
+        def enqueue(batch: Iterator[Recipient]) -> None:
+            rows = [[next(ids), email, name, code] for _, email, name, code in batch]
+            with conn.cursor().copy(
+                "COPY peer_recipients (id, email, name, code) FROM STDIN"
+            ) as copy:
+                for row in rows:
+                    copy.write_row(row)
+            with app.producer_or_acquire() as producer:
+                for first in range(0, len(rows), CHUNK):
+                    task.apply_async((rows[first : first + CHUNK],), producer=producer)
+
+        def settled(timeout: float) -> float:
+            deadline = time.monotonic() + timeout
+            while True:
+                now = time.monotonic()
+                left = conn.execute(
+                    "SELECT count(*) FROM peer_recipients WHERE status = 'queued'"
+                ).fetchone()[0]
+                if left == 0:
+                    return now
+                if now > deadline:
+                    raise TimeoutError(f"celery-chunked: {left:,} statuses not written")
+                time.sleep(POLL_S)
+
+        warmup = cfg.concurrency * cfg.instances * CHUNK
+        try:
+            result = _measure(harness, recipients, enqueue, warmup, timeout_s, settled)
+        finally:
+            conn.close()
+            app.close()
+    result["settings"] = {
+        "config": config,
+        **asdict(cfg),
+        "worker_command": "celery -A bench.peer_tasks:celery_app " + " ".join(cfg.worker_args(1)),
+        "app_config": app_config,
+        "http": f"urllib3 pool per worker process, {cfg.concurrency} keep-alive connections",
+        "database": f"psycopg pool per worker process, {cfg.concurrency} connections",
+        "personalisation": "str.format",
+        "enqueue": f"COPY, then task.apply_async(rows of {CHUNK}) in a loop, one producer",
+        "latency_ms": latency_ms,
+    }
+    return {"peer": "celery-chunked", **result}
+
+
 # ---------------------------------------------------------------------------------------------
 # Dramatiq
 
@@ -547,6 +685,7 @@ def run_dramatiq(
 
 RUNNERS: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], str]] = {
     "celery": (run_celery, CELERY_CONFIGS, DEFAULT_CELERY),
+    "celery-chunked": (run_celery_chunked, CHUNKED_CONFIGS, DEFAULT_CHUNKED),
     "dramatiq": (run_dramatiq, DRAMATIQ_CONFIGS, DEFAULT_DRAMATIQ),
 }
 
@@ -595,7 +734,10 @@ def print_result(result: dict[str, Any], target: int) -> None:
     print(
         f"   end to end          {result['total_s']:.2f} s = {result['per_second']:,} recipients/s"
     )
-    print(f"   provider requests   {result['provider_requests']:,} (one recipient each)")
+    per_request = result["recipients"] / max(1, result["provider_requests"])
+    print(
+        f"   provider requests   {result['provider_requests']:,} ({per_request:g} recipients each)"
+    )
     print(
         f"   exactly once        {once} (accepted {mock['accepted']:,}, unique "
         f"{mock['unique']:,}, duplicates {mock['duplicates']:,})"

@@ -18,6 +18,8 @@ def test_the_whole_benchmark_runs_small():
     assert "every recipient exactly once: yes" in run.stdout
     for figure in ("Floor: send path", "Peer celery:", "rate 2,000/s", "latency p50"):
         assert figure in run.stdout
+    assert "Peer celery-chunked: could not run" not in run.stdout
+    assert "Peer celery-chunked:" in run.stdout
 
 
 def test_locust_load_test_runs_without_failures(stack, tenant):
