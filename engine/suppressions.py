@@ -47,17 +47,47 @@ def _cipher(secret: str) -> AESSIV:
     return AESSIV(key)
 
 
+class _Links:
+    """Tokens and headers of one tenant's addresses, expiring on one day: what is the same
+    for every recipient is made once (``_links``), only the sealing is per address."""
+
+    __slots__ = ("_aad", "_cipher", "_header", "_prefix", "_tenant")
+
+    def __init__(self, public_url: str, secret: str, tenant_id: str, expires: int) -> None:
+        self._header = bytes([_VERSION]) + expires.to_bytes(3, "big")
+        self._aad = [self._header]
+        self._cipher = _cipher(secret)
+        self._tenant = f"{tenant_id}\n".encode()
+        self._prefix = f"<{public_url}/unsubscribe/"
+
+    def token(self, email: str) -> str:
+        sealed = self._cipher.encrypt(self._tenant + email.lower().encode(), self._aad)
+        return base64.urlsafe_b64encode(self._header + sealed).rstrip(b"=").decode()
+
+    def headers(self, email: str) -> dict[str, str]:
+        return {
+            "List-Unsubscribe": self._prefix + self.token(email) + ">",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        }
+
+
+@functools.lru_cache(maxsize=1024)
+def _links(public_url: str, secret: str, tenant_id: str, expires: int) -> _Links:
+    return _Links(public_url, secret, tenant_id, expires)
+
+
+def _expires(now: float | None) -> int:
+    """The day a link made at ``now`` expires (days since the epoch)."""
+    return int((time.time() if now is None else now) // _DAY) + LINK_DAYS
+
+
 def unsubscribe_token(secret: str, tenant_id: str, email: str, *, now: float | None = None) -> str:
     """The opaque token of one address, valid for ``LINK_DAYS`` from ``now``."""
-    expires = int((time.time() if now is None else now) // _DAY) + LINK_DAYS
-    header = bytes([_VERSION]) + expires.to_bytes(3, "big")
-    sealed = _cipher(secret).encrypt(f"{tenant_id}\n{email.lower()}".encode(), [header])
-    return _b64(header + sealed)
+    return _links("", secret, tenant_id, _expires(now)).token(email)
 
 
 def unsubscribe_headers(public_url: str, secret: str, tenant_id: str, email: str) -> dict[str, str]:
-    link = f"{public_url}/unsubscribe/{unsubscribe_token(secret, tenant_id, email)}"
-    return {"List-Unsubscribe": f"<{link}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+    return _links(public_url, secret, tenant_id, _expires(None)).headers(email)
 
 
 def read_token(secret: str, token: str, *, now: float | None = None) -> tuple[str, str]:
