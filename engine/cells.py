@@ -41,8 +41,11 @@ if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0, 
 return {1, redis.call('GETRANGE', KEYS[3], ARGV[3], ARGV[4])}
 """
 
+# ARGV[3..]: (first, last) pairs of seq ranges whose bits to set.
 _FINISH = """
-for i = 3, #ARGV do redis.call('SETBIT', KEYS[1], ARGV[i], 1) end
+for i = 3, #ARGV, 2 do
+  for seq = tonumber(ARGV[i]), tonumber(ARGV[i + 1]) do redis.call('SETBIT', KEYS[1], seq, 1) end
+end
 if #ARGV >= 3 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
@@ -73,6 +76,18 @@ def cell_first(seq: int, chunk_size: int) -> int:
 def cells_of(seqs: Iterable[int], chunk_size: int) -> list[int]:
     """The first seq of every cell that holds one of ``seqs``, in order."""
     return sorted({cell_first(seq, chunk_size) for seq in seqs})
+
+
+def _ranges(seqs: list[int]) -> list[int]:
+    """``seqs`` as flat (first, last) pairs of runs of consecutive seqs (any order works;
+    in order, a chunk's usual 100 results are two arguments to send, not 100)."""
+    pairs: list[int] = []
+    for seq in seqs:
+        if pairs and seq == pairs[-1] + 1:
+            pairs[-1] = seq
+        else:
+            pairs += (seq, seq)
+    return pairs
 
 
 class Claim:
@@ -137,7 +152,7 @@ class Cells:
             del self.held[lease]
         await self._finish(
             keys=[self._done_key(claim.batch_id), lease],
-            args=[claim.token, DONE_TTL_SECONDS, *done_seqs],
+            args=[claim.token, DONE_TTL_SECONDS, *_ranges(done_seqs)],
         )
 
     async def renew(self) -> int:

@@ -55,6 +55,21 @@ async def test_recipients_with_published_results_are_done_for_the_next_holder(ce
     await cells.finish(claim, [])
 
 
+async def test_runs_of_seqs_in_any_order_are_all_marked_done(cells: Cells):
+    """finish() sends seqs as runs (first, last): unordered, gapped and whole-cell lists all
+    land bit for bit."""
+    batch = str(uuid.uuid4())
+    marked = [107, 105, 106, 101, 150, 151, 200, 199]
+    claim = await cells.claim(batch, 101, 100)
+    await cells.finish(claim, marked)
+    claim = await cells.claim(batch, 101, 100)
+    assert [seq for seq in range(101, 201) if claim.done(seq)] == sorted(marked)
+    await cells.finish(claim, list(range(101, 201)))
+    claim = await cells.claim(batch, 101, 100)
+    assert all(claim.done(seq) for seq in range(101, 201)) and not claim.done(201)
+    await cells.finish(claim, [])
+
+
 async def test_finish_by_a_holder_whose_lease_was_taken_over_keeps_the_new_lease(cells: Cells):
     batch = str(uuid.uuid4())
     stale = await cells.claim(batch, 1, 100)
