@@ -152,7 +152,10 @@ async def csv_rows(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]:
             line = start + done  # where the record that failed begins
             if str(exc) != "unexpected end of data":
                 raise _csv_error(line, str(exc)) from None
-            carry = "".join(io.StringIO(text, newline="").readlines()[done:]).removesuffix("\n")
+            # The rest of the block from the line where that record begins, exactly (an
+            # empty last line included: readlines() would not show it).
+            read = io.StringIO(text, newline="").readlines()[:done]
+            carry = text[sum(map(len, read)) :]
             carry_line = line
             if len(carry) > _CSV_FIELD_BYTES:
                 raise _csv_error(

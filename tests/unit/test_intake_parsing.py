@@ -403,6 +403,21 @@ async def test_split_ndjson_header_only() -> None:
     assert await collect(rows) == []
 
 
+async def test_csv_quoted_field_with_an_empty_line_at_a_chunk_end_keeps_it():
+    """A chunk that ends inside a quoted field right after an empty line: the empty line
+    stays part of the field (found by the property test: it was dropped)."""
+
+    async def chunks():
+        yield b'email,name,note\na@b.co,,"00\n\n'
+        yield b'zz"\nc@d.co,C,plain\n'
+
+    rows = await collect(csv_rows(chunks()))
+    assert rows == [
+        {"email": "a@b.co", "name": None, "vars": {"note": "00\n\nzz"}},
+        {"email": "c@d.co", "name": "C", "vars": {"note": "plain"}},
+    ]
+
+
 async def test_csv_quoted_field_may_span_lines_and_chunks():
     from engine.intake.decoders import csv_rows
 
