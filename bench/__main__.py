@@ -32,23 +32,27 @@ from bench.e2e import machine, measure_e2e
 from bench.floor import measure_floor
 
 LATENCY_MS = 20.0
+CHUNKED_PEER_RUNS = 3
 NATS_BATCH = 10_000  # one NATS message carries the whole batch: it must fit max_payload (1 MB)
 
 
-def _peers(run: int, chunked_run: int) -> dict[str, Any]:
+def _peers(run: int, chunked_run: int, chunked_runs: int) -> dict[str, Any]:
     """Each peer with its default (best measured) configuration: the per-recipient ones on
-    ``run`` recipients, the chunked Celery on ``chunked_run``."""
+    ``run`` recipients, the chunked Celery on ``chunked_run`` (the median of
+    ``chunked_runs``)."""
     from bench import peers
 
     results: dict[str, Any] = {}
-    for name, runner, size in (
-        ("celery", peers.run_celery, run),
-        ("dramatiq", peers.run_dramatiq, run),
-        ("celery-chunked", peers.run_celery_chunked, chunked_run),
+    for name, runner, size, repeat in (
+        ("celery", peers.run_celery, run, 1),
+        ("dramatiq", peers.run_dramatiq, run, 1),
+        # Its figure swings by tens of percent from run to run here: the median of three.
+        ("celery-chunked", peers.run_celery_chunked, chunked_run, chunked_runs),
     ):
         try:
-            measured = runner(size, latency_ms=LATENCY_MS)
-            measured["note"] = f"{size:,} sent"
+            measured = peers.median([runner(size, latency_ms=LATENCY_MS) for _ in range(repeat)])
+            rates = "/".join(f"{rate:,}" for rate in measured["repeats"])
+            measured["note"] = f"{size:,} sent" + (f", median of {rates}" if repeat > 1 else "")
             results[name] = measured
         except Exception as exc:  # a peer that cannot run here is reported, not fatal
             results[name] = {"error": repr(exc)}
@@ -196,6 +200,7 @@ async def main(args: argparse.Namespace) -> int:
         _peers,
         1_000 if args.quick else args.peer_run,
         5_000 if args.quick else args.chunked_peer_run,
+        1 if args.quick else CHUNKED_PEER_RUNS,
     )
     print("rate accuracy ...", file=sys.stderr)
     result["rate"] = await rate.measure_rate(seconds=5 if args.quick else 30)

@@ -843,6 +843,14 @@ def run_quietly(
     return best
 
 
+def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median recipients/s, the rates of all of them in ``repeats``."""
+    runs = sorted(runs, key=lambda r: r["per_second"])
+    result = runs[len(runs) // 2]
+    result["repeats"] = [r["per_second"] for r in runs]
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     run = args.run or args.recipients
@@ -865,9 +873,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n== {peer} [{name}]: FAILED: {exc}")
                 failed = True
                 continue
-            runs.sort(key=lambda r: r["per_second"])
-            result = runs[len(runs) // 2]
-            result["repeats"] = [r["per_second"] for r in runs]
+            result = median(runs)
             print_result(result, args.recipients)
             failed = failed or not all(r["exactly_once"] for r in runs)
             results.append(result)

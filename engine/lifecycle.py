@@ -364,24 +364,22 @@ UPDATE batches b
 RETURNING b.id, b.status
 """
 
-# Rows are locked and read first (FOR UPDATE), so the counts move from the status each
-# recipient really had, also when another writer changed it a moment before.
+# One write per event: the rank check and the SET read the row's latest version (after a
+# concurrent writer, PostgreSQL re-checks it), and ``previous_status`` keeps the status it
+# had, which RETURNING hands back for the counts.
 _AFTER_SEND_TRANSITION = """
 WITH v AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[]) AS v(batch_id, seq, status, pmid)
-), old AS (
-    SELECT r.batch_id, r.seq, r.status AS old_status, v.status AS new_status, v.pmid
-      FROM recipients r JOIN v ON r.batch_id = v.batch_id AND r.seq = v.seq
-     WHERE array_position($5::text[], r.status) < array_position($5::text[], v.status)
-       FOR UPDATE OF r
 ), u AS (
     UPDATE recipients r
-       SET status = old.new_status,
-           provider_message_id = coalesce(r.provider_message_id, old.pmid),
+       SET previous_status = r.status,
+           status = v.status,
+           provider_message_id = coalesce(r.provider_message_id, v.pmid),
            updated_at = now()
-      FROM old
-     WHERE r.batch_id = old.batch_id AND r.seq = old.seq
- RETURNING r.batch_id, old.old_status, old.new_status
+      FROM v
+     WHERE r.batch_id = v.batch_id AND r.seq = v.seq
+       AND array_position($5::text[], r.status) < array_position($5::text[], v.status)
+ RETURNING r.batch_id, r.previous_status AS old_status, r.status AS new_status
 ), moves AS (
     SELECT batch_id, old_status, new_status, count(*)::int AS n FROM u GROUP BY 1, 2, 3
 )

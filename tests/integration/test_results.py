@@ -250,3 +250,46 @@ async def test_counts_per_status_follow_every_transition(
     counts = (await get_batch(services.pool, tenant_id, batch_id))["counts"]
     assert {k: v for k, v in counts.items() if v} == truth
     assert truth == {"queued": 3, "bounced": 1, "delivered": 2, "failed": 1, "complained": 1}
+
+
+async def test_counts_stay_exact_when_two_writers_move_the_same_recipients(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    """Two results-pg writers (two worker processes) apply events for the same recipients at
+    once: the second waits for the first, then moves each recipient from the status it
+    really has, or not at all when it would go back in rank."""
+    import asyncio
+
+    from engine.batches import get_batch
+
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 40)
+    await apply(services, [sent(batch_id, seq) for seq in range(1, 41)])
+    first, second = await services.pool.acquire(), await services.pool.acquire()
+    try:
+        holding = first.transaction()
+        await holding.start()
+        await apply_results(
+            first, Columns.from_rows([ResultRow(batch_id, s, "delivered") for s in range(1, 41)])
+        )
+        later = [ResultRow(batch_id, s, "bounced") for s in range(1, 21)] + [
+            ResultRow(batch_id, s, "delivered") for s in range(21, 41)
+        ]
+        waiting = asyncio.create_task(apply_results(second, Columns.from_rows(later)))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # the rows are held by the first writer
+        await holding.commit()
+        await waiting
+    finally:
+        await services.pool.release(first)
+        await services.pool.release(second)
+    truth = {
+        r["status"]: r["n"]
+        for r in await services.pool.fetch(
+            "SELECT status, count(*)::int AS n FROM recipients WHERE batch_id = $1 GROUP BY status",
+            uuid.UUID(batch_id),
+        )
+    }
+    counts = (await get_batch(services.pool, tenant_id, batch_id))["counts"]
+    assert truth == {"bounced": 20, "delivered": 20}
+    assert {k: v for k, v in counts.items() if v} == truth
