@@ -23,7 +23,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
@@ -50,7 +49,7 @@ def append_event_rows(
     """
     ts, tenant, batch, seq, event, provider, domain, latency, attempts, error, pmid = columns
     c, n = result.columns, len(result.columns)
-    ts.extend([datetime.fromtimestamp(int(result.ts), UTC)] * n)
+    ts.extend([int(result.ts)] * n)  # epoch seconds: written as they are, no per-row conversion
     if result.tenant_id is not None:
         tenant.extend([result.tenant_id] * n)
     else:
