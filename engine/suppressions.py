@@ -62,7 +62,7 @@ class _Links:
 
     def token(self, email: str) -> str:
         sealed = self._cipher.encrypt(self._tenant + email.lower().encode(), self._aad)
-        return base64.urlsafe_b64encode(self._header + sealed).rstrip(b"=").decode()
+        return _b64(self._header + sealed)
 
     def headers(self, email: str) -> dict[str, str]:
         return {
