@@ -105,13 +105,19 @@ class Client:
         return batch
 
     async def until(self, batch_id: str, what: str, check, within: float = 240) -> dict:
-        """The batch once ``check(batch)`` holds."""
+        """The batch once ``check(batch)`` holds; when it never does, the failure shows the
+        batch as it was and the last lines of every process's log."""
+        last: dict = {}
 
         async def probe():
-            batch = await self.batch(batch_id)
-            return batch if check(batch) else None
+            nonlocal last
+            last = await self.batch(batch_id)
+            return last if check(last) else None
 
-        return await eventually(probe, within, what=what)
+        try:
+            return await eventually(probe, within, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nthe batch: {last}\n{self.stack.tail(25)}") from None
 
     async def received(self, batch_id: str) -> dict[str, int]:
         """How many times the mock provider accepted each recipient of the batch."""
