@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import urllib3
@@ -55,25 +56,37 @@ class ProviderRejected(Exception):
     """The provider answered, but did not accept the message."""
 
 
-_pool_lock = threading.Lock()
-_pool: tuple[int, urllib3.HTTPConnectionPool] | None = None
+_pools_lock = threading.Lock()
+_pools: dict[str, tuple[int, Any]] = {}
+
+
+def _per_process(name: str, make: Callable[[], Any]) -> Any:
+    """One ``make()`` per worker process (threads or greenlets share it, prefork children
+    get their own)."""
+    pid = os.getpid()
+    held = _pools.get(name)
+    if held is None or held[0] != pid:
+        with _pools_lock:
+            held = _pools.get(name)
+            if held is None or held[0] != pid:
+                held = _pools[name] = (pid, make())
+    return held[1]
+
+
+def _pool_size() -> int:
+    return int(os.environ.get("PEER_HTTP_POOL", "10"))  # the process's concurrency
 
 
 def _http() -> urllib3.HTTPConnectionPool:
-    """One keep-alive urllib3 connection pool per worker process (threads or greenlets share
-    it, prefork children get their own), sized to the process's concurrency."""
-    global _pool
-    pid = os.getpid()
-    if _pool is None or _pool[0] != pid:
-        with _pool_lock:
-            if _pool is None or _pool[0] != pid:
-                url = urllib3.util.parse_url(os.environ["PEER_PROVIDER_URL"])
-                size = int(os.environ.get("PEER_HTTP_POOL", "10"))
-                pool = urllib3.HTTPConnectionPool(
-                    url.host, url.port, maxsize=size, block=True, retries=False, timeout=10.0
-                )
-                _pool = (pid, pool)
-    return _pool[1]
+    """The process's keep-alive urllib3 connection pool to the provider."""
+
+    def make() -> urllib3.HTTPConnectionPool:
+        url = urllib3.util.parse_url(os.environ["PEER_PROVIDER_URL"])
+        return urllib3.HTTPConnectionPool(
+            url.host, url.port, maxsize=_pool_size(), block=True, retries=False, timeout=10.0
+        )
+
+    return _per_process("http", make)
 
 
 def render(ref: str, email: str, name: str, code: str) -> dict[str, Any]:
@@ -103,26 +116,17 @@ def send_one(ref: str, email: str, name: str, code: str) -> str:
     return str(result["id"])
 
 
-_db_lock = threading.Lock()
-_db: tuple[int, Any] | None = None
-
-
 def _database() -> Any:
-    """One psycopg connection pool per worker process, sized like its HTTP pool (psycopg's
-    sync connections wait on sockets, which gevent's monkey-patching makes cooperative)."""
-    global _db
-    pid = os.getpid()
-    if _db is None or _db[0] != pid:
-        with _db_lock:
-            if _db is None or _db[0] != pid:
-                from psycopg_pool import ConnectionPool
+    """The process's psycopg connection pool (psycopg's sync connections wait on sockets,
+    which gevent's monkey-patching makes cooperative)."""
 
-                size = int(os.environ.get("PEER_HTTP_POOL", "10"))
-                pool = ConnectionPool(
-                    os.environ["PEER_DATABASE_URL"], min_size=1, max_size=size, open=True
-                )
-                _db = (pid, pool)
-    return _db[1]
+    def make() -> Any:
+        from psycopg_pool import ConnectionPool
+
+        url = os.environ["PEER_DATABASE_URL"]
+        return ConnectionPool(url, min_size=1, max_size=_pool_size(), open=True)
+
+    return _per_process("database", make)
 
 
 # The chunk's statuses in one statement, as the issue describes the peer.
