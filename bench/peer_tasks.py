@@ -160,25 +160,20 @@ def build_celery_app(broker_url: str, config: dict[str, Any]) -> Celery:
     app = Celery("peer", broker=broker_url, set_as_current=False)
     app.conf.update(config)
 
-    @app.task(
-        name=CELERY_TASK,
-        shared=False,
-        ignore_result=True,
-        autoretry_for=(ProviderError, urllib3.exceptions.HTTPError),
-        retry_backoff=True,
-        max_retries=20,
-    )
+    # Both tasks: no result backend, retried with backoff on provider and HTTP errors.
+    retried = {
+        "shared": False,
+        "ignore_result": True,
+        "autoretry_for": (ProviderError, urllib3.exceptions.HTTPError),
+        "retry_backoff": True,
+        "max_retries": 20,
+    }
+
+    @app.task(name=CELERY_TASK, **retried)
     def celery_send_one(ref: str, email: str, name: str, code: str) -> None:
         send_one(ref, email, name, code)
 
-    @app.task(
-        name=CELERY_CHUNK_TASK,
-        shared=False,
-        ignore_result=True,
-        autoretry_for=(ProviderError, urllib3.exceptions.HTTPError),
-        retry_backoff=True,
-        max_retries=20,
-    )
+    @app.task(name=CELERY_CHUNK_TASK, **retried)
     def celery_send_chunk(rows: list[list[Any]]) -> None:
         send_chunk(rows)
 

@@ -465,6 +465,39 @@ def _measure(
 # Celery
 
 
+def _celery_workers(harness: Harness, cfg: CeleryConfig, **env: str) -> Any:
+    """Start ``cfg``'s Celery worker instances (with ``env`` besides the usual variables)
+    and wait until each answers a ping; the client app."""
+    from bench.peer_tasks import build_celery_app
+
+    environ = {**harness.worker_env(pool_size=cfg.concurrency), **env}
+    environ["PEER_CELERY_CONFIG"] = json.dumps(cfg.app_config())
+    for i in range(1, cfg.instances + 1):
+        argv = [sys.executable, "-m", "celery", "-A", "bench.peer_tasks:celery_app"]
+        harness.start(f"celery-worker-{i}", [*argv, *cfg.worker_args(i)], environ)
+    app = build_celery_app(harness.broker_url, cfg.app_config())
+
+    def ready() -> bool:
+        harness.check_alive()
+        return len(app.control.ping(timeout=0.5)) >= cfg.instances
+
+    wait_until(ready, READY_TIMEOUT_S, what="Celery workers answering ping")
+    return app
+
+
+def _celery_settings(config: str, cfg: CeleryConfig, latency_ms: float) -> dict[str, Any]:
+    """What a Celery run's figures were measured with."""
+    return {
+        "config": config,
+        **asdict(cfg),
+        "worker_command": "celery -A bench.peer_tasks:celery_app " + " ".join(cfg.worker_args(1)),
+        "app_config": cfg.app_config(),
+        "http": f"urllib3 pool per worker process, {cfg.concurrency} keep-alive connections",
+        "personalisation": "str.format",
+        "latency_ms": latency_ms,
+    }
+
+
 def run_celery(
     recipients: int,
     latency_ms: float = 20.0,
@@ -472,32 +505,12 @@ def run_celery(
     timeout_s: float = RUN_TIMEOUT_S,
 ) -> dict[str, Any]:
     """``recipients`` Celery tasks, one per recipient, one provider request per task."""
-    from bench.peer_tasks import CELERY_TASK, build_celery_app
+    from bench.peer_tasks import CELERY_TASK
 
     cfg = CELERY_CONFIGS[config]
-    app_config = cfg.app_config()
     with Harness("celery", CELERY_DB, latency_ms) as harness:
-        env = harness.worker_env(pool_size=cfg.concurrency)
-        env["PEER_CELERY_CONFIG"] = json.dumps(app_config)
-        for i in range(1, cfg.instances + 1):
-            argv = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "bench.peer_tasks:celery_app",
-                *cfg.worker_args(i),
-            ]
-            harness.start(f"celery-worker-{i}", argv, env)
-
-        app = build_celery_app(harness.broker_url, app_config)
+        app = _celery_workers(harness, cfg)
         task = app.tasks[CELERY_TASK]
-
-        def ready() -> bool:
-            harness.check_alive()
-            return len(app.control.ping(timeout=0.5)) >= cfg.instances
-
-        wait_until(ready, READY_TIMEOUT_S, what="Celery workers answering ping")
 
         def enqueue(batch: Iterator[Recipient]) -> None:
             # The documented way to send many: one producer from the pool for all of them.
@@ -508,14 +521,8 @@ def run_celery(
         result = _measure(harness, recipients, enqueue, cfg.concurrency * cfg.instances, timeout_s)
         app.close()
     result["settings"] = {
-        "config": config,
-        **asdict(cfg),
-        "worker_command": "celery -A bench.peer_tasks:celery_app " + " ".join(cfg.worker_args(1)),
-        "app_config": app_config,
-        "http": f"urllib3 pool per worker process, {cfg.concurrency} keep-alive connections",
-        "personalisation": "str.format",
+        **_celery_settings(config, cfg, latency_ms),
         "enqueue": "task.apply_async(args, producer=...) in a loop, one pooled producer",
-        "latency_ms": latency_ms,
     }
     return {"peer": "celery", **result}
 
@@ -552,25 +559,12 @@ def run_celery_chunked(
     one provider request and one status ``UPDATE`` per chunk."""
     import psycopg
 
-    from bench.peer_tasks import CELERY_CHUNK_TASK, build_celery_app
+    from bench.peer_tasks import CELERY_CHUNK_TASK
 
     cfg = CHUNKED_CONFIGS[config]
-    app_config = cfg.app_config()
     with _peer_database() as db_url, Harness("celery-chunked", CELERY_DB, latency_ms) as harness:
-        env = harness.worker_env(pool_size=cfg.concurrency)
-        env["PEER_CELERY_CONFIG"] = json.dumps(app_config)
-        env["PEER_DATABASE_URL"] = db_url
-        for i in range(1, cfg.instances + 1):
-            argv = [sys.executable, "-m", "celery", "-A", "bench.peer_tasks:celery_app"]
-            harness.start(f"celery-worker-{i}", [*argv, *cfg.worker_args(i)], env)
-        app = build_celery_app(harness.broker_url, app_config)
+        app = _celery_workers(harness, cfg, PEER_DATABASE_URL=db_url)
         task = app.tasks[CELERY_CHUNK_TASK]
-
-        def ready() -> bool:
-            harness.check_alive()
-            return len(app.control.ping(timeout=0.5)) >= cfg.instances
-
-        wait_until(ready, READY_TIMEOUT_S, what="Celery workers answering ping")
         conn = psycopg.connect(db_url, autocommit=True)
         ids = itertools.count(1)
 
@@ -605,15 +599,9 @@ def run_celery_chunked(
             conn.close()
             app.close()
     result["settings"] = {
-        "config": config,
-        **asdict(cfg),
-        "worker_command": "celery -A bench.peer_tasks:celery_app " + " ".join(cfg.worker_args(1)),
-        "app_config": app_config,
-        "http": f"urllib3 pool per worker process, {cfg.concurrency} keep-alive connections",
+        **_celery_settings(config, cfg, latency_ms),
         "database": f"psycopg pool per worker process, {cfg.concurrency} connections",
-        "personalisation": "str.format",
         "enqueue": f"COPY, then task.apply_async(rows of {CHUNK}) in a loop, one producer",
-        "latency_ms": latency_ms,
     }
     return {"peer": "celery-chunked", **result}
 

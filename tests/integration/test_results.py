@@ -51,6 +51,15 @@ async def recipient(services: Services, batch_id: str, seq: int) -> dict[str, An
     return dict(row)
 
 
+async def counted(services: Services, batch_id: str) -> dict[str, int]:
+    """The batch's recipients per status, counted afresh."""
+    rows = await services.pool.fetch(
+        "SELECT status, count(*)::int AS n FROM recipients WHERE batch_id = $1 GROUP BY status",
+        uuid.UUID(batch_id),
+    )
+    return {r["status"]: r["n"] for r in rows}
+
+
 def sent(batch_id: str, seq: int, **kwargs: Any) -> ResultRow:
     return ResultRow(batch_id, seq, "sent", kwargs.pop("pmid", f"pm-{seq}"), **kwargs)
 
@@ -240,13 +249,7 @@ async def test_counts_per_status_follow_every_transition(
     await apply(
         services, [ResultRow(batch_id, 5, "complained"), ResultRow(batch_id, 2, "delivered")]
     )
-    truth = {
-        r["status"]: r["n"]
-        for r in await services.pool.fetch(
-            "SELECT status, count(*)::int AS n FROM recipients WHERE batch_id = $1 GROUP BY status",
-            uuid.UUID(batch_id),
-        )
-    }
+    truth = await counted(services, batch_id)
     counts = (await get_batch(services.pool, tenant_id, batch_id))["counts"]
     assert {k: v for k, v in counts.items() if v} == truth
     assert truth == {"queued": 3, "bounced": 1, "delivered": 2, "failed": 1, "complained": 1}
@@ -283,13 +286,7 @@ async def test_counts_stay_exact_when_two_writers_move_the_same_recipients(
     finally:
         await services.pool.release(first)
         await services.pool.release(second)
-    truth = {
-        r["status"]: r["n"]
-        for r in await services.pool.fetch(
-            "SELECT status, count(*)::int AS n FROM recipients WHERE batch_id = $1 GROUP BY status",
-            uuid.UUID(batch_id),
-        )
-    }
+    truth = await counted(services, batch_id)
     counts = (await get_batch(services.pool, tenant_id, batch_id))["counts"]
     assert truth == {"bounced": 20, "delivered": 20}
     assert {k: v for k, v in counts.items() if v} == truth
