@@ -42,7 +42,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from engine import chunks, lifecycle
+from engine import chunks, lifecycle, metrics
 from engine.cells import Cells
 from engine.errors import ValidationError
 from engine.services import Services
@@ -65,6 +65,8 @@ def reason_of(exc: BaseException) -> str:
 
 # --- publishing, one function per kind ----------------------------------------------
 
+KINDS = ("intake", "send", "chunk", "results")
+
 
 async def _publish(
     services: Services, kind: str, tenant_id: str | None, reason: str, **fields: Any
@@ -72,6 +74,7 @@ async def _publish(
     """Publish one dead letter (waits for the stream's acknowledgement)."""
     body = {"kind": kind, "tenant_id": tenant_id, "reason": reason[:MAX_REASON_CHARS], **fields}
     await services.js.publish(services.topology.dlq_subject(kind), orjson.dumps(body))
+    metrics.DEAD_LETTERS.labels(kind).inc()
 
 
 def _text(data: bytes) -> str:

@@ -136,6 +136,7 @@ class EventWriter:
                 continue
             self._messages.append(msg)
             self._sizes.append(len(columns[0]) - size)
+        metrics.CLICKHOUSE_BUFFER.set(len(columns[0]))
 
     async def add_or_retry(self, msgs: list[Msg]) -> None:
         """``add``; when that fails (PostgreSQL down: nothing was added), each message is
@@ -166,6 +167,7 @@ class EventWriter:
             return True
         columns, msgs, sizes = self._columns, self._messages, self._sizes
         self._columns, self._messages, self._sizes = [[] for _ in EVENT_COLUMNS], [], []
+        metrics.CLICKHOUSE_BUFFER.set(0)
         rows = len(columns[0])
         started = time.perf_counter()
         try:

@@ -31,7 +31,7 @@ import uuid
 
 import redis.asyncio as aioredis
 
-from engine import chunks, control, lifecycle, results
+from engine import chunks, control, lifecycle, metrics, results
 from engine.cells import Cells, Claim, cell_first
 from engine.results import Columns
 from engine.services import Services
@@ -52,6 +52,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 """
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 class Lease:
@@ -60,10 +66,16 @@ class Lease:
         self.ttl_ms = int(ttl * 1000)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._script = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
 
     async def hold(self) -> bool:
         """Take or renew the lease; True while this process is the leader."""
         return bool(await self._script(keys=[self.key], args=[self.holder, self.ttl_ms]))
+
+    async def release(self) -> None:
+        """Give the lease up if this process holds it (a draining leader: the next process
+        takes over at once instead of after the lease's ttl)."""
+        await self._release(keys=[self.key], args=[self.holder])
 
 
 async def lead(services: Services, cells: Cells, stopping: asyncio.Event) -> None:
@@ -71,15 +83,30 @@ async def lead(services: Services, cells: Cells, stopping: asyncio.Event) -> Non
     ``stopping`` is set."""
     lease = Lease(services.redis, services.key("leader"))
     tick = 0
-    while not stopping.is_set():
-        try:
-            if await lease.hold():
-                await run(services, cells, tick)
-                tick += 1
-        except Exception:
-            log.exception("leader chores failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), TICK)
+    leading = False
+    metrics.LEADER.set(0)
+    try:
+        while not stopping.is_set():
+            try:
+                holds = await lease.hold()
+                if holds != leading:
+                    leading = holds
+                    metrics.LEADER.set(int(holds))
+                    if holds:
+                        metrics.LEADER_CHANGES.inc()
+                        log.info("took the leader lease", extra={"holder": lease.holder})
+                if holds:
+                    await run(services, cells, tick)
+                    tick += 1
+            except Exception:
+                log.exception("leader chores failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), TICK)
+    finally:
+        metrics.LEADER.set(0)
+        if leading:
+            with contextlib.suppress(Exception):
+                await lease.release()
 
 
 async def run(services: Services, cells: Cells, tick: int) -> None:
@@ -93,12 +120,15 @@ async def run(services: Services, cells: Cells, tick: int) -> None:
 
 async def start_due(services: Services) -> int:
     due = await services.pool.fetch(
-        """SELECT id FROM batches WHERE status = 'scheduled' AND scheduled_at <= now()
+        """SELECT id, tenant_id FROM batches WHERE status = 'scheduled' AND scheduled_at <= now()
             ORDER BY scheduled_at LIMIT 100"""
     )
     for row in due:
         status = await control.start(services, row["id"], from_status="scheduled")
-        log.info("scheduled batch started", extra={"batch_id": str(row["id"]), "status": status})
+        log.info(
+            "scheduled batch started",
+            extra={"batch_id": str(row["id"]), "tenant_id": row["tenant_id"], "status": status},
+        )
     return len(due)
 
 
@@ -152,7 +182,10 @@ async def _settle_page(services: Services, cells: Cells, batch, rows: list) -> i
                     out.append(batch_id, row["seq"], "cancelled", attempts=0, domain=domain)
         if out:
             await results.publish(services, batch["tenant_id"], batch["provider"], out)
-            log.info("cancelled recipients settled", extra={"batch_id": batch_id, "n": len(out)})
+            log.info(
+                "cancelled recipients settled",
+                extra={"batch_id": batch_id, "tenant_id": batch["tenant_id"], "n": len(out)},
+            )
         published = True
     finally:
         for claim, seqs in claimed:
@@ -177,9 +210,18 @@ async def requeue_interrupted(services: Services) -> int:
             row["chunk_size"],
         )
         log.warning(
-            "re-queued an interrupted batch", extra={"batch_id": str(row["id"]), "chunks": queued}
+            "re-queued an interrupted batch",
+            extra={"batch_id": str(row["id"]), "tenant_id": row["tenant_id"], "chunks": queued},
         )
     return len(rows)
+
+
+async def _tenants(services: Services, batch_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The tenant of each batch (for the log lines of a rare chore)."""
+    rows = await services.pool.fetch(
+        "SELECT id, tenant_id FROM batches WHERE id = ANY($1::uuid[])", batch_ids
+    )
+    return {row["id"]: row["tenant_id"] for row in rows}
 
 
 async def recover_stalled(services: Services) -> int:
@@ -191,9 +233,15 @@ async def recover_stalled(services: Services) -> int:
     if waiting.num_pending:
         return 0
     stalled = await lifecycle.revive_stalled(services.pool, services.settings.stall_seconds)
+    tenants = await _tenants(services, [row["id"] for row in stalled]) if stalled else {}
     for row in stalled:
         queued = await chunks.queue_unfinished(services, row["id"], tag=f"g{row['generation']}")
         log.warning(
-            "recovered a stalled batch", extra={"batch_id": str(row["id"]), "chunks": queued}
+            "recovered a stalled batch",
+            extra={
+                "batch_id": str(row["id"]),
+                "tenant_id": tenants.get(row["id"]),
+                "chunks": queued,
+            },
         )
     return len(stalled)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client import (
@@ -22,9 +23,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY
 
 from engine.lifecycle import BATCH_STATUSES
+from engine.queue_stats import oldest_waiting
 
 log = logging.getLogger(__name__)
 
+_GATHER_SECONDS = 3.0  # the longest a scrape waits for NATS or PostgreSQL
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 EMAILS = Counter(
@@ -59,10 +62,64 @@ WORKER_PROCESSES = Gauge(
 CHUNKS_IN_FLIGHT = Gauge(
     "batchsender_chunks_in_flight", "Chunks being processed.", multiprocess_mode="livesum"
 )
+RETRIES = Counter(
+    "batchsender_retries",
+    "Recipients put back for another send attempt: reason throttled (the provider said to "
+    "slow down, e.g. HTTP 429) or error (a timeout, a connection error, a 5xx).",
+    ["provider", "reason"],
+)
+DEAD_LETTERS = Counter(
+    "batchsender_dead_letters", "Messages given up and dead-lettered, per kind.", ["kind"]
+)
+RATE_LIMIT_WAITS = Counter(
+    "batchsender_rate_limit_waits",
+    "Token reservations that had to wait, per bucket that held them back "
+    "(system, provider or tenant).",
+    ["bucket"],
+)
+RATE_LIMIT_TOKENS_WAITED = Counter(
+    "batchsender_rate_limit_tokens_waited",
+    "Tokens (recipients) that had to wait for a bucket, per bucket that held them back.",
+    ["bucket"],
+)
+CLICKHOUSE_BUFFER = Gauge(
+    "batchsender_clickhouse_buffer_rows",
+    "Event rows held in memory, not yet written to ClickHouse.",
+    multiprocess_mode="livesum",
+)
+WORKER_RESTARTS = Counter(
+    "batchsender_worker_restarts",
+    "Worker processes that died unexpectedly and were replaced: reason exited (it exited "
+    "or was killed) or unresponsive (its heartbeat stopped and the supervisor killed it).",
+    ["reason"],
+)
+LEADER = Gauge(
+    "batchsender_leader",
+    "1 in the process holding the leader lease (sum over processes: 1, or 0 with no leader).",
+    multiprocess_mode="livesum",
+)
+LEADER_CHANGES = Counter("batchsender_leader_changes", "Times a process took the leader lease.")
 HTTP_REQUESTS = Counter("batchsender_http_requests", "HTTP requests answered.", ["route", "status"])
 HTTP_SECONDS = Histogram(
     "batchsender_http_request_seconds", "HTTP request duration.", ["route"], buckets=_LATENCY
 )
+
+
+def initialise(
+    providers: Iterable[str], dead_letter_kinds: Iterable[str], buckets: Iterable[str]
+) -> None:
+    """Create, at 0, the labelled series whose label values are known in advance, so they
+    are scraped (graphed, alerted on) before their first event rather than appearing then."""
+    for provider in providers:
+        for status in ("sent", "failed"):
+            EMAILS.labels(provider, status)
+        for reason in ("throttled", "error"):
+            RETRIES.labels(provider, reason)
+    for kind in dead_letter_kinds:
+        DEAD_LETTERS.labels(kind)
+    for bucket in buckets:
+        RATE_LIMIT_WAITS.labels(bucket)
+        RATE_LIMIT_TOKENS_WAITED.labels(bucket)
 
 
 def _registry() -> CollectorRegistry:
@@ -114,43 +171,59 @@ class _Snapshot:
         return self.families
 
 
-async def _queue_depth(services) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(
+async def _consumers(services) -> list[GaugeMetricFamily]:
+    """Every consumer's depth (the autoscaler's series) and the results consumers' lag."""
+    depth = GaugeMetricFamily(
         "nats_queue_depth",
-        "Messages waiting in a consumer: not yet delivered plus delivered and unacknowledged.",
+        "Messages waiting in a consumer: not yet delivered plus delivered and unacknowledged "
+        "(num_pending + num_ack_pending). The send consumer's is the autoscaling signal.",
         labels=["stream", "consumer"],
     )
+    lag = GaugeMetricFamily(
+        "batchsender_results_lag_seconds",
+        "Age of the oldest result a results consumer has not applied yet (0: none waits).",
+        labels=["consumer"],
+    )
+    results_stream = services.topology.results_stream
 
     async def one(stream: str, consumer: str) -> None:
         try:
             info = await services.js.consumer_info(stream, consumer)
-        except Exception as exc:
-            log.warning("queue depth of %s/%s unavailable: %r", stream, consumer, exc)
-            return
-        family.add_metric([stream, consumer], info.num_pending + info.num_ack_pending)
+            depth.add_metric([stream, consumer], info.num_pending + info.num_ack_pending)
+            if stream == results_stream:
+                oldest = await oldest_waiting(services, stream, info)
+                lag.add_metric([consumer], oldest or 0.0)
+        except Exception as exc:  # a missing consumer is no series, never a made-up value
+            log.warning("state of consumer %s/%s unavailable: %r", stream, consumer, exc)
 
     await asyncio.gather(*(one(s, c) for s, c in services.topology.consumers()))
-    return family
+    return [depth, lag]
 
 
-async def _batches(services) -> GaugeMetricFamily:
+async def _batches(services) -> list[GaugeMetricFamily]:
     family = GaugeMetricFamily("batchsender_batches", "Batches per status.", labels=["status"])
     rows = await services.pool.fetch("SELECT status, count(*) AS n FROM batches GROUP BY status")
     counts = {r["status"]: r["n"] for r in rows}
     for status in BATCH_STATUSES:
         family.add_metric([status], counts.get(status, 0))
-    return family
+    return [family]
 
 
 async def render_metrics(services) -> bytes:
     """All processes' metrics plus the scrape-time series, in Prometheus text format."""
     forget_dead_processes()
+    gatherers = (_consumers, _batches)
+    # Together, and well within Prometheus's scrape timeout (5 s in monitoring/).
+    answers = await asyncio.gather(
+        *(asyncio.wait_for(gather(services), _GATHER_SECONDS) for gather in gatherers),
+        return_exceptions=True,
+    )
     families: list[GaugeMetricFamily] = []
-    for gather in (_queue_depth, _batches):
-        try:
-            families.append(await asyncio.wait_for(gather(services), 5))
-        except Exception as exc:  # a down dependency must not break the whole scrape
-            log.warning("metrics: %s failed: %r", gather.__name__, exc)
+    for gather, answer in zip(gatherers, answers, strict=True):
+        if isinstance(answer, BaseException):  # a down dependency must not break the scrape
+            log.warning("metrics: %s failed: %r", gather.__name__, answer)
+        else:
+            families += answer
     extra = CollectorRegistry(auto_describe=False)
     extra.register(_Snapshot(families))
     return generate_latest(_registry()) + generate_latest(extra)

@@ -13,6 +13,7 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
+from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
 from engine.services import Services
@@ -27,18 +28,22 @@ async def _oldest_age(services: Services, stream: str, seq: int) -> float | None
     return round((datetime.now(UTC) - when).total_seconds(), 3) if when else None
 
 
+async def oldest_waiting(services: Services, stream: str, info: ConsumerInfo) -> float | None:
+    """Age in seconds of the oldest message the consumer has not acknowledged (the one after
+    its ack floor); None when nothing waits."""
+    if not info.num_pending + info.num_ack_pending:
+        return None
+    state = (await services.js.stream_info(stream)).state
+    return await _oldest_age(services, stream, max(info.ack_floor.stream_seq + 1, state.first_seq))
+
+
 async def queue_stats(services: Services, tenant_id: str) -> dict[str, Any]:
     """Pending, ack-pending, redelivered and the oldest waiting message's age, per consumer
     (shared by every tenant), and the tenant's own intake messages not yet recorded."""
 
     async def one(stream: str, consumer: str) -> dict[str, Any]:
         info = await services.js.consumer_info(stream, consumer)
-        state = (await services.js.stream_info(stream)).state
-        waiting = info.num_pending + info.num_ack_pending
-        oldest = None
-        if waiting:
-            seq = max(info.ack_floor.stream_seq + 1, state.first_seq)
-            oldest = await _oldest_age(services, stream, seq)
+        oldest = await oldest_waiting(services, stream, info)
         return {
             "stream": stream,
             "consumer": consumer,

@@ -24,6 +24,7 @@ local max_wait = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local wait = 0
+local held = 0
 local level = {}
 for i, key in ipairs(KEYS) do
   local rate = tonumber(ARGV[1 + 2 * i])
@@ -37,12 +38,13 @@ for i, key in ipairs(KEYS) do
   end
   tokens = math.min(burst, tokens + math.max(0, now - ts) * rate) - n
   level[i] = tokens
-  if tokens < 0 then
-    wait = math.max(wait, -tokens / rate)
+  if tokens < 0 and -tokens / rate > wait then
+    wait = -tokens / rate
+    held = i
   end
 end
 if wait > max_wait then
-  return {0, tostring(wait)}
+  return {0, tostring(wait), held}
 end
 for i, key in ipairs(KEYS) do
   local rate = tonumber(ARGV[1 + 2 * i])
@@ -50,7 +52,7 @@ for i, key in ipairs(KEYS) do
   redis.call('HSET', key, 'tokens', tostring(level[i]), 'ts', tostring(now))
   redis.call('PEXPIRE', key, math.ceil((burst / rate + max_wait) * 1000) + 60000)
 end
-return {1, tostring(wait)}
+return {1, tostring(wait), held}
 """
 
 
@@ -58,6 +60,7 @@ return {1, tostring(wait)}
 class Reservation:
     granted: bool
     wait: float  # seconds to wait before sending (granted) or before asking again
+    held_by: int | None = None  # index of the bucket that made it wait (None: no wait)
 
 
 class TokenBuckets:
@@ -70,5 +73,5 @@ class TokenBuckets:
         args: list[float | int] = [n, self.max_wait]
         for _, rate in buckets:
             args += [rate.per_second, rate.burst]
-        granted, wait = await self._script(keys=[key for key, _ in buckets], args=args)
-        return Reservation(bool(granted), float(wait))
+        granted, wait, held = await self._script(keys=[key for key, _ in buckets], args=args)
+        return Reservation(bool(granted), float(wait), held - 1 if held else None)

@@ -33,7 +33,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from engine import deadletters, metrics, results
+from engine import deadletters, metrics, results, tracing
 from engine.cells import Cells
 from engine.chunks import Chunk
 from engine.config import Rate, parse_rate
@@ -47,6 +47,8 @@ from providers.base import Message, Provider, check_address, header_safe
 
 log = logging.getLogger(__name__)
 
+# The token buckets every provider call reserves from, by the metrics' name for each.
+BUCKETS = ("system", "provider", "tenant")
 _BATCH_TTL = 1.0  # seconds a batch's status is trusted before it is read again
 
 
@@ -141,6 +143,7 @@ class Sender:
             await self._dead_letter_chunk(msg, str(exc))
             return
         batch_id, first, count = chunk.batch_id, chunk.first, chunk.count
+        tracing.bind(batch_id=batch_id, tenant_id=chunk.tenant_id)  # this chunk's task
         info = await self.batches.get(batch_id, chunk.generation)
         if info is None or not (info.sending or info.status == "cancelled"):
             await msg.ack()  # done, failed, or paused (resume publishes its cells again)
@@ -181,12 +184,13 @@ class Sender:
             await self._dead_letter_chunk(msg, f"{exc}; {reason}")
             return
         batch_id, first, count = chunk.batch_id, chunk.first, chunk.count
+        tracing.bind(batch_id=batch_id, tenant_id=chunk.tenant_id)  # this chunk's task
         batch = await self.services.pool.fetchrow(
             "SELECT tenant_id, provider FROM batches WHERE id = $1", uuid.UUID(batch_id)
         )
         claim = await self.cells.claim(batch_id, first, count) if batch else None
         if batch is None or claim is None:  # no batch; or its holder sends the cell
-            log.warning("chunk given up: %s", reason, extra={"batch_id": batch_id})
+            log.warning("chunk given up: %s", reason)
             await msg.term()
             return
         published: list[int] = []
@@ -262,12 +266,15 @@ class Sender:
         # Provider calls of at most half the burst, and the bucket one call smaller than the
         # burst: a call that leaves late (a busy machine) then still fits the provider's
         # limit of rate + burst in any second, measured at the provider (bench/rate.py).
-        step = max(1, min(provider.max_per_call, configured.burst // 2))
+        # Never more than the tenant's or the system's burst: a reservation larger than a
+        # bucket's burst would wait for ever.
+        bursts = (self._tenant_rate(info).burst, self.settings.system_rate.burst)
+        step = max(1, min(provider.max_per_call, configured.burst // 2, *bursts))
         rate = Rate(configured.per_second, max(step, configured.burst - step))
         pending = list(rows)
         attempt = 1
         while pending:
-            retry, retry_after = [], 0.0
+            retry, retry_after, throttled = [], 0.0, 0
             for start in range(0, len(pending), step):
                 part, messages = self._messages(
                     info, pending[start : start + step], attempt, out, unbuildable
@@ -287,6 +294,7 @@ class Sender:
                     if not ok and answer.retryable and attempt < self.settings.send_max_attempts:
                         retry.append(row)
                         retry_after = max(retry_after, answer.retry_after or 0.0)
+                        throttled += answer.throttled
                         continue
                     out.append(
                         info.id,
@@ -300,6 +308,8 @@ class Sender:
                     )
                     if not ok and answer.retryable:
                         exhausted.append((row["seq"], answer.error, attempt))
+            if retry:
+                _count_retries(info.provider, len(retry), throttled)
             if retry and not await self._backoff(info, attempt, retry_after, msg):
                 self._stopped(info, out, retry)
                 return
@@ -354,23 +364,32 @@ class Sender:
         await self.batches.get(info.id)  # refreshes ``info`` in place when it is a second old
         return info.sending
 
+    def _tenant_rate(self, info: BatchInfo) -> Rate:
+        return info.tenant_rate or self.settings.tenant_rate
+
     async def _take_tokens(self, info: BatchInfo, n: int, rate: Rate, msg: Msg) -> bool:
         """Reserve ``n`` tokens in all three buckets, keeping the chunk alive while waiting;
         False (nothing taken) once the batch is no longer sending."""
         key = self.services.key
-        buckets = [
+        buckets = [  # in the order of BUCKETS
             (key("rl", "system"), self.settings.system_rate),
             (key("rl", "provider", info.provider), rate),
-            (key("rl", "tenant", info.tenant_id), info.tenant_rate or self.settings.tenant_rate),
+            (key("rl", "tenant", info.tenant_id), self._tenant_rate(info)),
         ]
         waited = 0.0
+        held_by = None
         while await self._still_sending(info):
             reservation = await self.buckets.reserve(n, buckets)
+            if reservation.held_by is not None:
+                held_by = reservation.held_by
             if reservation.granted:
                 if reservation.wait > 0:
                     await asyncio.sleep(reservation.wait)
                 waited += reservation.wait
                 metrics.RATE_LIMIT_WAIT.labels(info.provider).observe(waited)
+                if held_by is not None:
+                    metrics.RATE_LIMIT_WAITS.labels(BUCKETS[held_by]).inc()
+                    metrics.RATE_LIMIT_TOKENS_WAITED.labels(BUCKETS[held_by]).inc(n)
                 return True
             await msg.in_progress()
             pause = min(1.0, max(0.01, reservation.wait - self.buckets.max_wait))
@@ -427,6 +446,13 @@ def build_message(
         rendered.text,
         headers,
     )
+
+
+def _count_retries(provider: str, retried: int, throttled: int) -> None:
+    if throttled:
+        metrics.RETRIES.labels(provider, "throttled").inc(throttled)
+    if retried > throttled:
+        metrics.RETRIES.labels(provider, "error").inc(retried - throttled)
 
 
 def _domain(email: str) -> str:

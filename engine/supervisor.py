@@ -44,6 +44,7 @@ class Supervisor:
         self.wanted = processes or settings.worker_processes
         self.children: dict[int, str] = {}  # pid -> heartbeat file
         self.retiring: set[int] = set()  # told to stop by a scale-down; not counted
+        self.hung: set[int] = set()  # killed for a silent heartbeat
         self.signals: deque[int] = deque()
         self.crashes: deque[float] = deque()
         self.draining_since: float | None = None
@@ -57,6 +58,8 @@ class Supervisor:
         from engine.migrate import migrate_all
 
         asyncio.run(migrate_all(self.settings))  # before forking: no loop survives into children
+        for reason in ("exited", "unresponsive"):  # both series exist from the start, at 0
+            metrics.WORKER_RESTARTS.labels(reason)
         os.set_blocking(self._wake_w, False)
         for sig in _SIGNALS:
             signal.signal(sig, self._enqueue)
@@ -164,8 +167,11 @@ class Supervisor:
             except FileNotFoundError:
                 pass
             code = os.waitstatus_to_exitcode(status)
+            hung = pid in self.hung
+            self.hung.discard(pid)
             if self.draining_since is None and not retired:
                 log.warning("worker %d exited with %d; restarting", pid, code)
+                metrics.WORKER_RESTARTS.labels("unresponsive" if hung else "exited").inc()
                 self.crashes.append(time.monotonic())
                 self._spawn_after = time.monotonic() + min(5.0, 0.1 * 2 ** len(self.crashes))
 
@@ -183,6 +189,8 @@ class Supervisor:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+                else:
+                    self.hung.add(pid)
 
     def manage_workers(self) -> None:
         active = [pid for pid in self.children if pid not in self.retiring]

@@ -23,16 +23,15 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from engine import leader, metrics, results
+from engine import deadletters, leader, metrics, results
 from engine.config import Settings
 from engine.deadletters import retry_or_give_up
 from engine.event_writer import EventWriter
 from engine.intake import from_nats
-from engine.sender import Sender
+from engine.sender import BUCKETS, Sender
 from engine.services import Services
 from engine.topology import REDELIVERY, SEND_ACK_WAIT, Redelivery
 from providers.registry import PROVIDERS
@@ -78,6 +77,7 @@ class Worker:
         services = opening.result()
         providers = {name: spec.build(self.settings) for name, spec in PROVIDERS.items()}
         events = EventWriter(services, self.redelivery)
+        metrics.initialise(providers, deadletters.KINDS, BUCKETS)
         metrics.WORKER_PROCESSES.set(1)
         log.info("worker started", extra={"pid": os.getpid()})
         try:
@@ -148,7 +148,7 @@ class Worker:
     async def _fetch(self, psub, size: int, wait: float = 1.0) -> list[Msg]:
         try:
             return await psub.fetch(size, timeout=wait)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nothing came (nats-py raises its own or asyncio's)
             return []
         except Exception as exc:  # NATS restarting: wait and go on
             log.warning("fetch failed: %r", exc)

@@ -152,6 +152,7 @@ class SendResult:
     error: str | None = None
     retryable: bool = False
     retry_after: float | None = None
+    throttled: bool = False  # the provider said to slow down (e.g. HTTP 429); retryable
 
 
 class Provider(Protocol):
@@ -168,16 +169,26 @@ class Provider(Protocol):
 class ProviderError(Exception):
     """A whole call failed (connection refused, timeout, 5xx for the request)."""
 
-    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        throttled: bool = False,
+    ):
         super().__init__(message)
-        self.retryable = retryable
+        self.retryable = retryable or throttled
         self.retry_after = retry_after
+        self.throttled = throttled
 
 
 def failed_all(messages: list[Message], error: ProviderError) -> list[SendResult]:
     """Every message of a call that failed as a whole gets the call's error."""
     return [
-        SendResult(m.ref, False, None, str(error), error.retryable, error.retry_after)
+        SendResult(
+            m.ref, False, None, str(error), error.retryable, error.retry_after, error.throttled
+        )
         for m in messages
     ]
 

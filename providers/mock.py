@@ -103,7 +103,9 @@ def _results_for(
     error_text = f"mock: HTTP {status}: {detail}"
     if status == 429 or status >= 500:
         retry_after = parse_retry_after(headers.get("Retry-After"))
-        error = ProviderError(error_text, retryable=True, retry_after=retry_after)
+        error = ProviderError(
+            error_text, retryable=True, retry_after=retry_after, throttled=status == 429
+        )
     else:
         error = ProviderError(error_text, retryable=not 400 <= status < 500)
     return failed_all(messages, error)
