@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from api import batches, keys, ops, queue, suppressions, webhooks
+from api import analytics, batches, keys, ops, queue, suppressions, webhooks
 from api.context import AUTH, HEALTH, SERVICES, SETTINGS, TENANT, error_response
-from engine import metrics
+from engine import metrics, tracing
 from engine.auth import Authenticator
 from engine.config import Settings
 from engine.errors import (
@@ -86,6 +86,29 @@ def _encodable(text: str) -> bool:
     return True
 
 
+TRACE_HEADER = "X-Request-Id"  # the response header naming the request's trace id
+_TRACE_ID = web.RequestKey("trace_id", str)
+
+
+@web.middleware
+async def trace_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request's trace id: the trace-id of its W3C ``traceparent`` header when valid,
+    else a new one (32 hex digits either way). Each log line written while the request is
+    handled carries it as ``trace_id`` (``engine.tracing``; the context of the request's
+    own task, so it is not reset: the task ends with the request), and every response
+    names it in ``X-Request-Id`` (``_trace_header``), errors and streamed answers too."""
+    trace_id = tracing.trace_id_of(request.headers.get("traceparent")) or tracing.new_trace_id()
+    request[_TRACE_ID] = trace_id
+    tracing.TRACE_ID.set(trace_id)
+    return await handler(request)
+
+
+async def _trace_header(request: web.Request, response: web.StreamResponse) -> None:
+    trace_id = request.get(_TRACE_ID)
+    if trace_id is not None:
+        response.headers[TRACE_HEADER] = trace_id
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
@@ -111,15 +134,25 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request[TENANT] = await request.app[AUTH].tenant(
             _presented_key(request), request.remote, request.headers.get("X-Forwarded-For")
         )
+        tracing.bind(tenant_id=request[TENANT])  # on the request's log lines
     return await handler(request)
 
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[metrics_middleware, errors_middleware, text_middleware, auth_middleware],
+        # A request line up to 64 KiB: batch fields may come as query parameters.
+        handler_args={"max_line_size": 64 << 10},
+        middlewares=[
+            trace_middleware,
+            metrics_middleware,
+            errors_middleware,
+            text_middleware,
+            auth_middleware,
+        ],
     )
     app[SETTINGS] = settings
+    app.on_response_prepare.append(_trace_header)
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         services = await Services.open(settings, pool_size=20)
@@ -137,4 +170,5 @@ def create_app(settings: Settings) -> web.Application:
     suppressions.add_routes(app)
     queue.add_routes(app)
     keys.add_routes(app)
+    analytics.add_routes(app)
     return app

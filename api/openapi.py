@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.analytics import (
+    EVENT_TYPES,
+    INTERVALS,
+    MAX_BUCKETS,
+    MAX_RANGE,
+    MAX_SERIES_ROWS,
+    PROVIDER_NAMES,
+    RATE_DEFINITIONS,
+    TIME_PATTERN,
+)
 from engine.intake.copier import MAX_NAME_CHARS
 from engine.intake.fields import (
     FIELD_LIMITS,
@@ -145,6 +155,35 @@ def _path(name: str, **schema: Any) -> dict[str, Any]:
 
 _ID = _path("id", format="uuid")
 
+_EVENTS = "|".join(EVENT_TYPES)
+_RANGE = (
+    "`from` must be before `to` (400 `invalid_range`), at most "
+    f"{MAX_RANGE.days} days apart (400 `range_too_long`). 503 `analytics_unavailable` "
+    "when ClickHouse does not answer."
+)
+_TIME_RANGE = [
+    {
+        "name": "from",
+        "in": "query",
+        "description": "Start (inclusive), ISO 8601; UTC without an offset. Default: 24 hours "
+        "before `to`. Malformed, or outside 1970-01-01 to 2100-01-01: 400 `invalid_time`.",
+        "schema": {"type": "string", "pattern": TIME_PATTERN},
+    },
+    {
+        "name": "to",
+        "in": "query",
+        "description": "End (exclusive), ISO 8601; UTC without an offset. Default: now.",
+        "schema": {"type": "string", "pattern": TIME_PATTERN},
+    },
+]
+_PROVIDER = {
+    "name": "provider",
+    "in": "query",
+    "description": "Only this provider's events (400 `unknown_provider` for another name)",
+    "schema": {"type": "string", "enum": list(PROVIDER_NAMES)},
+}
+_UTC = {"type": "string", "format": "date-time", "description": "UTC"}
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "BatchSender API", "version": "0.1.0"},
@@ -255,6 +294,113 @@ OPENAPI: dict[str, Any] = {
                         "format": "date-time",
                         "nullable": True,
                         "description": "To a minute",
+                    },
+                },
+            },
+            "EventCounts": {
+                "type": "object",
+                "description": "Events per type (every type, 0 when none)",
+                "required": list(EVENT_TYPES),
+                "properties": {e: {"type": "integer", "minimum": 0} for e in EVENT_TYPES},
+                "additionalProperties": {"type": "integer", "minimum": 0},
+            },
+            "Rates": {
+                "type": "object",
+                "description": "Ratios of event counts, rounded to 6 places; null when the "
+                "denominator is 0. "
+                + "; ".join(f"{name} = {rule}" for name, rule in RATE_DEFINITIONS.items()),
+                "required": list(RATE_DEFINITIONS),
+                "properties": {
+                    name: {"type": "number", "nullable": True, "minimum": 0, "description": rule}
+                    for name, rule in RATE_DEFINITIONS.items()
+                },
+            },
+            "AnalyticsOverview": {
+                "type": "object",
+                "required": ["from", "to", "provider", "counts", "rates"],
+                "properties": {
+                    "from": _UTC,
+                    "to": _UTC,
+                    "provider": {"type": "string", "nullable": True},
+                    "counts": _ref("EventCounts"),
+                    "rates": _ref("Rates"),
+                },
+            },
+            "AnalyticsBatch": {
+                "type": "object",
+                "required": [
+                    "batch_id",
+                    "counts",
+                    "rates",
+                    "series",
+                    "series_truncated",
+                    "latency_ms",
+                ],
+                "properties": {
+                    "batch_id": {"type": "string", "format": "uuid"},
+                    "counts": _ref("EventCounts"),
+                    "rates": _ref("Rates"),
+                    "series": {
+                        "type": "array",
+                        "description": "Counts per minute and event type, oldest first; "
+                        "only minutes with events; at most "
+                        f"{MAX_SERIES_ROWS} rows (then `series_truncated`)",
+                        "maxItems": MAX_SERIES_ROWS,
+                        "items": {
+                            "type": "object",
+                            "required": ["minute", "event", "count"],
+                            "properties": {
+                                "minute": _UTC,
+                                "event": {"type": "string"},
+                                "count": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                    },
+                    "series_truncated": {"type": "boolean"},
+                    "latency_ms": {
+                        "type": "object",
+                        "description": "Provider call latency of the batch's sent events: "
+                        "exact quantiles (the value at index floor(level * samples) of the "
+                        "sorted latencies); null without samples",
+                        "required": ["samples", "p50", "p95", "p99", "max"],
+                        "properties": {
+                            "samples": {"type": "integer", "minimum": 0},
+                            **{
+                                name: {"type": "integer", "nullable": True, "minimum": 0}
+                                for name in ("p50", "p95", "p99", "max")
+                            },
+                        },
+                    },
+                },
+            },
+            "AnalyticsTimeseries": {
+                "type": "object",
+                "required": ["from", "to", "interval", "provider", "events", "buckets"],
+                "properties": {
+                    "from": _UTC,
+                    "to": _UTC,
+                    "interval": {"type": "integer", "description": "Seconds per bucket"},
+                    "provider": {"type": "string", "nullable": True},
+                    "events": {
+                        "type": "array",
+                        "items": {"type": "string", "enum": list(EVENT_TYPES)},
+                    },
+                    "buckets": {
+                        "type": "array",
+                        "description": "Every bucket of the range, oldest first",
+                        "maxItems": MAX_BUCKETS,
+                        "items": {
+                            "type": "object",
+                            "required": ["start", "counts"],
+                            "properties": {
+                                "start": _UTC,
+                                "counts": {
+                                    "type": "object",
+                                    "description": "A count for each event type asked for",
+                                    "additionalProperties": {"type": "integer", "minimum": 0},
+                                },
+                            },
+                        },
                     },
                 },
             },
@@ -612,6 +758,78 @@ OPENAPI: dict[str, Any] = {
                 "before this answers",
                 "parameters": [_path("id", maxLength=100)],
                 "responses": {"204": {"description": "Revoked"}, "401": _ERROR, "404": _ERROR},
+            }
+        },
+        "/api/analytics/overview": {
+            "get": {
+                "summary": "Counts per event type and rates over a time range (whole minutes)",
+                "description": "From ClickHouse's per-minute aggregate; `from` is rounded "
+                "down and `to` up to whole minutes. Counts are at least once: an event written "
+                "twice after a writer crash is counted twice. " + _RANGE,
+                "parameters": [*_TIME_RANGE, _PROVIDER],
+                "responses": {
+                    "200": {
+                        "description": "Totals and rates",
+                        "content": {"application/json": {"schema": _ref("AnalyticsOverview")}},
+                    },
+                    "400": _ERROR,
+                    "401": _ERROR,
+                    "503": _ERROR,
+                },
+            }
+        },
+        "/api/analytics/batches/{id}": {
+            "get": {
+                "summary": "One batch: counts, rates, per-minute series, provider latency",
+                "description": "Another tenant's or an unknown batch: 404 `not_found`, as for "
+                "GET /api/batches/{id}. 503 `analytics_unavailable` when ClickHouse does not "
+                "answer.",
+                "parameters": [_ID],
+                "responses": {
+                    "200": {
+                        "description": "The batch's analytics",
+                        "content": {"application/json": {"schema": _ref("AnalyticsBatch")}},
+                    },
+                    "401": _ERROR,
+                    "404": _ERROR,
+                    "503": _ERROR,
+                },
+            }
+        },
+        "/api/analytics/timeseries": {
+            "get": {
+                "summary": "Counts per time bucket and event type",
+                "description": "Buckets start at multiples of the interval since "
+                "1970-01-01T00:00:00Z (UTC hours and days); `from` is rounded down and `to` up "
+                f"to whole buckets, at most {MAX_BUCKETS} of them (400 `too_many_buckets`). "
+                + _RANGE,
+                "parameters": [
+                    {
+                        "name": "interval",
+                        "in": "query",
+                        "description": "Bucket length: a name or its seconds; default hour "
+                        "(400 `invalid_interval` otherwise)",
+                        "schema": {"type": "string", "enum": list(INTERVALS)},
+                    },
+                    *_TIME_RANGE,
+                    {
+                        "name": "events",
+                        "in": "query",
+                        "description": "Comma list of event types; default all (400 "
+                        "`unknown_event` for another)",
+                        "schema": {"type": "string", "pattern": f"^({_EVENTS})(,({_EVENTS}))*$"},
+                    },
+                    _PROVIDER,
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The buckets",
+                        "content": {"application/json": {"schema": _ref("AnalyticsTimeseries")}},
+                    },
+                    "400": _ERROR,
+                    "401": _ERROR,
+                    "503": _ERROR,
+                },
             }
         },
         "/unsubscribe/{token}": {
