@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import latency, rate
+from bench import latency, preflight, rate
 from bench.e2e import machine, measure_e2e
 from bench.floor import measure_floor
 
@@ -241,4 +241,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main(parse_args())))
+    raise SystemExit(preflight.run(main(parse_args()), "bench"))

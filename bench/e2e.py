@@ -7,8 +7,10 @@ recipient final, on a throw-away deployment of the real processes.
 Prints intake recipients/s (the streamed NDJSON request), end-to-end recipients/s, and
 the peak resident memory of every process. Checks at the end that the mock provider
 received every recipient exactly once. Uses this machine's PostgreSQL, NATS, Redis and
-ClickHouse (settings from .env.test, overridable by the environment) with its own
-databases and prefixes, and removes them afterwards.
+ClickHouse (as .env.test names them; the environment's DATABASE_URL, NATS_URL,
+DRAGONFLY_URL and CLICKHOUSE_URL override them: bench/preflight.py) with its own
+databases and prefixes, and removes them afterwards. A service that is down is named in
+one line before anything starts (exit code 69).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from bench import preflight
 from bench.profile import Profiler
 from devkit.stack import Stack, drop_all, environ_for, isolated_environ, mock_stats, tenant_key
 from engine.config import load_settings
@@ -148,7 +151,7 @@ async def measure_e2e(
     to the API, which records it (a second status write per recipient). Issue 3's scenario
     is the send path alone; the webhook run shows the cost of following every message."""
     tag = f"b{uuid.uuid4().hex[:8]}"
-    environ = isolated_environ(tag)
+    environ = preflight.on_services(isolated_environ(tag))
     environ.update(
         WORKER_PROCESSES=str(workers),
         PROVIDER_RATES="mock=10000000/1000000",
@@ -284,4 +287,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main(parse_args())))
+    raise SystemExit(preflight.run(main(parse_args()), "bench.e2e"))

@@ -87,6 +87,7 @@ import nats.errors
 import orjson
 from nats.js import JetStreamContext
 
+from bench import preflight
 from bench.e2e import machine
 from devkit.stack import ROOT, drop_all, free_port, isolated_environ, mock_provider_command
 from engine.clickhouse import EVENT_COLUMNS, ClickHouse
@@ -690,7 +691,7 @@ async def run_floor(recipients: int = 200_000, *, mock_latency_ms: float | None 
     if recipients < 1:
         raise ValueError("recipients must be at least 1")
     tag = f"f{uuid.uuid4().hex[:8]}"
-    environ = isolated_environ(tag)
+    environ = preflight.on_services(isolated_environ(tag))
     settings = load_settings(environ)
     meter = Meter(recipients, CpuCounter(urlsplit(settings.database_url).path.lstrip("/")))
     shape = Shape(uuid.uuid4(), recipients)
@@ -811,7 +812,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run = uvloop.run  # as the worker and the mock provider run
     started = time.perf_counter()
-    meter = run(run_floor(args.recipients, mock_latency_ms=args.mock_latency_ms))
+    meter = preflight.run(
+        run_floor(args.recipients, mock_latency_ms=args.mock_latency_ms), "bench.floor", run
+    )
     print(table(meter))
     print(f"\nwall time of the whole run: {time.perf_counter() - started:.1f} s")
     return 0

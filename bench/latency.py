@@ -25,6 +25,7 @@ import asyncio
 import math
 import statistics
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ import nats
 import orjson
 from nats.aio.msg import Msg
 
+from bench import preflight
 from bench.e2e import TEMPLATE, machine
 from devkit.stack import UNLIMITED, WebhookTap, deployment, mock_stats
 from engine.topology import Topology
@@ -118,6 +120,8 @@ async def measure_latency(
         "SYSTEM_RATE": UNLIMITED,
         "TENANT_RATE": UNLIMITED,
     }
+    # The environment's service URLs (bench/preflight.py), a database of this run's own.
+    overrides.update(preflight.service_overrides(f"bs_l{uuid.uuid4().hex[:12]}"))
     async with (
         deployment("l", overrides, ("--latency-ms", "0")) as dep,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
@@ -207,10 +211,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = asyncio.run(
+    result = preflight.run(
         measure_latency(
             args.tries, workers=args.workers, pause_ms=args.pause_ms, warmup=args.warmup
-        )
+        ),
+        "bench.latency",
     )
     return 0 if report(result) else 1
 

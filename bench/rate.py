@@ -26,12 +26,14 @@ import argparse
 import asyncio
 import bisect
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 
+from bench import preflight
 from bench.e2e import machine, ndjson_body
 from devkit.stack import UNLIMITED, WebhookTap, deployment, mock_stats
 from providers.registry import PROVIDERS
@@ -129,6 +131,8 @@ async def measure_rate(
         "TENANT_RATE": UNLIMITED,
         "DRAIN_TIMEOUT": "5",
     }
+    # The environment's service URLs (bench/preflight.py), a database of this run's own.
+    overrides.update(preflight.service_overrides(f"bs_r{uuid.uuid4().hex[:12]}"))
     async with (
         deployment("r", overrides, ("--latency-ms", "0")) as dep,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session,
@@ -269,7 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = asyncio.run(
+    result = preflight.run(
         measure_rate(
             args.rate,
             args.burst,
@@ -277,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             args.workers,
             warmup=args.warmup,
             recipients=args.recipients,
-        )
+        ),
+        "bench.rate",
     )
     return 0 if report(result) else 1
 

@@ -33,6 +33,7 @@ from engine.errors import BatchSenderError, ConfigError
 
 log = logging.getLogger("batchsender")
 T = TypeVar("T")
+EXIT_UNAVAILABLE = 69  # sysexits' EX_UNAVAILABLE: a service the command needs is down
 
 
 def _settings() -> Settings:
@@ -179,8 +180,6 @@ def cmd_api(_args: argparse.Namespace, settings: Settings) -> int:
         port=settings.api_port,
         access_log=None,
         print=lambda _: log.info("api listening", extra={"port": settings.api_port}),
-        # A request line up to 64 KiB: batch fields may come as query parameters.
-        handler_args={"max_line_size": 64 << 10},
     )
     return 0
 
@@ -194,7 +193,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_mock_provider(args: argparse.Namespace, _settings: Settings | None) -> int:
     from devkit import mock_provider
+    from engine.logs import setup_logging
 
+    setup_logging("INFO")  # JSON lines like every other process (its basicConfig is then a no-op)
     gc_tuning.tune_gc(gc_tuning.WORKER)
     mock_provider.main(args.rest)
     return 0
@@ -284,6 +285,48 @@ def _port(url: str) -> str:
     return str(urlsplit(url).port or 80)
 
 
+# The services each command needs: checked before it runs, and again when it fails, so that
+# a service that is down is named in one line (engine.services.check_services). The
+# supervisor is not checked before: its workers wait for NATS and Dragonfly to come back
+# (they log which one is down), so a pod that starts before them does not crash-loop.
+_WAITS_FOR_SERVICES = {"cmd_worker"}
+_NEEDS: dict[Any, tuple[str, ...]] = {
+    cmd_migrate: ("postgres", "clickhouse"),
+    cmd_keys: ("postgres",),
+    cmd_keys_list: ("postgres",),
+    cmd_keys_revoke: ("postgres", "nats", "dragonfly"),
+    cmd_limits: ("postgres",),
+    cmd_api: ("postgres", "nats", "dragonfly", "clickhouse"),
+    cmd_worker: ("postgres", "nats", "dragonfly", "clickhouse"),
+    cmd_all: ("postgres", "nats", "dragonfly", "clickhouse"),
+}
+
+
+def _exit_if_down(settings: Settings, services: tuple[str, ...]) -> None:
+    """One line naming what is down and where, and exit code 69, when a service is."""
+    from engine.services import ServiceUnavailable, check_services
+
+    if failures := asyncio.run(check_services(settings, services)):
+        print(f"batchsender: error: {ServiceUnavailable(failures).message}", file=sys.stderr)
+        raise SystemExit(EXIT_UNAVAILABLE)
+
+
+def _run(args: argparse.Namespace, settings: Settings | None) -> int:
+    needs = _NEEDS.get(args.func, ()) if settings is not None else ()
+    if not needs:
+        return args.func(args, settings)
+    if args.func.__name__ not in _WAITS_FOR_SERVICES:
+        _exit_if_down(settings, needs)
+    try:
+        code = args.func(args, settings)
+    except Exception:
+        _exit_if_down(settings, needs)  # a service went away meanwhile: that, not a traceback
+        raise
+    if code:
+        _exit_if_down(settings, needs)  # e.g. the supervisor's workers kept dying
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchsender",
@@ -352,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # Settings first: they must be in place before prometheus-client is imported.
     settings = None if args.func is cmd_mock_provider else _settings()
-    raise SystemExit(args.func(args, settings))
+    raise SystemExit(_run(args, settings))
 
 
 if __name__ == "__main__":

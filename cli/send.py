@@ -29,6 +29,28 @@ def _bar(done: int, total: int, rate: float | None, width: int = 30) -> str:
 
 
 async def send_file(url: str, key: str, path: Path, fields: dict[str, str], *, follow: bool) -> int:
+    try:
+        return await _send_file(url, key, path, fields, follow=follow)
+    except aiohttp.ClientConnectorError as exc:
+        from engine.services import safe_url
+
+        refused = isinstance(exc.os_error, ConnectionRefusedError)
+        reason = (
+            "connection refused"
+            if refused
+            else (getattr(exc.os_error, "strerror", None) or str(exc))
+        )
+        print(
+            f"batchsender: error: the API at {safe_url(url)} is not reachable ({reason})"
+            " — is `batchsender api` running? ./setup-dev.sh starts it",
+            file=sys.stderr,
+        )
+        return 69  # EX_UNAVAILABLE, as for the services (cli.main)
+
+
+async def _send_file(
+    url: str, key: str, path: Path, fields: dict[str, str], *, follow: bool
+) -> int:
     kind = _TYPES.get(path.suffix.lower())
     if kind is None:
         print(f"batchsender: {path.name}: use a .csv, .ndjson or .jsonl file", file=sys.stderr)

@@ -260,7 +260,8 @@ class Authenticator:
         try:
             key_id = int(msg.data)
         except ValueError:
-            log.warning("ignored a malformed key revocation: %r", msg.data[:64])
+            # Its bytes are not logged: a key published here by mistake would land in the log.
+            log.warning("ignored a malformed key revocation (%d bytes)", len(msg.data))
             return
         self.forget(key_id)
         if msg.reply:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,17 +276,23 @@ async def apply_messages(services: Services, msgs: list[Msg], redelivery: Redeli
     otherwise."""
     parts: list[Columns] = []
     good: list[Msg] = []
+    tenants: dict[str, str] = {}  # batch -> tenant, from the messages that name one (logs)
     for msg in msgs:
         try:
-            parts.append(decode(msg.data).columns)
-            good.append(msg)
+            message = decode(msg.data)
         except ValueError as exc:
             await _refuse(services, msg, str(exc))
+            continue
+        parts.append(message.columns)
+        good.append(msg)
+        if message.tenant_id and message.columns.batch_id:
+            tenants[message.columns.batch_id[0]] = message.tenant_id
     flush = await apply_flush(services.pool, parts)
     metrics.STATUS_ROWS.inc(sum(len(p) for i, p in enumerate(parts) if i not in flush.failed))
     for batch_id, status in flush.touched:
         if status == "completed":
-            log.info("batch completed", extra={"batch_id": batch_id})
+            tenant = tenants.get(batch_id) or await _tenant_of(services, batch_id)
+            log.info("batch completed", extra={"batch_id": batch_id, "tenant_id": tenant})
     for index, msg in enumerate(good):
         error = flush.failed.get(index)
         if error is None:
@@ -296,6 +303,14 @@ async def apply_messages(services: Services, msgs: list[Msg], redelivery: Redeli
         else:
             give_up = functools.partial(give_up_message, services)
             await deadletters.retry_or_give_up("results-pg", msg, error, give_up, redelivery)
+
+
+async def _tenant_of(services: Services, batch_id: str) -> str | None:
+    """A batch's tenant, for a log line about a batch completed by webhook results (they
+    name no tenant)."""
+    return await services.pool.fetchval(
+        "SELECT tenant_id FROM batches WHERE id = $1", uuid.UUID(batch_id)
+    )
 
 
 async def give_up_message(services: Services, msg: Msg, reason: str) -> None:

@@ -57,11 +57,21 @@ async def handle(services: Services, msgs: list[Msg]) -> None:
             continue
         except asyncpg.DataError as exc:  # a value PostgreSQL cannot store: every time
             reason = f"PostgreSQL refused its values: {deadletters.reason_of(exc)}"
-            log.warning("intake message dead-lettered: %s", reason)
+            # The reason quotes the refused value (a recipient's, a body): the dead letter
+            # keeps it for the tenant, the log only names the error.
+            log.warning(
+                "intake message dead-lettered: PostgreSQL refused its values (%s)",
+                type(exc).__name__,
+                extra={"tenant_id": msg.subject.rsplit(".", 1)[-1], "msg_id": msg_id},
+            )
             await deadletters.intake(services, msg, msg_id, reason, "refused_by_database", None)
             await msg.ack()
             continue
-        log.info("intake batch recorded", extra={"batch_id": created.id, "msg_id": msg_id})
+        tenant_id = msg.subject.rsplit(".", 1)[-1]
+        log.info(
+            "intake batch recorded",
+            extra={"batch_id": created.id, "tenant_id": tenant_id, "msg_id": msg_id},
+        )
         await msg.ack()
 
 

@@ -1,13 +1,20 @@
 """The real processes, started as a user would: ``batchsender mock-provider``, ``api``
-and ``worker``, on this session's isolated settings."""
+and ``worker``, on this session's isolated settings.
+
+When the session's processes stop, every line they logged is checked (``log_problems``):
+each one JSON, and none with an e-mail address, an API key or a message body of the tests
+(``BODY_MARKERS``). A line that fails makes the ``stack`` fixture's teardown an error.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -17,10 +24,53 @@ from devkit.stack import Stack, command, drop_all, environ_for, isolated_environ
 from engine.config import load_settings
 from engine.db import create_pool
 from engine.migrate import migrate_all
-from engine.tenants import create_key
+from engine.tenants import API_KEY_PREFIX, create_key
 from tests.conftest import SESSION
 
-__all__ = ["FINAL", "Client", "Stack", "command", "eventually", "final_at_least"]
+__all__ = [
+    "BODY_MARKERS",
+    "FINAL",
+    "Client",
+    "Stack",
+    "command",
+    "eventually",
+    "final_at_least",
+    "log_problems",
+]
+
+# Text that only ever appears in the subject or body of messages the e2e tests send: found
+# in a log line, it means a message body was logged.
+BODY_MARKERS = ("bs-body-marker-5d1f", "bs-subject-marker-9c2e")
+EMAIL = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+API_KEY = re.compile(re.escape(API_KEY_PREFIX) + r"[A-Za-z0-9_-]{16,}")
+# Lines of the processes' output that may be other than JSON, with the reason: none.
+NOT_JSON_ALLOWED: tuple[re.Pattern[str], ...] = ()
+
+
+def log_problems(logs: Path, limit: int = 20) -> list[str]:
+    """What is wrong with the lines of every log file in ``logs`` (at most ``limit``)."""
+    problems: list[str] = []
+    for path in sorted(logs.glob("*.log")):
+        for number, line in enumerate(path.read_text(errors="replace").split("\n"), 1):
+            where = f"{path.name}:{number}"
+            if not line.strip():
+                continue
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                entry = None
+            if not isinstance(entry, dict) and not any(p.search(line) for p in NOT_JSON_ALLOWED):
+                problems.append(f"{where}: not a JSON object: {line[:300]!r}")
+            if EMAIL.search(line):
+                problems.append(f"{where}: an e-mail address: {line[:300]!r}")
+            if API_KEY.search(line):
+                problems.append(f"{where}: an API key: {line[:300]!r}")
+            for marker in BODY_MARKERS:
+                if marker in line:
+                    problems.append(f"{where}: a message subject or body: {line[:300]!r}")
+            if len(problems) >= limit:
+                return problems
+    return problems
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +99,12 @@ def stack(deployment: dict[str, str], tmp_path_factory) -> Iterator[Stack]:
         raise
     finally:
         running.stop_all()
+    # Every line the session's processes wrote, now that they have stopped.
+    if problems := log_problems(running.logs):
+        raise AssertionError(
+            f"log lines of the e2e run (in {running.logs}) that must not be:\n"
+            + "\n".join(problems)
+        )
 
 
 @pytest.fixture
