@@ -6,13 +6,14 @@
 #   ./setup-dev.sh status            what runs
 #   ./setup-dev.sh test [pytest ...] the test suite (what CI runs through .ci/run)
 #
-# Everything binds 127.0.0.1. State lives in .dev/ (git-ignored): logs, pid files, the API key
-# and `started`, the list of services this script started and `stop` may stop.
+# Everything binds 127.0.0.1. State lives in .dev/ (git-ignored; BATCHSENDER_DEV_DIR moves it):
+# logs, pid files, the API key and `started`, the list of services this script started and
+# `stop` may stop.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$ROOT"
-DEV=$ROOT/.dev
+DEV=${BATCHSENDER_DEV_DIR:-$ROOT/.dev}
 LOGS=$DEV/logs
 STARTED=$DEV/started
 APP_PID=$DEV/app.pid
@@ -300,6 +301,8 @@ ensure_monitoring() {
         ok "Prometheus: 9090 already listening: $(reuse_note prometheus)"
     else
         command -v prometheus >/dev/null || apt_install prometheus
+        promtool check config "$PROM_CONFIG" >>"$LOGS/prometheus.log" 2>&1 ||
+            { tail -n 20 "$LOGS/prometheus.log" >&2; die "$PROM_CONFIG does not pass promtool check config"; }
         mkdir -p "$DEV/prometheus"
         nohup prometheus --config.file="$PROM_CONFIG" --web.listen-address=127.0.0.1:9090 \
             --storage.tsdb.path="$DEV/prometheus" >>"$LOGS/prometheus.log" 2>&1 </dev/null &
@@ -308,8 +311,37 @@ ensure_monitoring() {
         wait_until 30 port_open 9090 || { tail -n 20 "$LOGS/prometheus.log" >&2; die "Prometheus did not start"; }
         ok "started Prometheus (pid $(cat "$DEV/prometheus.pid"))"
     fi
-    note "Grafana (3003) is not installed by this script: no package on this machine's registries;"
-    note "run it where containers work, provisioned from monitoring/ (dashboard uid batchsender)"
+    ensure_grafana
+}
+
+GRAFANA_CONTAINER=batchsender-grafana
+GRAFANA_URL=http://127.0.0.1:3003
+# Grafana has no package on Debian's registries: it runs as the container docker-compose.yml
+# names (same image tag), on the host network so it reaches this Prometheus on 9090.
+ensure_grafana() {
+    if port_open 3003; then
+        ok "Grafana: 3003 already listening: $(reuse_note grafana)"
+        return
+    fi
+    if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
+        note "Grafana (3003) skipped: no container engine answers here (docker info fails) and Grafana has no Debian package; see the dashboard by importing monitoring/grafana/dashboards/batchsender.json into any Grafana, or with 'docker compose up -d' where Docker runs; its queries work in Prometheus's graph page meanwhile"
+        return
+    fi
+    local image
+    image=$(grep -m 1 -o 'grafana/grafana:[0-9][0-9.]*' docker-compose.yml)
+    docker rm -f "$GRAFANA_CONTAINER" >/dev/null 2>&1 || true
+    if ! docker run -d --name "$GRAFANA_CONTAINER" --network host --add-host prometheus:127.0.0.1 \
+        -e GF_SERVER_HTTP_ADDR=127.0.0.1 -e GF_SERVER_HTTP_PORT=3003 \
+        -e GF_AUTH_ANONYMOUS_ENABLED=true -e GF_AUTH_ANONYMOUS_ORG_ROLE=Viewer \
+        -v "$ROOT/monitoring/grafana/provisioning:/etc/grafana/provisioning:ro" \
+        -v "$ROOT/monitoring/grafana/dashboards:/var/lib/grafana/dashboards:ro" \
+        "$image" >>"$LOGS/grafana.log" 2>&1; then
+        note "Grafana (3003) skipped: docker run $image failed (see .dev/logs/grafana.log)"
+        return
+    fi
+    mark_started grafana
+    wait_until 90 http_ok "$GRAFANA_URL/api/health" || die "Grafana did not answer $GRAFANA_URL/api/health within 90 s"
+    ok "started Grafana ($image, container $GRAFANA_CONTAINER)"
 }
 
 # ---------------------------------------------------------------------------- application
@@ -323,11 +355,15 @@ METRICS_DIR=$(env_dev METRICS_DIR /tmp/batchsender-metrics-dev)
 migrate_and_key() {
     step "migrations and the demo tenant"
     bs_dev migrate >>"$APP_LOG" 2>&1 || { tail -n 30 "$APP_LOG" >&2; die "batchsender migrate failed"; }
-    ok "migrations applied"
-    if [[ -s $DEV/api-key ]]; then
-        ok "API key for tenant demo: reused .dev/api-key"
-    else
+    ok "migrations applied (idempotent; the API and workers migrate on start as well)"
+    if [[ ! -s $DEV/api-key ]]; then
         new_key
+    elif [[ $(status_with_key "$API/api/batches") == 401 ]]; then
+        # A saved key from an older database (e.g. a re-created cluster) no longer works.
+        note "saved API key is not known to this database: creating a new one"
+        new_key
+    else
+        ok "API key for tenant demo: reused .dev/api-key"
     fi
 }
 
@@ -358,13 +394,6 @@ start_app() {
         die "$API/health did not answer 200 within 60 s"
     fi
     ok "$API/health answers 200"
-    # A saved key from an older database (e.g. a re-created cluster) no longer works: replace it.
-    local code
-    code=$(status_with_key "$API/api/batches")
-    if [[ $code == 401 ]]; then
-        note "saved API key is not known to this database: creating a new one"
-        new_key
-    fi
 }
 
 status_with_key() {
@@ -380,20 +409,30 @@ except Exception:
 }
 
 print_summary() {
-    local key
+    local key prom=http://127.0.0.1:9090
     key=$(cat "$DEV/api-key")
     cat <<EOF
 
 ${B}BatchSender dev stack is up.${N}
   API            $API
   health         $API/health
-  metrics        $API/api/metrics
+  metrics        $API/api/metrics     (try: curl -s $API/api/metrics | grep nats_queue_depth)
   OpenAPI        $API/api/openapi.json
   mock provider  $MOCK_URL/v1/stats
 EOF
-    if port_open 9090; then echo "  Prometheus     http://127.0.0.1:9090"; fi
+    if port_open 9090; then
+        cat <<EOF
+  Prometheus     $prom
+    queue depth  $prom/graph?g0.expr=nats_queue_depth&g0.tab=0&g0.range_input=15m
+    alerts       $prom/alerts
+EOF
+    fi
+    if port_open 3003; then
+        echo "  Grafana        $GRAFANA_URL/d/batchsender/batchsender-monitoring"
+    else
+        echo "  Grafana        not running here (see the monitoring step above); dashboard: monitoring/grafana/dashboards/batchsender.json"
+    fi
     cat <<EOF
-  Grafana        not started here (needs a container runtime); dashboard uid batchsender
   logs           .dev/logs/   (app: .dev/logs/app.log)
 
   API key (tenant demo, saved in .dev/api-key):
@@ -404,8 +443,10 @@ EOF
       -H 'Authorization: Bearer $key' -H 'Content-Type: application/json' \\
       -d '{"name": "hello", "from_email": "sender@example.com", "subject": "Hello {{ name }}", "text": "Hi {{ name }}, this is a test.", "provider": "mock", "recipients": [{"email": "ada@example.com", "name": "Ada"}, {"email": "bob@example.com", "name": "Bob"}, {"email": "cy@example.com", "name": "Cy"}]}'
 
-  Watch it (the id from the answer above):
+  Watch it (the id from the answer above), then its analytics:
     curl -s -H 'Authorization: Bearer $key' $API/api/batches/<id>
+    curl -s -H 'Authorization: Bearer $key' $API/api/analytics/batches/<id>
+    curl -s -H 'Authorization: Bearer $key' $API/api/analytics/overview
 
   Stop what this script started:  ./setup-dev.sh stop
 EOF
@@ -486,6 +527,10 @@ stop_app() {
 
 stop_services() {
     local line ver name
+    if was_started grafana; then
+        step "Grafana"; docker rm -f "$GRAFANA_CONTAINER" >/dev/null 2>&1 || true
+        ok "container $GRAFANA_CONTAINER removed"; unmark_started grafana
+    fi
     if was_started prometheus; then
         step "Prometheus"; stop_pidfile prometheus "$DEV/prometheus.pid"; unmark_started prometheus
     fi
@@ -519,7 +564,7 @@ stop_services() {
         unmark_started "$line"
     fi
     local reused=()
-    for name in "PostgreSQL:$PG_PORT" "NATS:4222" "Redis:6379" "ClickHouse:8123" "Prometheus:9090"; do
+    for name in "PostgreSQL:$PG_PORT" "NATS:4222" "Redis:6379" "ClickHouse:8123" "Prometheus:9090" "Grafana:3003"; do
         port_open "${name#*:}" && reused+=("${name%%:*}")
     done
     if ((${#reused[@]})); then note "left running (not started by this script): ${reused[*]}"; fi
@@ -541,6 +586,7 @@ cmd_status() {
     status_line "Dragonfly/Redis" 6379 redis
     status_line "ClickHouse HTTP" 8123 clickhouse
     status_line "Prometheus" 9090 prometheus
+    status_line "Grafana" 3003 grafana
     status_line "mock provider" "${MOCK_URL##*:}" app
     status_line "API" "$API_PORT" app
     step "application"
@@ -563,11 +609,11 @@ cmd_up() {
     ensure_dev_nats
     ensure_dev_redis
     ensure_clickhouse
-    # monitoring
+    # monitoring, before the services it watches
     ensure_monitoring
-    # application
-    migrate_and_key
+    # application, then its schema and the demo tenant
     start_app
+    migrate_and_key
     print_summary
 }
 
@@ -577,9 +623,21 @@ cmd_stop() {
     stop_services
 }
 
+# What the tests run besides the services: promtool and a real Prometheus (monitoring tests),
+# docker-compose (its `config` validates docker-compose.yml without a Docker engine).
+ensure_test_tools() {
+    step "test tools"
+    local want=()
+    command -v promtool >/dev/null && command -v prometheus >/dev/null || want+=(prometheus)
+    command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || want+=(docker-compose)
+    if ((${#want[@]})); then apt_install "${want[@]}"; fi
+    ok "promtool, prometheus and docker-compose present"
+}
+
 cmd_test() {
     check_prereqs
     ensure_python_deps
+    ensure_test_tools
     ensure_clickhouse
     ensure_test_postgres
     ensure_test_redis
