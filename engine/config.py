@@ -202,6 +202,9 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], _Default]] = {
     "NATS_PREFIX": (_identifier, "batchsender"),
     "KEY_PREFIX": (_text, "bs:"),
     "METRICS_DIR": (_text, "/tmp/batchsender-metrics"),
+    # 0: off. Where the workers run apart from the API (a pod, a container), their own
+    # metrics endpoint (engine.metrics.serve), bound to API_HOST.
+    "WORKER_METRICS_PORT": (_int(0, 65535), "0"),
     "WORKER_PROCESSES": (_int(1, 256), _cpus),
     "WORKER_CONCURRENCY": (_int(1, 4096), "32"),
     "WORKER_HEARTBEAT_TIMEOUT": (_float(1, 3600), "30"),
@@ -255,6 +258,7 @@ class Settings:
     nats_prefix: str
     key_prefix: str
     metrics_dir: str
+    worker_metrics_port: int
     worker_processes: int
     worker_concurrency: int
     worker_heartbeat_timeout: float

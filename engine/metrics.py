@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -128,6 +129,31 @@ def _registry() -> CollectorRegistry:
         multiprocess.MultiProcessCollector(registry)
         return registry
     return REGISTRY
+
+
+def serve(host: str, port: int) -> None:
+    """Serve the metrics of every process on this host (the supervisor's and its workers')
+    at ``http://host:port/metrics`` until the parent process is gone: a worker pod's own
+    endpoint, where the API's ``/api/metrics`` cannot see it. No scrape-time series here:
+    queue depth and batches come from the API."""
+    from prometheus_client import start_http_server
+
+    parent = os.getppid()
+    server, _ = start_http_server(port, addr=host, registry=_LiveRegistry())
+    log.info("worker metrics listening", extra={"port": port})
+    try:
+        while os.getppid() == parent:  # a supervisor killed with -9 takes this one along
+            time.sleep(1.0)
+    finally:
+        server.shutdown()
+
+
+class _LiveRegistry:
+    """Every process's metrics, dead processes' live gauges dropped first."""
+
+    def collect(self):
+        forget_dead_processes()
+        return _registry().collect()
 
 
 def mark_process_dead(pid: int) -> None:

@@ -45,6 +45,8 @@ class Supervisor:
         self.children: dict[int, str] = {}  # pid -> heartbeat file
         self.retiring: set[int] = set()  # told to stop by a scale-down; not counted
         self.hung: set[int] = set()  # killed for a silent heartbeat
+        self.metrics_pid: int | None = None  # the child serving WORKER_METRICS_PORT
+        self._metrics_after = 0.0
         self.signals: deque[int] = deque()
         self.crashes: deque[float] = deque()
         self.draining_since: float | None = None
@@ -85,6 +87,11 @@ class Supervisor:
                 continue
             self.murder_hung_workers()
             self.manage_workers()
+            if self.settings.worker_metrics_port and self.metrics_pid is None:
+                if time.monotonic() >= self._metrics_after:  # e.g. its port is taken
+                    self._metrics_after = time.monotonic() + 5.0
+                    self.spawn_metrics_server()
+        self.stop_metrics_server()
         log.info("supervisor stopped")
         return self.exit_code
 
@@ -115,6 +122,7 @@ class Supervisor:
                     os.waitpid(pid, 0)
                 except ChildProcessError:
                     pass
+            self.stop_metrics_server()
             sys.exit(1)
         self.begin_drain()
 
@@ -156,6 +164,11 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if pid == self.metrics_pid:  # started again by the main loop (unless draining)
+                self.metrics_pid = None
+                if self.draining_since is None:
+                    log.warning("metrics server %d exited; restarting", pid)
+                continue
             heartbeat = self.children.pop(pid, None)
             if heartbeat is None:
                 continue
@@ -207,6 +220,37 @@ class Supervisor:
         while self.crashes and self.crashes[0] < cutoff:
             self.crashes.popleft()
         return len(self.crashes) > CRASH_LIMIT
+
+    def spawn_metrics_server(self) -> None:
+        """A child serving this host's metrics on WORKER_METRICS_PORT (engine.metrics.serve);
+        forked like a worker, so the supervisor itself never runs a thread."""
+        pid = os.fork()
+        if pid:
+            self.metrics_pid = pid
+            return
+        code = 0
+        try:
+            for sig in _SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            metrics.serve(self.settings.api_host, self.settings.worker_metrics_port)
+        except BaseException:
+            log.exception("metrics server failed")
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def stop_metrics_server(self) -> None:
+        if self.metrics_pid is None:
+            return
+        try:
+            os.kill(self.metrics_pid, signal.SIGTERM)
+            os.waitpid(self.metrics_pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        self.metrics_pid = None
 
     def spawn_worker(self) -> None:
         fd, heartbeat = tempfile.mkstemp(dir=self._heartbeats, prefix="worker-")

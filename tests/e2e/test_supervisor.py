@@ -8,11 +8,13 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from functools import partial
 from pathlib import Path
 
 import pytest
 
+from devkit.stack import free_port
 from tests.e2e.conftest import FINAL, Stack, command, eventually, final_at_least
 
 
@@ -167,3 +169,38 @@ def test_a_stop_signal_ends_workers_still_waiting_for_a_service(stack):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_workers_serve_their_own_metrics_where_asked(stack, tmp_path):
+    """WORKER_METRICS_PORT: the supervisor's child serves every process's metrics of this
+    host (for a worker pod, which the API's /api/metrics cannot see), and goes with the
+    supervisor, even one killed with -9."""
+    port = free_port()
+    environ = {**stack.environ, "WORKER_METRICS_PORT": str(port),
+               "METRICS_DIR": str(tmp_path / "metrics")}  # fmt: skip
+    proc = subprocess.Popen(command("worker", "-n", "1"), env=environ,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        assert _wait(lambda: "batchsender_worker_processes 1.0" in _scrape(url), 60)
+        text = _scrape(url)
+        assert 'batchsender_worker_restarts_total{reason="exited"} 0.0' in text
+        assert "nats_queue_depth" not in text  # scrape-time series are the API's
+        workers = _children_of(proc.pid)
+        proc.kill()
+        proc.wait(10)
+        assert _wait(lambda: _scrape(url) == "", 30), "the metrics server outlived its supervisor"
+        assert _wait(lambda: all(_gone(pid) for pid in workers), 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _scrape(url: str) -> str:
+    """The metrics text, or "" when nothing answers."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=2) as response:
+            return response.read().decode()
+    except OSError:
+        return ""

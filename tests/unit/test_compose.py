@@ -170,20 +170,18 @@ def test_every_file_mounted_from_the_repository_exists(services):
     assert not missing, "mounted but not in the repository: " + ", ".join(missing)
 
 
-def test_the_compose_prometheus_config_differs_only_in_the_api_target(services):
-    """One configuration in substance: the compose copy only names the API by its service."""
+def test_the_compose_prometheus_config_differs_only_in_targets_and_the_worker_job(services):
+    """One configuration in substance: the compose copy names the API by its service and
+    adds the worker container's own endpoint (its WORKER_METRICS_PORT)."""
     binds = {target: source for source, target in _binds(services["prometheus"])}
     mounted = yaml.safe_load(Path(binds["/etc/prometheus/prometheus.yml"]).read_text())
     host = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
-    targets = [
-        target
-        for job in mounted["scrape_configs"]
-        for static in job.get("static_configs", [])
-        for target in static["targets"]
-    ]
-    assert targets == ["api:6001"]
-    for job in mounted["scrape_configs"]:
-        for static in job.get("static_configs", []):
-            static["targets"] = ["127.0.0.1:6001"]
+    jobs = {job["job_name"]: job for job in mounted["scrape_configs"]}
+    port = services["worker"]["environment"]["WORKER_METRICS_PORT"]
+    worker = jobs.pop("batchsender-worker")
+    assert worker["static_configs"] == [{"targets": [f"worker:{port}"]}]
+    assert jobs["batchsender-api"]["static_configs"] == [{"targets": ["api:6001"]}]
+    jobs["batchsender-api"]["static_configs"] = [{"targets": ["127.0.0.1:6001"]}]
+    mounted["scrape_configs"] = list(jobs.values())
     assert mounted == host
     assert Path(binds["/etc/prometheus/rules"]).resolve() == ROOT / "monitoring" / "rules"
