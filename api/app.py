@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from api import analytics, batches, keys, ops, queue, suppressions, webhooks
+from api import accounts, analytics, batches, keys, ops, queue, suppressions, webhooks
 from api.context import AUTH, HEALTH, SERVICES, SETTINGS, TENANT, error_response
 from engine import metrics, tracing
 from engine.auth import Authenticator
@@ -171,4 +171,5 @@ def create_app(settings: Settings) -> web.Application:
     queue.add_routes(app)
     keys.add_routes(app)
     analytics.add_routes(app)
+    accounts.add_routes(app)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.accounts import MAX_ACCOUNTS_PAGE, MAX_SECRET_CHARS
 from engine.analytics import (
     EVENT_TYPES,
     INTERVALS,
@@ -24,7 +25,7 @@ from engine.intake.fields import (
 )
 from engine.lifecycle import BATCH_STATUSES, RECIPIENT_STATUSES
 from engine.suppressions import MAX_SUPPRESSIONS
-from providers.registry import PROVIDERS, WEBHOOKS
+from providers.registry import CREDENTIALS, PROVIDERS, WEBHOOKS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 
@@ -594,6 +595,77 @@ OPENAPI: dict[str, Any] = {
                     "404": _ERROR,
                     "422": _ERROR,
                 },
+            },
+        },
+        "/api/provider-accounts": {
+            "post": {
+                "summary": "Add a provider account (its credentials are sealed, never shown again)",
+                "description": "`credentials` holds exactly what the provider needs: "
+                + "; ".join(f"{p}: {', '.join(names)}" for p, names in CREDENTIALS.items())
+                + ". `burst` defaults to one second's worth of `rate_per_second`. 409 "
+                "`account_exists` for a name the tenant has already; 422 `invalid_account` "
+                "naming the field.",
+                "requestBody": _object(
+                    {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"},
+                        "provider": {"type": "string", "enum": list(CREDENTIALS)},
+                        "credentials": {
+                            "type": "object",
+                            "additionalProperties": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": MAX_SECRET_CHARS,
+                            },
+                        },
+                        "base_url": {"type": "string", "format": "uri", "nullable": True},
+                        "region": {"type": "string", "nullable": True, "example": "eu-west-1"},
+                        "domain": {"type": "string", "nullable": True},
+                        "rate_per_second": {"type": "number", "exclusiveMinimum": 0},
+                        "burst": {"type": "integer", "minimum": 1, "nullable": True},
+                        "daily_quota": {"type": "integer", "minimum": 1, "nullable": True},
+                        "webhook_secret": {
+                            "type": "string",
+                            "nullable": True,
+                            "maxLength": MAX_SECRET_CHARS,
+                        },
+                    },
+                    required=["name", "provider", "credentials", "rate_per_second"],
+                ),
+                "responses": {
+                    "201": {"description": "The account, credentials as masked hints"},
+                    "401": _ERROR,
+                    "409": _ERROR,
+                    "422": _ERROR,
+                },
+            },
+            "get": {
+                "summary": "The tenant's provider accounts by name (credentials masked)",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ACCOUNTS_PAGE},
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "description": "The last name seen",
+                        "schema": {"type": "string", "maxLength": 100},
+                    },
+                ],
+                "responses": {"200": {"description": "A page"}, "401": _ERROR, "422": _ERROR},
+            },
+        },
+        "/api/provider-accounts/{ref}": {
+            "get": {
+                "summary": "One provider account, by id or name (credentials masked)",
+                "parameters": [_path("ref", maxLength=100)],
+                "responses": {"200": {"description": "The account"}, "401": _ERROR, "404": _ERROR},
+            },
+            "delete": {
+                "summary": "Remove a provider account, by id or name",
+                "parameters": [_path("ref", maxLength=100)],
+                "responses": {"204": {"description": "Removed"}, "401": _ERROR, "404": _ERROR},
             },
         },
         "/api/suppressions": {

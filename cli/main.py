@@ -133,6 +133,24 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_reseal(_args: argparse.Namespace, settings: Settings) -> int:
+    from engine import accounts
+    from engine.db import create_pool
+    from engine.migrate import migrate_postgres
+
+    async def run() -> int:
+        await migrate_postgres(settings.database_url)
+        pool = await create_pool(settings, max_size=1)
+        try:
+            return await accounts.reseal_all(pool, accounts.Sealer(settings.credentials_keys))
+        finally:
+            await pool.close()
+
+    count = _engine_call(run())
+    print(f"resealed {count} provider accounts under the first of CREDENTIALS_KEYS")
+    return 0
+
+
 def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
     from engine import tenants
     from engine.db import create_pool
@@ -296,6 +314,7 @@ _NEEDS: dict[Any, tuple[str, ...]] = {
     cmd_keys_list: ("postgres",),
     cmd_keys_revoke: ("postgres", "nats", "dragonfly"),
     cmd_limits: ("postgres",),
+    cmd_reseal: ("postgres",),
     cmd_api: ("postgres", "nats", "dragonfly", "clickhouse"),
     cmd_worker: ("postgres", "nats", "dragonfly", "clickhouse"),
     cmd_all: ("postgres", "nats", "dragonfly", "clickhouse"),
@@ -356,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-active-batches", type=int, help="unfinished at once (0: default)")
     limits.add_argument("--send-rate", help="'<per_second>/<burst>' ('': TENANT_RATE)")
     limits.set_defaults(func=cmd_limits)
+    provider_accounts = sub.add_parser("provider-accounts", help="provider accounts")
+    provider_accounts.add_subparsers(dest="action", required=True).add_parser(
+        "reseal",
+        help="seal every account's credentials under the first of CREDENTIALS_KEYS (rotation)",
+    ).set_defaults(func=cmd_reseal)
     sub.add_parser("api", help="run the REST API").set_defaults(func=cmd_api)
     worker = sub.add_parser("worker", help="run the supervisor and its worker processes")
     worker.add_argument(

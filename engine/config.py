@@ -131,12 +131,20 @@ def _networks(value: str) -> tuple[Network, ...]:
         raise ValueError("must be IP addresses or networks (CIDR), comma-separated") from None
 
 
+def _keys(value: str) -> tuple[str, ...]:
+    keys = tuple(part.strip() for part in value.split(","))
+    if not all(keys):
+        raise ValueError("must be one or more secrets, comma-separated, none empty")
+    return keys
+
+
 @dataclass(frozen=True, slots=True)
 class _Secret:
     """A secret setting: its committed development value, and when prod needs it."""
 
     dev_value: str
     in_use: Callable[[dict[str, Any]], bool] = lambda _values: True
+    listed: bool = False  # comma-separated secrets, each held to the rules
 
     def default(self, values: dict[str, Any]) -> str | None:
         """Outside prod the development value; in prod none (missing) when in use."""
@@ -148,6 +156,7 @@ class _Secret:
 _SECRETS: dict[str, _Secret] = {
     "MOCK_WEBHOOK_SECRET": _Secret("mock-secret", lambda values: values["mock_provider_enabled"]),
     "UNSUBSCRIBE_SECRET": _Secret("dev-unsubscribe-secret"),
+    "CREDENTIALS_KEYS": _Secret("dev-credentials-key", listed=True),
 }
 
 
@@ -162,17 +171,19 @@ def _check_prod_value(name: str, raw: str, values: dict[str, Any]) -> None:
     if secret is None or not secret.in_use(values):
         return
     hint = "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
-    if any(raw == s.dev_value for s in _SECRETS.values()):
-        raise ConfigError(f"{name}: is a committed development value, refused in prod; {hint}")
-    if len(raw) < MIN_SECRET_LENGTH:
-        raise ConfigError(
-            f"{name}: too short for prod (at least {MIN_SECRET_LENGTH} characters); {hint}"
-        )
-    if len(set(raw)) < MIN_SECRET_DISTINCT:
-        raise ConfigError(
-            f"{name}: too weak for prod (fewer than {MIN_SECRET_DISTINCT} distinct "
-            f"characters); {hint}"
-        )
+    for part in raw.split(",") if secret.listed else (raw,):
+        part = part.strip()
+        if any(part == s.dev_value for s in _SECRETS.values()):
+            raise ConfigError(f"{name}: is a committed development value, refused in prod; {hint}")
+        if len(part) < MIN_SECRET_LENGTH:
+            raise ConfigError(
+                f"{name}: too short for prod (at least {MIN_SECRET_LENGTH} characters); {hint}"
+            )
+        if len(set(part)) < MIN_SECRET_DISTINCT:
+            raise ConfigError(
+                f"{name}: too weak for prod (fewer than {MIN_SECRET_DISTINCT} distinct "
+                f"characters); {hint}"
+            )
 
 
 def _cpus(_values: dict[str, Any]) -> str:
@@ -231,6 +242,8 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], _Default]] = {
     "MOCK_WEBHOOK_SECRET": (_text, _SECRETS["MOCK_WEBHOOK_SECRET"].default),
     "PUBLIC_URL": (_url("http", "https"), _local_api),  # where recipients reach the API
     "UNSUBSCRIBE_SECRET": (_text, _SECRETS["UNSUBSCRIBE_SECRET"].default),
+    # Seal provider accounts' credentials (engine.accounts): comma-separated, the first seals.
+    "CREDENTIALS_KEYS": (_keys, _SECRETS["CREDENTIALS_KEYS"].default),
     "AUTH_FAILURE_LIMIT": (_int(1, 1_000_000), "20"),  # failed keys per client address ...
     "AUTH_FAILURE_WINDOW_SECONDS": (_int(1, 86400), "60"),  # ... in this window, then 429
     "TRUSTED_PROXIES": (_networks, ""),  # whose X-Forwarded-For names the client
@@ -284,6 +297,7 @@ class Settings:
     mock_webhook_secret: str
     public_url: str
     unsubscribe_secret: str
+    credentials_keys: tuple[str, ...]
     auth_failure_limit: int
     auth_failure_window_seconds: int
     trusted_proxies: tuple[Network, ...]

@@ -153,6 +153,25 @@ class SendResult:
     retryable: bool = False
     retry_after: float | None = None
     throttled: bool = False  # the provider said to slow down (e.g. HTTP 429); retryable
+    # The account's daily quota is used up: the recipient waits (``queued``) until the quota
+    # window reopens; it is neither retried now nor failed.
+    hold: bool = False
+    # The account cannot send at all (suspended, sending paused): the batch is paused with
+    # this reason instead of burning the retry budget; the recipient stays ``queued``.
+    pause_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One provider account's connection details: what an HTTP provider adapter is built
+    from (a tenant's provider account, or the environment's default one). Credentials are
+    secrets: never logged, never part of an error text or a repr."""
+
+    provider: str
+    credentials: Mapping[str, str] = field(repr=False)  # e.g. {"api_key": ...}
+    base_url: str | None = None  # the provider's API base (its EU/region URL, a test server)
+    region: str | None = None  # where the provider has regions (SES: "eu-west-1")
+    domain: str | None = None  # where the provider sends per domain (Mailgun)
 
 
 class Provider(Protocol):

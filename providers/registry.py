@@ -19,6 +19,16 @@ AVAILABLE = ("mock", "smtp")
 PROVIDERS: dict[str, ProviderSpec] = {
     name: import_module(f"providers.{name}").SPEC for name in AVAILABLE
 }
+# The credentials a provider account holds, per provider (every one required; all sealed
+# at rest by engine.accounts). The adapters read them from ``providers.base.Account``.
+CREDENTIALS: dict[str, tuple[str, ...]] = {
+    "smtp": ("username", "password"),
+    "ses": ("access_key_id", "secret_access_key"),
+    "sendgrid": ("api_key",),
+    "mailgun": ("api_key",),
+    "postmark": ("server_token",),
+    "resend": ("api_key",),
+}
 # The providers with a webhook route.
 WEBHOOKS: dict[str, Webhook] = {
     name: spec.webhook for name, spec in PROVIDERS.items() if spec.webhook is not None

@@ -19,6 +19,7 @@ REQUIRED = {
     "WEB_PORT": "3000",
     # prod has no default secrets (a random one of 43 characters, as the README shows)
     "UNSUBSCRIBE_SECRET": "Vq3n8yQeM1xR0cJtZp5LwK7sHbA2dGfU9oNiE4lTjYr",
+    "CREDENTIALS_KEYS": "pX7rT2mQ9wL4kZ8vB1nC6yH3jF5dS0aGeUoRiWtYqEz",
 }
 
 
@@ -84,6 +85,7 @@ def test_env_file_is_read_and_the_environment_wins(workdir: Path) -> None:
         "WORKER_CONCURRENCY=64\n"
         "SMTP_TLS=yes\n"
         f"UNSUBSCRIBE_SECRET={REQUIRED['UNSUBSCRIBE_SECRET']}\n"
+        f"CREDENTIALS_KEYS={REQUIRED['CREDENTIALS_KEYS']}\n"
     )
     settings = load_settings({"BATCHSENDER_ENV": "prod", "API_PORT": "7002"})
     assert settings.database_url == "postgresql://postgres@db.example:5432/fromfile"
@@ -258,6 +260,17 @@ def test_prod_refuses_a_default_placeholder_or_weak_secret(
     message = config_error(prod(UNSUBSCRIBE_SECRET=value))
     assert message.startswith("UNSUBSCRIBE_SECRET: ") and why in message
     assert value not in message and "\n" not in message  # one line, the secret not shown
+
+
+def test_prod_holds_every_credentials_key_to_the_secret_rules(workdir: Path) -> None:
+    good = REQUIRED["CREDENTIALS_KEYS"]
+    assert load_settings(prod(CREDENTIALS_KEYS=f"{good[::-1]},{good}")).credentials_keys == (
+        good[::-1],
+        good,
+    )
+    message = config_error(prod(CREDENTIALS_KEYS=f"{good},short-old-key"))
+    assert message.startswith("CREDENTIALS_KEYS: too short") and "short-old-key" not in message
+    assert config_error(prod(CREDENTIALS_KEYS=f"{good},")).startswith("CREDENTIALS_KEYS: ")
 
 
 def test_dev_and_test_keep_their_committed_secrets(workdir: Path) -> None:

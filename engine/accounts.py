@@ -1,0 +1,308 @@
+"""A tenant's provider accounts (``/api/provider-accounts``): credentials sealed at rest.
+
+An account names a provider, holds the credentials that provider needs
+(``providers.registry.CREDENTIALS``), where to reach it (base URL, region, Mailgun domain),
+its rate (its own token bucket, across every worker and pod) and an optional daily quota.
+
+Sealing: the credentials (and the webhook secret) are encrypted with Fernet (AES-128-CBC and
+HMAC-SHA256, from ``cryptography``) under keys derived with HKDF from ``CREDENTIALS_KEYS``,
+a comma-separated list of secrets. The first seals; every one opens (``MultiFernet``).
+Rotation: put a new secret first and keep the old ones after it, restart, run
+``batchsender provider-accounts reseal`` (re-seals every account under the first), then drop
+the old secrets. Nothing of a credential is ever answered, logged or put in an error: the
+API shows a masked hint (its last four characters when it is long enough to spare them).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import re
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import orjson
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from engine.errors import Conflict, NotFound, ValidationError
+from providers.base import Account
+from providers.registry import CREDENTIALS
+
+MAX_ACCOUNTS_PAGE = 100
+MAX_SECRET_CHARS = 4096
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+){1,3}")
+_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
+_FIELDS = {
+    "name", "provider", "credentials", "base_url", "region", "domain", "rate_per_second",
+    "burst", "daily_quota", "webhook_secret",
+}  # fmt: skip
+_COLUMNS = (
+    "id, name, provider, hints, webhook_secret IS NOT NULL AS webhook_secret_set, base_url, "
+    "region, domain, rate_per_second, burst, daily_quota, created_at"
+)
+
+
+class Sealer:
+    """Seals and opens credentials under ``CREDENTIALS_KEYS`` (the first seals)."""
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        if not secrets:
+            raise ValueError("at least one credentials key is needed")
+        self._fernet = MultiFernet([_fernet(secret) for secret in secrets])
+
+    def seal(self, value: Any) -> bytes:
+        return self._fernet.encrypt(orjson.dumps(value))
+
+    def open(self, token: bytes) -> Any:
+        try:
+            return orjson.loads(self._fernet.decrypt(bytes(token)))
+        except InvalidToken:
+            raise ValueError("sealed under none of CREDENTIALS_KEYS") from None
+
+    def reseal(self, token: bytes) -> bytes:
+        try:
+            return self._fernet.rotate(bytes(token))
+        except InvalidToken:
+            raise ValueError("sealed under none of CREDENTIALS_KEYS") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _fernet(secret: str) -> Fernet:
+    key = HKDF(SHA256(), 32, salt=None, info=b"batchsender provider credentials v1").derive(
+        secret.encode()
+    )
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
+def hint(secret: str) -> str:
+    """What the API shows of a credential: its last four characters when it has at least
+    sixteen (too little of it to matter), else nothing."""
+    return "••••" + secret[-4:] if len(secret) >= 16 else "••••"
+
+
+def _invalid(field: str, problem: str) -> ValidationError:
+    return ValidationError(f"{field}: {problem}", {"field": field}, code="invalid_account")
+
+
+def _text(body: dict[str, Any], field: str, pattern: re.Pattern[str] | None = None) -> str | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise _invalid(field, "must be a non-empty string")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _invalid(field, f"must match {pattern.pattern}")
+    return value
+
+
+def _number(body: dict[str, Any], field: str, *, integer: bool) -> float | int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value <= 1_000_000_000:
+        kind = "an integer" if integer else "a number"
+        raise _invalid(field, f"must be {kind} above 0 and at most 1,000,000,000")
+    return value
+
+
+def _credentials(provider: str, value: Any) -> dict[str, str]:
+    wanted = CREDENTIALS[provider]
+    if not isinstance(value, dict):
+        raise _invalid("credentials", f"must be an object with {', '.join(wanted)}")
+    unknown = sorted(set(value) - set(wanted))
+    missing = [name for name in wanted if name not in value]
+    if unknown or missing:
+        raise _invalid("credentials", f"{provider} takes exactly {', '.join(wanted)}")
+    for name in wanted:
+        secret = value[name]
+        if (
+            not isinstance(secret, str)
+            or not 0 < len(secret) <= MAX_SECRET_CHARS
+            or "\x00" in secret
+        ):
+            raise _invalid(f"credentials.{name}", f"must be 1 to {MAX_SECRET_CHARS} characters")
+    return {name: value[name] for name in wanted}
+
+
+def _base_url(body: dict[str, Any]) -> str | None:
+    url = _text(body, "base_url")
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.username:
+        raise _invalid("base_url", "must be an http(s) URL without credentials")
+    return url.rstrip("/")
+
+
+def validate(body: Any) -> dict[str, Any]:
+    """The columns of a new account from a request body, or ``ValidationError`` naming the
+    field (never echoing a credential)."""
+    if not isinstance(body, dict):
+        raise ValidationError("the body must be a JSON object", code="invalid_account")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise _invalid(unknown[0], "unknown field")
+    name = _text(body, "name", _NAME)
+    if name is None:
+        raise _invalid("name", "required")
+    provider = body.get("provider")
+    if provider not in CREDENTIALS:
+        raise _invalid("provider", f"must be one of {', '.join(CREDENTIALS)}")
+    credentials = _credentials(provider, body.get("credentials"))
+    rate = _number(body, "rate_per_second", integer=False)
+    if rate is None:
+        raise _invalid("rate_per_second", "required (the provider's sending rate)")
+    burst = _number(body, "burst", integer=True) or max(1, int(rate))
+    secret = _text(body, "webhook_secret")
+    if secret is not None and len(secret) > MAX_SECRET_CHARS:
+        raise _invalid("webhook_secret", f"at most {MAX_SECRET_CHARS} characters")
+    return {
+        "name": name,
+        "provider": provider,
+        "credentials": credentials,
+        "webhook_secret": secret,
+        "base_url": _base_url(body),
+        "region": _text(body, "region", _REGION),
+        "domain": _text(body, "domain", _DOMAIN),
+        "rate_per_second": float(rate),
+        "burst": burst,
+        "daily_quota": _number(body, "daily_quota", integer=True),
+    }
+
+
+def _view(row: asyncpg.Record) -> dict[str, Any]:
+    view = dict(row)
+    view["id"] = str(row["id"])
+    view["credentials"] = view.pop("hints")  # masked: engine.db decodes jsonb
+    view["created_at"] = row["created_at"].isoformat()
+    return view
+
+
+async def create(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, body: Any) -> dict[str, Any]:
+    fields = validate(body)
+    credentials = fields.pop("credentials")
+    secret = fields.pop("webhook_secret")
+    try:
+        row = await pool.fetchrow(
+            f"""INSERT INTO provider_accounts (id, tenant_id, name, provider, credentials, hints,
+                    webhook_secret, base_url, region, domain, rate_per_second, burst, daily_quota)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                RETURNING {_COLUMNS}""",
+            uuid.uuid4(),
+            tenant_id,
+            fields["name"],
+            fields["provider"],
+            sealer.seal(credentials),
+            {name: hint(value) for name, value in credentials.items()},
+            sealer.seal(secret) if secret is not None else None,
+            fields["base_url"],
+            fields["region"],
+            fields["domain"],
+            fields["rate_per_second"],
+            fields["burst"],
+            fields["daily_quota"],
+        )
+    except asyncpg.UniqueViolationError:
+        raise Conflict(
+            f"an account named {fields['name']!r} exists already", code="account_exists"
+        ) from None
+    return _view(row)
+
+
+async def list_accounts(
+    pool: asyncpg.Pool, tenant_id: str, *, limit: int = MAX_ACCOUNTS_PAGE, after: str | None = None
+) -> dict[str, Any]:
+    """A page of the tenant's accounts by name (``next_cursor``: the last name)."""
+    if not 1 <= limit <= MAX_ACCOUNTS_PAGE:
+        raise ValidationError(
+            f"limit: must be between 1 and {MAX_ACCOUNTS_PAGE}", {"field": "limit"}
+        )
+    rows = await pool.fetch(
+        f"""SELECT {_COLUMNS} FROM provider_accounts
+             WHERE tenant_id = $1 AND ($2::text IS NULL OR name > $2)
+             ORDER BY name LIMIT $3""",
+        tenant_id,
+        after,
+        limit + 1,
+    )
+    page = [_view(row) for row in rows[:limit]]
+    return {"data": page, "next_cursor": page[-1]["name"] if len(rows) > limit else None}
+
+
+def _key(ref: str) -> tuple[str, Any]:
+    """An account is named by its id or its name."""
+    try:
+        return "id", uuid.UUID(ref)
+    except ValueError:
+        return "name", ref
+
+
+async def get(pool: asyncpg.Pool, tenant_id: str, ref: str) -> dict[str, Any]:
+    column, value = _key(ref)
+    row = await pool.fetchrow(
+        f"SELECT {_COLUMNS} FROM provider_accounts WHERE tenant_id = $1 AND {column} = $2",
+        tenant_id,
+        value,
+    )
+    if row is None:
+        raise NotFound("no such provider account", code="account_not_found")
+    return _view(row)
+
+
+async def delete(pool: asyncpg.Pool, tenant_id: str, ref: str) -> None:
+    column, value = _key(ref)
+    deleted = await pool.fetchval(
+        f"DELETE FROM provider_accounts WHERE tenant_id = $1 AND {column} = $2 RETURNING id",
+        tenant_id,
+        value,
+    )
+    if deleted is None:
+        raise NotFound("no such provider account", code="account_not_found")
+
+
+async def account(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, ref: str) -> Account:
+    """The opened account, for an adapter (``providers.base.Account``)."""
+    column, value = _key(ref)
+    row = await pool.fetchrow(
+        f"""SELECT provider, credentials, base_url, region, domain FROM provider_accounts
+             WHERE tenant_id = $1 AND {column} = $2""",
+        tenant_id,
+        value,
+    )
+    if row is None:
+        raise NotFound("no such provider account", code="account_not_found")
+    return Account(
+        provider=row["provider"],
+        credentials=sealer.open(row["credentials"]),
+        base_url=row["base_url"],
+        region=row["region"],
+        domain=row["domain"],
+    )
+
+
+async def reseal_all(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str | None = None) -> int:
+    """Seal every account's secrets (or one tenant's) under the first of
+    ``CREDENTIALS_KEYS`` (rotation); all or nothing."""
+    done = 0
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            """SELECT id, credentials, webhook_secret FROM provider_accounts
+                WHERE $1::text IS NULL OR tenant_id = $1 FOR UPDATE""",
+            tenant_id,
+        )
+        for row in rows:
+            secret = row["webhook_secret"]
+            await conn.execute(
+                "UPDATE provider_accounts SET credentials = $2, webhook_secret = $3 WHERE id = $1",
+                row["id"],
+                sealer.reseal(row["credentials"]),
+                sealer.reseal(secret) if secret is not None else None,
+            )
+            done += 1
+    return done
