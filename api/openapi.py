@@ -620,7 +620,11 @@ OPENAPI: dict[str, Any] = {
                         "base_url": {"type": "string", "format": "uri", "nullable": True},
                         "region": {"type": "string", "nullable": True, "example": "eu-west-1"},
                         "domain": {"type": "string", "nullable": True},
-                        "rate_per_second": {"type": "number", "exclusiveMinimum": 0},
+                        "rate_per_second": {
+                            "type": "number",
+                            "minimum": 0,
+                            "exclusiveMinimum": True,
+                        },
                         "burst": {"type": "integer", "minimum": 1, "nullable": True},
                         "daily_quota": {"type": "integer", "minimum": 1, "nullable": True},
                         "webhook_secret": {

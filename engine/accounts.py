@@ -152,7 +152,7 @@ def validate(body: Any) -> dict[str, Any]:
     if name is None:
         raise _invalid("name", "required")
     provider = body.get("provider")
-    if provider not in CREDENTIALS:
+    if not isinstance(provider, str) or provider not in CREDENTIALS:
         raise _invalid("provider", f"must be one of {', '.join(CREDENTIALS)}")
     credentials = _credentials(provider, body.get("credentials"))
     rate = _number(body, "rate_per_second", integer=False)
@@ -223,6 +223,8 @@ async def list_accounts(
         raise ValidationError(
             f"limit: must be between 1 and {MAX_ACCOUNTS_PAGE}", {"field": "limit"}
         )
+    if after is not None and not _NAME.fullmatch(after):
+        raise ValidationError("cursor: not a cursor this API returned", {"field": "cursor"})
     rows = await pool.fetch(
         f"""SELECT {_COLUMNS} FROM provider_accounts
              WHERE tenant_id = $1 AND ($2::text IS NULL OR name > $2)

@@ -176,3 +176,12 @@ async def test_the_cli_reseals_every_account_under_the_first_key() -> None:
     finally:
         await pool.close()
         await drop_all(settings)
+
+
+async def test_values_of_the_wrong_type_are_refused(client: TestClient, tenant) -> None:
+    _, key = tenant
+    for change in ({"provider": {}}, {"provider": ["ses"]}, {"credentials": ["x"]}, {"name": 5}):
+        status, error = await _create(client, key, {**SES, **change})
+        assert status == 422 and error["error"]["code"] == "invalid_account", (change, error)
+    too_long = await client.get(f"/api/provider-accounts?cursor={'0' * 101}", headers=bearer(key))
+    assert too_long.status == 422
