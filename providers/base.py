@@ -221,12 +221,45 @@ class Signed:
     signature: str
 
 
+# The provider event vocabulary: every webhook parser names its events with these
+# (``WebhookEvent.event``), whatever the provider calls them.
+EVENT_MEANINGS: dict[str, str] = {
+    "sent": "the provider took the message and is sending it",
+    "delivered": "the receiving server accepted the message",
+    "deferred": "a delay: the receiving server said try later, the provider retries",
+    "bounced": "a hard bounce: the address does not work (suppress it)",
+    "soft_bounced": "a soft bounce: not delivered, the address may work later",
+    "dropped": "the provider refused to send it (suppressed or invalid there, gave up)",
+    "failed": "the provider could not send it (e.g. its own quota)",
+    "rejected": "the provider rejected the message (e.g. it carried a virus)",
+    "suppressed": "not sent: the address is on the provider's suppression list",
+    "complained": "the recipient marked it as spam",
+    "opened": "the recipient opened it",
+    "clicked": "the recipient clicked a link in it",
+    "unsubscribed": "the recipient unsubscribed",
+    "resubscribed": "sending to the address is allowed again",
+}
+WEBHOOK_EVENTS = frozenset(EVENT_MEANINGS)
+
+
+def header_value(headers: Mapping[str, str], name: str) -> str | None:
+    """A header's value, its name matched case-insensitively (in a plain dict as well)."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, item in headers.items():
+        if key.lower() == lowered:
+            return item
+    return None
+
+
 @dataclass(slots=True)
 class WebhookEvent:
     """One delivery event a provider posted; ``ref`` is the ``Message.ref`` it is about."""
 
     ref: str
-    event: str  # "delivered" | "bounced" | "complained"
+    event: str  # one of WEBHOOK_EVENTS
     provider_message_id: str | None
     email: str | None
     timestamp: float

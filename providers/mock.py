@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
 from time import time
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 
 from providers.base import (
@@ -29,6 +26,7 @@ from providers.base import (
     WebhookEvent,
     failed_all,
 )
+from providers.http import TRANSPORT_ERRORS, HttpAdapter, parse_retry_after, transport_reason
 
 WEBHOOK_EVENTS = frozenset({"delivered", "bounced", "complained"})
 SIGNATURE_HEADER = "X-Mock-Signature"
@@ -36,23 +34,16 @@ TIMESTAMP_HEADER = "X-Mock-Timestamp"
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-class MockProvider:
+class MockProvider(HttpAdapter):
     """Sends chunks to the mock provider's ``POST /v1/send`` over one pooled session."""
 
     name = "mock"
     max_per_call = 100  # messages per POST /v1/send: the engine's chunk size too (SPEC)
+    connector_limit = 256
 
     def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+        super().__init__(timeout=timeout)
         self._url = base_url.rstrip("/") + "/v1/send"
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256), timeout=self._timeout
-            )
-        return self._session
 
     async def send(self, messages: list[Message]) -> list[SendResult]:
         """Send one chunk; never raises for provider or network failures."""
@@ -65,15 +56,9 @@ class MockProvider:
             ) as resp:
                 payload = await resp.read()
                 return _results_for(messages, resp.status, resp.headers, payload)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            reason = str(exc) or type(exc).__name__
+        except TRANSPORT_ERRORS as exc:
+            reason = transport_reason(exc)
             return failed_all(messages, ProviderError(f"mock: {reason}", retryable=True))
-
-    async def close(self) -> None:
-        """Close the HTTP session (a later send opens a new one)."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 def _to_wire(message: Message) -> dict[str, Any]:
@@ -130,22 +115,6 @@ def _parse_result(message: Message, item: Any) -> SendResult:
         error=str(item.get("error") or "rejected"),
         retryable=bool(item.get("retryable", False)),
     )
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date), else None."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time())
-    except (TypeError, ValueError):
-        return None
 
 
 def sign(body: bytes, secret: str, timestamp: int) -> str:
