@@ -117,6 +117,15 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def loads_webhook(body: bytes) -> Any:
+    """A webhook post's body, parsed; ``ValueError`` (naming the JSON error) when it is not
+    valid JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"webhook body is not valid JSON: {exc}") from None
+
+
 def json_object(payload: bytes) -> dict[str, Any] | None:
     """An answer's body when it is a JSON object, else None."""
     try:

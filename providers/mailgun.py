@@ -75,6 +75,7 @@ from providers.http import (
     HttpAdapter,
     failed,
     halves,
+    loads_webhook,
     one_line,
     parse_retry_after,
     paused,
@@ -430,10 +431,7 @@ def parse_webhook(body: bytes) -> list[WebhookEvent]:
     ``user-variables`` hold ``ref``) and of a type mapped here; else no event. Raises
     ``ValueError`` when the post is not ``{"event-data": {...}}`` or an event of ours has no
     ``id`` or a non-numeric ``timestamp``."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"webhook body is not valid JSON: {exc}") from None
+    data = loads_webhook(body)
     event_data = data.get("event-data") if isinstance(data, dict) else None
     if not isinstance(event_data, dict):
         raise ValueError("webhook body must be an object with an 'event-data' object")

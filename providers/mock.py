@@ -26,7 +26,13 @@ from providers.base import (
     WebhookEvent,
     failed_all,
 )
-from providers.http import TRANSPORT_ERRORS, HttpAdapter, parse_retry_after, transport_reason
+from providers.http import (
+    TRANSPORT_ERRORS,
+    HttpAdapter,
+    loads_webhook,
+    parse_retry_after,
+    transport_reason,
+)
 
 WEBHOOK_EVENTS = frozenset({"delivered", "bounced", "complained"})
 SIGNATURE_HEADER = "X-Mock-Signature"
@@ -148,10 +154,7 @@ def verify_signature(body: bytes, headers: Mapping[str, str], secret: str) -> Si
 
 def parse_webhook(body: bytes) -> list[WebhookEvent]:
     """Parse a webhook body (JSON array of events); raise ValueError when malformed."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"webhook body is not valid JSON: {exc}") from None
+    data = loads_webhook(body)
     if not isinstance(data, list):
         raise ValueError("webhook body must be a JSON array of events")
     events: list[WebhookEvent] = []

@@ -86,6 +86,7 @@ from providers.http import (
     failed,
     halves,
     json_object,
+    loads_webhook,
     mailbox,
     parse_retry_after,
     paused,
@@ -503,10 +504,7 @@ def parse_webhook(body: bytes) -> list[WebhookEvent]:
     messages (no ``Metadata.ref``: sent by something else, a suppression made by hand)
     or whose type carries no delivery outcome yields nothing.
     """
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"webhook body is not valid JSON: {exc}") from None
+    data = loads_webhook(body)
     records = data if isinstance(data, list) else [data]
     events: list[WebhookEvent] = []
     for index, record in enumerate(records):

@@ -81,6 +81,7 @@ from providers.http import (
     failed,
     held,
     json_object,
+    loads_webhook,
     mailbox,
     parse_retry_after,
     paused,
@@ -354,10 +355,7 @@ def parse_webhook(body: bytes, *, event_id: str | None = None) -> list[WebhookEv
     event lacks its ``email_id`` or time. An event type not in ``_EVENT_NAMES`` (contacts,
     domains, ``email.received``, ...) or an email without our ref tag yields nothing.
     """
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"webhook body is not valid JSON: {exc}") from None
+    data = loads_webhook(body)
     if not isinstance(data, dict):
         raise ValueError("webhook body must be a JSON object")
     kind = data.get("type")

@@ -86,6 +86,7 @@ from providers.http import (
     HttpAdapter,
     failed,
     halves,
+    loads_webhook,
     one_line,
     parse_retry_after,
     paused,
@@ -727,10 +728,7 @@ def parse_webhook(body: bytes) -> list[WebhookEvent]:
     skipped; a post that is not an array of objects, or an event of ours without
     ``sg_event_id`` or a numeric ``timestamp``, raises ``ValueError``.
     """
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"webhook body is not valid JSON: {exc}") from None
+    data = loads_webhook(body)
     if not isinstance(data, list):
         raise ValueError("webhook body must be a JSON array of events")
     events: list[WebhookEvent] = []

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,19 @@ def json_response(
     return web.Response(
         body=orjson.dumps(data), status=status, headers=headers, content_type="application/json"
     )
+
+
+@dataclass(slots=True, kw_only=True)
+class Delivered:
+    """What one recipient of an accepted request would receive (each fake adds what its
+    provider keeps per recipient)."""
+
+    to: str
+    subject: str
+    text: str | None
+    html: str | None
+    headers: dict[str, str]
+    message_id: str
 
 
 @dataclass(slots=True)
@@ -63,6 +76,49 @@ class Failures:
             if failure.times == 0:
                 self.queue.popleft()
         return failure
+
+
+CONTROL_ERRORS = (orjson.JSONDecodeError, KeyError, TypeError, ValueError)
+
+
+def add_control_routes(
+    app: web.Application,
+    key: web.AppKey[Any],
+    fail: Callable[[Any, dict[str, Any]], None],
+    usage: str,
+    respond: Callable[..., web.Response] = json_response,
+) -> None:
+    """The control routes of a fake whose state (at ``app[key]``) has ``received``
+    (records with ``method``, ``path`` and ``status``), ``sent_refs()`` and ``reset()``:
+    ``GET /_fake/received``; ``POST /_fake/fail``, its JSON body handed to
+    ``fail(state, data)`` (400 ``{"error": usage}`` when it does not fit); and
+    ``POST /_fake/reset``. ``respond`` makes the fake's JSON answers."""
+
+    async def received(request: web.Request) -> web.Response:
+        fake = request.app[key]
+        return respond(
+            {
+                "requests": [
+                    {"method": r.method, "path": r.path, "status": r.status} for r in fake.received
+                ],
+                "sent_refs": dict(fake.sent_refs()),
+            }
+        )
+
+    async def failing(request: web.Request) -> web.Response:
+        try:
+            fail(request.app[key], orjson.loads(await request.read() or b"{}"))
+        except CONTROL_ERRORS:
+            return respond({"error": usage}, status=400)
+        return respond({"ok": True})
+
+    async def reset(request: web.Request) -> web.Response:
+        request.app[key].reset()
+        return respond({"ok": True})
+
+    app.router.add_get("/_fake/received", received)
+    app.router.add_post("/_fake/fail", failing)
+    app.router.add_post("/_fake/reset", reset)
 
 
 @contextlib.asynccontextmanager

@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from devkit.fakes import base
 from devkit.fakes.base import ServedFake, arguments, run
 from providers.mailgun import MAX_RECIPIENTS, signature
 
@@ -68,18 +69,13 @@ class Received:
         return found[0] if found else None
 
 
-@dataclass(slots=True)
-class Delivered:
-    """What one recipient of an accepted request would receive."""
+@dataclass(slots=True, kw_only=True)
+class Delivered(base.Delivered):
+    """What one recipient of an accepted request would receive (``to``: the ``to`` field,
+    as sent)."""
 
-    to: str  # the ``to`` field, as sent
     address: str
-    subject: str
-    text: str | None
-    html: str | None
-    headers: dict[str, str]
     user_variables: dict[str, Any]
-    message_id: str
 
 
 @dataclass(slots=True)

@@ -40,7 +40,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from devkit.fakes.base import Failure, Failures, arguments, json_response, run, running
+from devkit.fakes.base import (
+    Failure,
+    Failures,
+    add_control_routes,
+    arguments,
+    json_response,
+    run,
+    running,
+)
 
 BATCH_PATH = "/email/batch"
 TEST_SERVER_TOKEN = "pm-fake-server-token-0123456789"
@@ -254,37 +262,14 @@ async def _unknown(request: web.Request) -> web.Response:
     return _json({"ErrorCode": 0, "Message": "Not found"}, status=404)
 
 
-async def _control_received(request: web.Request) -> web.Response:
-    fake = request.app[FAKE]
-    return _json(
-        {
-            "requests": [
-                {"method": r.method, "path": r.path, "status": r.status} for r in fake.received
-            ],
-            "sent_refs": dict(fake.sent_refs()),
-        }
+def _fail(fake: FakePostmark, data: dict[str, Any]) -> None:
+    fake.fail(
+        int(data["status"]),
+        error_code=data.get("error_code"),
+        message=data.get("message"),
+        headers=data.get("headers"),
+        times=int(data.get("times", 1)),
     )
-
-
-async def _control_fail(request: web.Request) -> web.Response:
-    try:
-        data = orjson.loads(await request.read() or b"{}")
-        fake = request.app[FAKE]
-        fake.fail(
-            int(data["status"]),
-            error_code=data.get("error_code"),
-            message=data.get("message"),
-            headers=data.get("headers"),
-            times=int(data.get("times", 1)),
-        )
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return _json({"error": "expected {status, error_code?, message?, times?}"}, status=400)
-    return _json({"ok": True})
-
-
-async def _control_reset(request: web.Request) -> web.Response:
-    request.app[FAKE].reset()
-    return _json({"ok": True})
 
 
 def build_app(fake: FakePostmark | None = None) -> web.Application:
@@ -293,9 +278,7 @@ def build_app(fake: FakePostmark | None = None) -> web.Application:
     app = web.Application(client_max_size=state.max_bytes + 1024 * 1024)
     app[FAKE] = state
     app.router.add_post(BATCH_PATH, _batch)
-    app.router.add_get("/_fake/received", _control_received)
-    app.router.add_post("/_fake/fail", _control_fail)
-    app.router.add_post("/_fake/reset", _control_reset)
+    add_control_routes(app, FAKE, _fail, "expected {status, error_code?, message?, times?}")
     app.router.add_route("*", "/{tail:.*}", _unknown)
     return app
 

@@ -47,7 +47,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from devkit.fakes.base import Failure, Failures, arguments, json_response, run, running
+from devkit.fakes.base import (
+    Failure,
+    Failures,
+    add_control_routes,
+    arguments,
+    json_response,
+    run,
+    running,
+)
 
 BATCH_PATH = "/emails/batch"
 TEST_API_KEY = "re_fake_0123456789abcdef"
@@ -307,36 +315,14 @@ async def _unknown(request: web.Request) -> web.Response:
     return _error(404, "not_found")
 
 
-async def _control_received(request: web.Request) -> web.Response:
-    fake = request.app[FAKE]
-    return _json(
-        {
-            "requests": [
-                {"method": r.method, "path": r.path, "status": r.status} for r in fake.received
-            ],
-            "sent_refs": dict(fake.sent_refs()),
-        }
+def _fail(fake: FakeResend, data: dict[str, Any]) -> None:
+    fake.fail(
+        int(data["status"]),
+        str(data["name"]),
+        message=data.get("message"),
+        headers=data.get("headers"),
+        times=int(data.get("times", 1)),
     )
-
-
-async def _control_fail(request: web.Request) -> web.Response:
-    try:
-        data = orjson.loads(await request.read() or b"{}")
-        request.app[FAKE].fail(
-            int(data["status"]),
-            str(data["name"]),
-            message=data.get("message"),
-            headers=data.get("headers"),
-            times=int(data.get("times", 1)),
-        )
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return _json({"error": "expected {status, name, message?, headers?, times?}"}, 400)
-    return _json({"ok": True})
-
-
-async def _control_reset(request: web.Request) -> web.Response:
-    request.app[FAKE].reset()
-    return _json({"ok": True})
 
 
 def build_app(fake: FakeResend | None = None) -> web.Application:
@@ -344,9 +330,9 @@ def build_app(fake: FakeResend | None = None) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[FAKE] = fake or FakeResend()
     app.router.add_post(BATCH_PATH, _batch)
-    app.router.add_get("/_fake/received", _control_received)
-    app.router.add_post("/_fake/fail", _control_fail)
-    app.router.add_post("/_fake/reset", _control_reset)
+    add_control_routes(
+        app, FAKE, _fail, "expected {status, name, message?, headers?, times?}", _json
+    )
     app.router.add_route("*", "/{tail:.*}", _unknown)
     return app
 

@@ -41,6 +41,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from devkit.fakes import base
 from devkit.fakes.base import ServedFake, arguments, run
 from providers.sendgrid import (
     MAX_PERSONALIZATIONS,
@@ -66,18 +67,12 @@ class Received:
     status: int = 0
 
 
-@dataclass(slots=True)
-class Delivered:
+@dataclass(slots=True, kw_only=True)
+class Delivered(base.Delivered):
     """What one recipient of an accepted request would receive."""
 
-    to: str
     name: str | None
-    subject: str
-    text: str | None
-    html: str | None
-    headers: dict[str, str]
     custom_args: dict[str, str]
-    message_id: str
 
 
 @dataclass(slots=True)

@@ -6,7 +6,6 @@ mapped to results."""
 from __future__ import annotations
 
 import base64
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from email.utils import getaddresses
@@ -30,6 +29,8 @@ from devkit.fakes.mailgun import (
 )
 from providers.base import Account, Message, SendResult
 from providers.mailgun import EU_API, US_API, MailgunProvider, plan
+from tests.provider_support import assert_delivered_exactly as delivered_exactly
+from tests.provider_support import closed_port, closing
 
 
 def account(fake: FakeMailgun, *, api_key: str | None = None, domain: str = TEST_DOMAIN) -> Account:
@@ -43,11 +44,10 @@ async def mailgun(
     *, client_key: str | None = None, domain: str = TEST_DOMAIN, **options: Any
 ) -> AsyncIterator[tuple[FakeMailgun, MailgunProvider]]:
     async with FakeMailgun(**options) as fake:
-        provider = MailgunProvider(account(fake, api_key=client_key, domain=domain))
-        try:
+        async with closing(
+            MailgunProvider(account(fake, api_key=client_key, domain=domain))
+        ) as provider:
             yield fake, provider
-        finally:
-            await provider.close()
 
 
 def make(
@@ -80,28 +80,18 @@ def assert_delivered_exactly(
     fake: FakeMailgun, messages: list[Message], results: list[SendResult]
 ) -> None:
     """Every accepted message reached its recipient once, alone, exactly as rendered."""
-    by_ref: dict[str, Delivered] = {}
-    for delivered in fake.delivered:
-        ref = delivered.user_variables["ref"]
-        assert ref not in by_ref, f"{ref} was delivered twice"
-        by_ref[ref] = delivered
-    assert [r.ref for r in results] == [m.ref for m in messages]
-    for message, result in zip(messages, results, strict=True):
-        assert result.ok, result.error
-        got = by_ref[message.ref]
+
+    def check(message: Message, result: SendResult, got: Delivered) -> None:
         assert getaddresses([got.to]) == [(message.to_name or "", message.to_email)]
         assert got.subject == message.subject
         assert (got.text, got.html) == (message.text or None, message.html or None)
         assert got.headers == message.headers
         assert got.user_variables == {"ref": message.ref}
         assert got.message_id == result.provider_message_id
-    assert len(by_ref) == len(messages)
 
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    delivered_exactly(
+        fake.delivered, messages, results, lambda got: got.user_variables["ref"], check
+    )
 
 
 async def test_one_batch_request_with_every_recipient_apart() -> None:

@@ -5,7 +5,6 @@ mapped, splitting by count and size."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +22,8 @@ from providers.postmark import (
     is_suppression,
     mailbox,
 )
+from tests import provider_support
+from tests.provider_support import closed_port, closing
 
 BATCH = "4f3c2a1e-8b7d-4c6a-9e5f-1a2b3c4d5e6f"
 
@@ -61,17 +62,14 @@ async def postmark(
 ) -> AsyncIterator[tuple[FakePostmark, PostmarkProvider]]:
     credentials = options.pop("credentials", {})
     async with serving(fake) as (base_url, state):
-        provider = PostmarkProvider(account(base_url, **credentials), **options)
-        try:
+        async with closing(
+            PostmarkProvider(account(base_url, **credentials), **options)
+        ) as provider:
             yield state, provider
-        finally:
-            await provider.close()
 
 
 def assert_no_secrets(results: list[Any], token: str = TEST_SERVER_TOKEN) -> None:
-    for result in results:
-        assert "@" not in (result.error or ""), result.error
-        assert token not in (result.error or "")
+    provider_support.assert_no_secrets(results, token)
 
 
 async def test_a_chunk_is_sent_as_postmark_documents() -> None:
@@ -301,9 +299,7 @@ async def test_a_malformed_answer_is_not_retried() -> None:
 
 
 async def test_network_failures_are_retryable_and_never_raise() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = closed_port()
     provider = PostmarkProvider(account(f"http://127.0.0.1:{port}"), timeout=2)
     try:
         results = await provider.send(make_messages(2))

@@ -5,7 +5,6 @@ permissive partial failures, and every documented error mapped."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +16,8 @@ import pytest
 from devkit.fakes.resend import TEST_API_KEY, FakeResend, serving
 from providers.base import Account, Message
 from providers.resend import MAX_PER_CALL, ResendProvider, decode_ref, idempotency_key
+from tests import provider_support
+from tests.provider_support import closed_port, closing
 
 BATCH = "4f3c2a1e-8b7d-4c6a-9e5f-1a2b3c4d5e6f"
 
@@ -44,19 +45,16 @@ async def resend(
     fake: FakeResend | None = None, **options: Any
 ) -> AsyncIterator[tuple[FakeResend, ResendProvider]]:
     async with serving(fake) as (base_url, state):
-        provider = ResendProvider(
-            Account("resend", {"api_key": TEST_API_KEY}, base_url=base_url), **options
-        )
-        try:
+        async with closing(
+            ResendProvider(
+                Account("resend", {"api_key": TEST_API_KEY}, base_url=base_url), **options
+            )
+        ) as provider:
             yield state, provider
-        finally:
-            await provider.close()
 
 
 def assert_no_secrets(results: list[Any], key: str = TEST_API_KEY) -> None:
-    for result in results:
-        assert "@" not in (result.error or ""), result.error
-        assert key not in (result.error or "")
+    provider_support.assert_no_secrets(results, key)
 
 
 async def test_a_chunk_is_sent_as_resend_documents() -> None:
@@ -271,9 +269,7 @@ async def test_a_malformed_answer_is_retried_safely() -> None:
 
 
 async def test_network_failures_are_retryable_and_never_raise() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = closed_port()
     provider = ResendProvider(
         Account("resend", {"api_key": TEST_API_KEY}, base_url=f"http://127.0.0.1:{port}"),
         timeout=2,

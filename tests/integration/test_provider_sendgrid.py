@@ -5,7 +5,6 @@ message, the limits, and every answer mapped to results."""
 from __future__ import annotations
 
 import random
-import socket
 import string
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +20,8 @@ import providers.sendgrid as sendgrid_module
 from devkit.fakes.sendgrid import TEST_API_KEY, Delivered, FakeSendGrid, check, render
 from providers.base import Account, Message, SendResult
 from providers.sendgrid import EU_API, MAX_SUBSTITUTION_BYTES, US_API, SendGridProvider, plan
+from tests.provider_support import assert_delivered_exactly as delivered_exactly
+from tests.provider_support import closed_port, closing
 
 
 def account(fake: FakeSendGrid, *, api_key: str | None = None) -> Account:
@@ -31,11 +32,8 @@ def account(fake: FakeSendGrid, *, api_key: str | None = None) -> Account:
 async def sendgrid(**options: Any) -> AsyncIterator[tuple[FakeSendGrid, SendGridProvider]]:
     api_key = options.pop("client_key", None)
     async with FakeSendGrid(**options) as fake:
-        provider = SendGridProvider(account(fake, api_key=api_key))
-        try:
+        async with closing(SendGridProvider(account(fake, api_key=api_key))) as provider:
             yield fake, provider
-        finally:
-            await provider.close()
 
 
 def greeting(i: int) -> tuple[str, str]:
@@ -79,15 +77,8 @@ def assert_delivered_exactly(
     fake: FakeSendGrid, messages: list[Message], results: list[SendResult]
 ) -> None:
     """Every accepted message reached its recipient once, exactly as rendered."""
-    by_ref: dict[str, Delivered] = {}
-    for delivered in fake.delivered:
-        ref = delivered.custom_args["ref"]
-        assert ref not in by_ref, f"{ref} was delivered twice"
-        by_ref[ref] = delivered
-    assert [r.ref for r in results] == [m.ref for m in messages]
-    for message, result in zip(messages, results, strict=True):
-        assert result.ok, result.error
-        got = by_ref[message.ref]
+
+    def check(message: Message, result: SendResult, got: Delivered) -> None:
         assert (got.to, got.name) == (message.to_email, message.to_name)
         assert got.subject == message.subject
         assert got.text == (message.text or None)
@@ -95,17 +86,12 @@ def assert_delivered_exactly(
         assert got.headers == message.headers
         assert got.custom_args == {"ref": message.ref}
         assert got.message_id.startswith(f"{result.provider_message_id}.")
-    assert len(by_ref) == len(messages)
+
+    delivered_exactly(fake.delivered, messages, results, lambda got: got.custom_args["ref"], check)
 
 
 def personalizations(fake: FakeSendGrid) -> list[list[dict[str, Any]]]:
     return [body["personalizations"] for body in fake.requests]
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def noise(rng: random.Random, size: int) -> str:

@@ -41,6 +41,8 @@ from providers.ses import (
     request_body,
     scrub,
 )
+from tests import provider_support
+from tests.provider_support import closing
 
 SECRETS = (TEST_CREDENTIALS["access_key_id"], TEST_CREDENTIALS["secret_access_key"])
 
@@ -70,11 +72,8 @@ async def provider_for(
 ) -> AsyncIterator[tuple[SesProvider, FakeSes]]:
     credentials = options.pop("credentials", {})
     async with fake_ses(fake) as (base_url, state):
-        provider = SesProvider(account(base_url, **credentials), **options)
-        try:
+        async with closing(SesProvider(account(base_url, **credentials), **options)) as provider:
             yield provider, state
-        finally:
-            await provider.close()
 
 
 def make_messages(count: int, *, prefix: str = "b1") -> list[Message]:
@@ -99,11 +98,7 @@ def make_messages(count: int, *, prefix: str = "b1") -> list[Message]:
 
 
 def assert_no_secrets(results: list[SendResult]) -> None:
-    for result in results:
-        for text in (result.error or "", result.pause_reason or ""):
-            assert "@" not in text, text
-            for secret in SECRETS:
-                assert secret not in text, text
+    provider_support.assert_no_secrets(results, *SECRETS, pause_reason=True)
 
 
 async def test_a_chunk_of_50_is_sent_in_order_with_its_headers() -> None:

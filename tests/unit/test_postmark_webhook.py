@@ -20,6 +20,7 @@ from providers.postmark import (
     verify_webhook,
     webhook_secret,
 )
+from tests import provider_support
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "postmark"
 REF = "4f3c2a1e-8b7d-4c6a-9e5f-1a2b3c4d5e6f:7"
@@ -123,23 +124,11 @@ def test_webhook_secret_round_trips_and_hides_credentials() -> None:
 # --- replay identity ------------------------------------------------------------------
 
 
-class ReplayGuard:
-    """What engine.webhooks does with a ``Signed``: refuse a stale one and one whose
-    signature it has seen."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
+class ReplayGuard(provider_support.ReplayGuard):
+    """A ``provider_support.ReplayGuard`` for posts verified here."""
 
     def accept(self, body: bytes, headers: dict[str, str], secret: str) -> str:
-        signed = verify_webhook(body, headers, secret)
-        if signed is None:
-            return "bad_signature"
-        if abs(time.time() - signed.timestamp) > 300:
-            return "stale_signature"
-        if signed.signature in self.seen:
-            return "replayed_signature"
-        self.seen.add(signed.signature)
-        return "accepted"
+        return self.judge(verify_webhook(body, headers, secret))
 
 
 def test_a_copy_of_a_post_is_refused_as_a_replay() -> None:

@@ -25,6 +25,7 @@ from providers.resend import (
     parse_webhook,
     verify_webhook,
 )
+from tests import provider_support
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "resend"
 REF = "4f3c2a1e-8b7d-4c6a-9e5f-1a2b3c4d5e6f:7"
@@ -176,23 +177,11 @@ def test_a_body_that_is_not_utf8_is_refused() -> None:
     assert verify_webhook(body, headers, SECRET) is None
 
 
-class ReplayGuard:
-    """What engine.webhooks does with a ``Signed``: refuse a stale one and one whose
-    signature it has seen."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
+class ReplayGuard(provider_support.ReplayGuard):
+    """A ``provider_support.ReplayGuard`` for posts verified here."""
 
     def accept(self, body: bytes, headers: dict[str, str]) -> str:
-        signed = verify_webhook(body, headers, SECRET)
-        if signed is None:
-            return "bad_signature"
-        if abs(time.time() - signed.timestamp) > 300:
-            return "stale_signature"
-        if signed.signature in self.seen:
-            return "replayed_signature"
-        self.seen.add(signed.signature)
-        return "accepted"
+        return self.judge(verify_webhook(body, headers, SECRET))
 
 
 def test_a_replay_is_refused_by_its_svix_id() -> None:
