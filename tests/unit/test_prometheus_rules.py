@@ -17,6 +17,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
+from devkit.prometheus import selected_names
 from engine import metrics
 
 ROOT = Path(__file__).parents[2]
@@ -47,8 +48,6 @@ SUFFIXES = {
     "histogram": ("_bucket", "_sum", "_count", "_created"),
     "summary": ("", "_sum", "_count", "_created"),
 }
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
-             "or", "unless", "offset", "inf", "nan"}  # fmt: skip
 
 
 def promtool(*args: str) -> str:
@@ -92,21 +91,6 @@ def alert_cases() -> list[tuple[str, str, bool]]:
             for case in test.get("alert_rule_test") or []:
                 cases.append((path.name, case["alertname"], bool(case.get("exp_alerts"))))
     return cases
-
-
-def selected_names(expr: str) -> set[str]:
-    """The metric and recording-rule names a PromQL expression selects: what is left of it
-    without strings, label matchers, ranges, grouping labels, functions and keywords."""
-    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)
-    text = re.sub(r"\{[^}]*\}", " ", text)
-    text = re.sub(r"\[[^\]]*\]", " ", text)
-    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
-    names = set()
-    for match in re.finditer(r"(?<![\w.:])([A-Za-z_:][\w:]*)(\s*\()?", text):
-        name, call = match.groups()
-        if not call and name.lower() not in _KEYWORDS:
-            names.add(name)
-    return names
 
 
 def exposed_names() -> set[str]:
