@@ -122,7 +122,8 @@ async def queue_batch(
         # not analyzed yet, or one of finished batches), PostgreSQL scans the recipients and
         # re-reads the whole flush for each of them: seen in CI, 15 s per flush of 300 and a
         # 40,000 batch stalled for minutes. With fresh statistics it probes the flush's keys.
-        await services.pool.execute("ANALYZE recipients")
+        # Only the status column: a fifth of a full ANALYZE's time (35-70 ms for 200,000).
+        await services.pool.execute("ANALYZE recipients (status)")
     ranges = (
         (first, min(chunk_size, total - first + 1)) for first in range(1, total + 1, chunk_size)
     )
