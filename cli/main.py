@@ -307,7 +307,7 @@ def _port(url: str) -> str:
 # a service that is down is named in one line (engine.services.check_services). The
 # supervisor is not checked before: its workers wait for NATS and Dragonfly to come back
 # (they log which one is down), so a pod that starts before them does not crash-loop.
-_WAITS_FOR_SERVICES = {"cmd_worker"}
+_WAITS_FOR_SERVICES = {cmd_worker}
 _NEEDS: dict[Any, tuple[str, ...]] = {
     cmd_migrate: ("postgres", "clickhouse"),
     cmd_keys: ("postgres",),
@@ -334,7 +334,7 @@ def _run(args: argparse.Namespace, settings: Settings | None) -> int:
     needs = _NEEDS.get(args.func, ()) if settings is not None else ()
     if not needs:
         return args.func(args, settings)
-    if args.func.__name__ not in _WAITS_FOR_SERVICES:
+    if args.func not in _WAITS_FOR_SERVICES:
         _exit_if_down(settings, needs)
     try:
         code = args.func(args, settings)

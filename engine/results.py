@@ -307,10 +307,14 @@ async def apply_messages(services: Services, msgs: list[Msg], redelivery: Redeli
 
 async def _tenant_of(services: Services, batch_id: str) -> str | None:
     """A batch's tenant, for a log line about a batch completed by webhook results (they
-    name no tenant)."""
-    return await services.pool.fetchval(
-        "SELECT tenant_id FROM batches WHERE id = $1", uuid.UUID(batch_id)
-    )
+    name no tenant). None when it cannot be read: a log line must not hold up the acks of
+    results already applied."""
+    try:
+        return await services.pool.fetchval(
+            "SELECT tenant_id FROM batches WHERE id = $1", uuid.UUID(batch_id)
+        )
+    except Exception:
+        return None
 
 
 async def give_up_message(services: Services, msg: Msg, reason: str) -> None:
