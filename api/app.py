@@ -8,7 +8,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from api import accounts, analytics, batches, keys, ops, queue, suppressions, webhooks
+from api import (
+    accounts,
+    analytics,
+    batches,
+    keys,
+    ops,
+    queue,
+    suppressions,
+    webhook_endpoints,
+    webhooks,
+)
 from api.context import AUTH, HEALTH, SERVICES, SETTINGS, TENANT, error_response
 from engine import metrics, tracing
 from engine.auth import Authenticator
@@ -172,4 +182,5 @@ def create_app(settings: Settings) -> web.Application:
     keys.add_routes(app)
     analytics.add_routes(app)
     accounts.add_routes(app)
+    webhook_endpoints.add_routes(app)
     return app

@@ -244,6 +244,9 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], _Default]] = {
     "UNSUBSCRIBE_SECRET": (_text, _SECRETS["UNSUBSCRIBE_SECRET"].default),
     # Seal provider accounts' credentials (engine.accounts): comma-separated, the first seals.
     "CREDENTIALS_KEYS": (_keys, _SECRETS["CREDENTIALS_KEYS"].default),
+    # Customers' event webhooks (engine.webhook_endpoints) may target plain http and
+    # loopback, private or link-local addresses: for development only (SSRF otherwise).
+    "WEBHOOK_ALLOW_PRIVATE_URLS": (_bool, _not_in_prod),
     "AUTH_FAILURE_LIMIT": (_int(1, 1_000_000), "20"),  # failed keys per client address ...
     "AUTH_FAILURE_WINDOW_SECONDS": (_int(1, 86400), "60"),  # ... in this window, then 429
     "TRUSTED_PROXIES": (_networks, ""),  # whose X-Forwarded-For names the client
@@ -298,6 +301,7 @@ class Settings:
     public_url: str
     unsubscribe_secret: str
     credentials_keys: tuple[str, ...]
+    webhook_allow_private_urls: bool
     auth_failure_limit: int
     auth_failure_window_seconds: int
     trusted_proxies: tuple[Network, ...]

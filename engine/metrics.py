@@ -100,6 +100,17 @@ LEADER = Gauge(
     multiprocess_mode="livesum",
 )
 LEADER_CHANGES = Counter("batchsender_leader_changes", "Times a process took the leader lease.")
+CUSTOMER_WEBHOOK_EVENTS = Counter(
+    "batchsender_customer_webhook_events",
+    "Events written into deliveries to customers' webhook endpoints.",
+)
+CUSTOMER_WEBHOOK_DELIVERIES = Counter(
+    "batchsender_customer_webhook_deliveries",
+    "Attempts to post a delivery to a customer's webhook endpoint, by outcome: delivered "
+    "(2xx), retried (it is tried again later), failed (past its retry budget), disabled "
+    "(the endpoint answered 410 Gone).",
+    ["outcome"],
+)
 HTTP_REQUESTS = Counter("batchsender_http_requests", "HTTP requests answered.", ["route", "status"])
 HTTP_SECONDS = Histogram(
     "batchsender_http_request_seconds", "HTTP request duration.", ["route"], buckets=_LATENCY
@@ -121,6 +132,8 @@ def initialise(
     for bucket in buckets:
         RATE_LIMIT_WAITS.labels(bucket)
         RATE_LIMIT_TOKENS_WAITED.labels(bucket)
+    for outcome in ("delivered", "retried", "failed", "disabled"):
+        CUSTOMER_WEBHOOK_DELIVERIES.labels(outcome)
 
 
 def _registry() -> CollectorRegistry:

@@ -7,7 +7,8 @@ streams. With the default prefix the public intake subject is ``batchsender.inta
 |-------------|--------------------------|------------|---------------------------|
 | ..._INTAKE  | {p}.intake.{tenant}      | work queue | intake                    |
 | ..._SEND    | {p}.send.{provider}      | work queue | send                      |
-| ..._RESULTS | {p}.results              | interest   | results-pg, results-ch    |
+| ..._RESULTS | {p}.results              | interest   | results-pg, results-ch,   |
+|             |                          |            | results-hooks             |
 | ..._DLQ     | {p}.dlq.{kind}           | limits     | (read by the API)         |
 """
 
@@ -152,6 +153,10 @@ class Topology:
             self.results_stream: [
                 pull("results-pg", 60.0, 200_000),
                 pull("results-ch", 120.0, 200_000),
+                # Customers' event webhooks (engine.webhook_outbox): its own consumer, so
+                # a slow one never holds up the status writer (interest retention keeps a
+                # message until every consumer has acknowledged it).
+                pull("results-hooks", 60.0, 20_000),
             ],
         }
 

@@ -61,6 +61,7 @@ async def test_malformed_nats_intake_is_dead_lettered_with_its_reason(stack, ten
         "send",
         "results-pg",
         "results-ch",
+        "results-hooks",
     }
     assert "dlq" not in stats  # the dead-letter stream holds every tenant's: no totals
     assert stats["intake"] == {"waiting": 0}  # this tenant's own, all read again

@@ -136,7 +136,7 @@ async def test_stats_show_the_tenants_own_counts_and_no_other_totals(
     stats = await get(client, key, "/api/queue/stats")
     assert set(stats) == {"consumers", "intake"}  # no DLQ total of every tenant
     assert {c["consumer"] for c in stats["consumers"]} == {
-        "intake", "send", "results-pg", "results-ch",
+        "intake", "send", "results-pg", "results-ch", "results-hooks",
     }  # fmt: skip
     assert stats["intake"] == {"waiting": 0}
 
