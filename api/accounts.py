@@ -20,6 +20,19 @@ async def create(request: web.Request) -> web.Response:
     return context.json_response(created, status=201)
 
 
+async def replace(request: web.Request) -> web.Response:
+    body = await context.json_body(request)
+    settings = request.app[context.SETTINGS]
+    replaced = await accounts.replace(
+        request.app[context.SERVICES].pool,
+        accounts.Sealer(settings.credentials_keys),
+        request[context.TENANT],
+        request.match_info["ref"],
+        body,
+    )
+    return context.json_response(replaced)
+
+
 async def index(request: web.Request) -> web.Response:
     page = await accounts.list_accounts(
         request.app[context.SERVICES].pool,
@@ -48,4 +61,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/provider-accounts", create)
     app.router.add_get("/api/provider-accounts", index)
     app.router.add_get("/api/provider-accounts/{ref}", show)
+    app.router.add_put("/api/provider-accounts/{ref}", replace)
     app.router.add_delete("/api/provider-accounts/{ref}", remove)

@@ -25,6 +25,10 @@ from engine.intake.fields import (
 )
 from engine.lifecycle import BATCH_STATUSES, RECIPIENT_STATUSES
 from engine.suppressions import MAX_SUPPRESSIONS
+from engine.webhook_deliveries import STATUSES as DELIVERY_STATUSES
+from engine.webhook_endpoints import EVENT_TYPES as WEBHOOK_EVENT_TYPES
+from engine.webhook_endpoints import MAX_DESCRIPTION_CHARS, MAX_ENDPOINTS, MAX_PAGE, MAX_URL_CHARS
+from engine.webhook_outbox import BATCHING
 from providers.registry import CREDENTIALS, PROVIDERS, WEBHOOKS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
@@ -66,7 +70,14 @@ _BATCH_FIELDS: dict[str, Any] = {
     "provider": {
         "type": "string",
         "enum": list(PROVIDERS),
-        "description": "The providers this server sends through",
+        "description": "The provider; without provider_account, the server's default "
+        "account of it is used (mock and smtp, where the environment configures them)",
+    },
+    "provider_account": {
+        "type": "string",
+        "maxLength": 100,
+        "description": "One of your provider accounts (/api/provider-accounts), by name or "
+        "id; provider may then be left out (it is the account's)",
     },
     "scheduled_at": {
         "type": "string",
@@ -150,6 +161,38 @@ def _object(
     return {"required": True, "content": content}
 
 
+_ACCOUNT_BODY = _object(
+    {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"},
+        "provider": {"type": "string", "enum": list(CREDENTIALS)},
+        "credentials": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_SECRET_CHARS,
+            },
+        },
+        "base_url": {"type": "string", "format": "uri", "nullable": True},
+        "region": {"type": "string", "nullable": True, "example": "eu-west-1"},
+        "domain": {"type": "string", "nullable": True},
+        "rate_per_second": {
+            "type": "number",
+            "minimum": 0,
+            "exclusiveMinimum": True,
+        },
+        "burst": {"type": "integer", "minimum": 1, "nullable": True},
+        "daily_quota": {"type": "integer", "minimum": 1, "nullable": True},
+        "webhook_secret": {
+            "type": "string",
+            "nullable": True,
+            "maxLength": MAX_SECRET_CHARS,
+        },
+    },
+    required=["name", "provider", "credentials", "rate_per_second"],
+)
+
+
 def _path(name: str, **schema: Any) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", **schema}}
 
@@ -184,6 +227,54 @@ _PROVIDER = {
     "schema": {"type": "string", "enum": list(PROVIDER_NAMES)},
 }
 _UTC = {"type": "string", "format": "date-time", "description": "UTC"}
+
+
+def _webhook_post(*, account: bool) -> dict[str, Any]:
+    """``POST /webhooks/{provider}`` (the server's default account of the provider) and
+    ``POST /webhooks/{provider}/{account_id}`` (a tenant's account, checked with its
+    ``webhook_secret``)."""
+    providers = [p for p in WEBHOOKS if p in CREDENTIALS] if account else list(WEBHOOKS)
+    summary = (
+        "Delivery events of one of a tenant's provider accounts (checked with its webhook_secret)"
+        if account
+        else "Delivery events of the server's default account of a provider"
+    )
+    return {
+        "security": [],
+        "summary": summary,
+        "description": "".join(f"{name}: {WEBHOOKS[name].scheme}. " for name in providers)
+        + "401 `bad_signature`; `stale_signature` when the post was signed more than 5 "
+        "minutes from the server's clock (SES/SNS: over an hour ago); `replayed_signature` "
+        "for a post already received (Postmark, Resend and SES repeat their own posts: "
+        "answered 200 with `duplicate: true`, nothing handed on twice). 404 "
+        "`unknown_provider` for a provider without a webhook route here"
+        + (
+            ", `account_not_found` for no such account of that provider (or one without a "
+            "webhook secret)"
+            if account
+            else ""
+        )
+        + ". Events about batches not sent through this account are ignored (counted in "
+        "`ignored`). An SNS SubscriptionConfirmation that verifies is confirmed (`subscribed: "
+        "true`; 502 `subscription_not_confirmed` when SNS could not be reached).",
+        "parameters": [
+            _path("provider", enum=providers),
+            *([_path("account_id", format="uuid")] if account else []),
+            *(
+                {"name": header, "in": "header", "schema": {"type": "string"}}
+                for header in dict.fromkeys(h for p in providers for h in WEBHOOKS[p].headers)
+            ),
+        ],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+        "responses": {
+            "200": {"description": "Accepted: `{accepted, ignored, duplicate?, subscribed?}`"},
+            "400": _ERROR,
+            "401": _ERROR,
+            "404": _ERROR,
+            **({"502": _ERROR} if account else {}),
+        },
+    }
+
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -232,7 +323,7 @@ OPENAPI: dict[str, Any] = {
             },
             "BatchCreate": {
                 "type": "object",
-                "required": list(REQUIRED_FIELDS),
+                "required": [f for f in REQUIRED_FIELDS if f != "provider"],
                 "additionalProperties": False,
                 "properties": {
                     **_BATCH_FIELDS,
@@ -245,6 +336,7 @@ OPENAPI: dict[str, Any] = {
                             {"required": ["text"], "properties": {"text": {"type": "string"}}},
                         ]
                     },
+                    {"anyOf": [{"required": ["provider"]}, {"required": ["provider_account"]}]},
                     {
                         "anyOf": [
                             {
@@ -277,9 +369,71 @@ OPENAPI: dict[str, Any] = {
                     },
                     "progress": {"type": "object"},
                     "external_id": {"type": "string", "nullable": True},
+                    "provider_account_id": {"type": "string", "nullable": True},
+                    "pause_reason": {
+                        "type": "string",
+                        "nullable": True,
+                        "description": "Why the engine paused the batch (the provider "
+                        "refused the account, its daily quota is used up); null for an "
+                        "operator's pause",
+                    },
+                    "resume_at": {
+                        "type": "string",
+                        "format": "date-time",
+                        "nullable": True,
+                        "description": "When the engine resumes the batch by itself",
+                    },
                     "created_at": {"type": "string", "format": "date-time"},
                     "started_at": {"type": "string", "format": "date-time", "nullable": True},
                     "completed_at": {"type": "string", "format": "date-time", "nullable": True},
+                },
+            },
+            "WebhookEndpoint": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "url": {"type": "string", "format": "uri"},
+                    "event_types": {
+                        "type": "array",
+                        "items": {"type": "string", "enum": list(WEBHOOK_EVENT_TYPES)},
+                    },
+                    "description": {"type": "string", "nullable": True},
+                    "secret_hint": {"type": "string", "description": "whsec_•••• and 4 more"},
+                    "enabled": {"type": "boolean", "description": "false once it answered 410"},
+                    "disabled_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "disabled_reason": {"type": "string", "nullable": True},
+                    "created_at": {"type": "string", "format": "date-time"},
+                },
+            },
+            "WebhookEndpointCreated": {
+                "allOf": [
+                    _ref("WebhookEndpoint"),
+                    {
+                        "type": "object",
+                        "properties": {
+                            "secret": {
+                                "type": "string",
+                                "description": "The signing secret (whsec_ + base64), shown "
+                                "this once",
+                            }
+                        },
+                    },
+                ]
+            },
+            "WebhookDelivery": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "format": "uuid", "description": "webhook-id"},
+                    "status": {"type": "string", "enum": list(DELIVERY_STATUSES)},
+                    "event_count": {"type": "integer"},
+                    "attempts": {"type": "integer"},
+                    "last_status_code": {"type": "integer", "nullable": True},
+                    "last_error": {"type": "string", "nullable": True},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "last_attempt_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "next_attempt_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "delivered_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "replayed_at": {"type": "string", "format": "date-time", "nullable": True},
                 },
             },
             "ApiKey": {
@@ -605,36 +759,7 @@ OPENAPI: dict[str, Any] = {
                 + ". `burst` defaults to one second's worth of `rate_per_second`. 409 "
                 "`account_exists` for a name the tenant has already; 422 `invalid_account` "
                 "naming the field.",
-                "requestBody": _object(
-                    {
-                        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"},
-                        "provider": {"type": "string", "enum": list(CREDENTIALS)},
-                        "credentials": {
-                            "type": "object",
-                            "additionalProperties": {
-                                "type": "string",
-                                "minLength": 1,
-                                "maxLength": MAX_SECRET_CHARS,
-                            },
-                        },
-                        "base_url": {"type": "string", "format": "uri", "nullable": True},
-                        "region": {"type": "string", "nullable": True, "example": "eu-west-1"},
-                        "domain": {"type": "string", "nullable": True},
-                        "rate_per_second": {
-                            "type": "number",
-                            "minimum": 0,
-                            "exclusiveMinimum": True,
-                        },
-                        "burst": {"type": "integer", "minimum": 1, "nullable": True},
-                        "daily_quota": {"type": "integer", "minimum": 1, "nullable": True},
-                        "webhook_secret": {
-                            "type": "string",
-                            "nullable": True,
-                            "maxLength": MAX_SECRET_CHARS,
-                        },
-                    },
-                    required=["name", "provider", "credentials", "rate_per_second"],
-                ),
+                "requestBody": _ACCOUNT_BODY,
                 "responses": {
                     "201": {"description": "The account, credentials as masked hints"},
                     "401": _ERROR,
@@ -666,10 +791,153 @@ OPENAPI: dict[str, Any] = {
                 "parameters": [_path("ref", maxLength=100)],
                 "responses": {"200": {"description": "The account"}, "401": _ERROR, "404": _ERROR},
             },
-            "delete": {
-                "summary": "Remove a provider account, by id or name",
+            "put": {
+                "summary": "Replace a provider account's settings, credentials again in full "
+                "(the provider cannot change); workers use them within 30 seconds",
                 "parameters": [_path("ref", maxLength=100)],
+                "requestBody": _ACCOUNT_BODY,
+                "responses": {
+                    "200": {"description": "The account, credentials as masked hints"},
+                    "401": _ERROR,
+                    "404": _ERROR,
+                    "409": _ERROR,
+                    "422": _ERROR,
+                },
+            },
+            "delete": {
+                "summary": "Remove a provider account, by id or name (409 while an unfinished "
+                "batch sends through it)",
+                "parameters": [_path("ref", maxLength=100)],
+                "responses": {
+                    "204": {"description": "Removed"},
+                    "401": _ERROR,
+                    "404": _ERROR,
+                    "409": _ERROR,
+                },
+            },
+        },
+        "/api/webhook-endpoints": {
+            "post": {
+                "summary": "Register a URL for the tenant's batch events (its secret is shown once)",
+                "description": 'BatchSender posts `{"type": "batch.events", "timestamp", '
+                f'"data": [event, ...]}}` to the URL, up to {BATCHING.max_events} events per post, '
+                "signed with the Standard Webhooks scheme (headers webhook-id, webhook-timestamp, "
+                "webhook-signature; verify with `standardwebhooks.Webhook(secret).verify`). "
+                "A recipient event: type, batch_id, recipient (seq), email, provider, "
+                "provider_message_id, timestamp, error when it failed; batch.completed: "
+                "batch_id, name, status, total_recipients, counts, timestamp. A 2xx answer "
+                "delivers; 410 disables the endpoint; anything else is retried with "
+                "exponential backoff for about a day. `url`: https (http and private "
+                f"addresses only where the server allows them), at most {MAX_URL_CHARS} "
+                "characters, no credentials. 422 `invalid_webhook_endpoint` naming the "
+                f"field; 409 `too_many_webhook_endpoints` past {MAX_ENDPOINTS}.",
+                "requestBody": _object(
+                    {
+                        "url": {"type": "string", "format": "uri", "maxLength": MAX_URL_CHARS},
+                        "event_types": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"type": "string", "enum": list(WEBHOOK_EVENT_TYPES)},
+                        },
+                        "description": {
+                            "type": "string",
+                            "nullable": True,
+                            "maxLength": MAX_DESCRIPTION_CHARS,
+                        },
+                    },
+                    required=["url", "event_types"],
+                ),
+                "responses": {
+                    "201": {
+                        "description": "The endpoint and its secret",
+                        "content": {"application/json": {"schema": _ref("WebhookEndpointCreated")}},
+                    },
+                    "401": _ERROR,
+                    "409": _ERROR,
+                    "422": _ERROR,
+                },
+            },
+            "get": {
+                "summary": "The tenant's webhook endpoints, oldest first",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "A page",
+                        "content": {"application/json": {"schema": _page("WebhookEndpoint")}},
+                    },
+                    "401": _ERROR,
+                    "422": _ERROR,
+                },
+            },
+        },
+        "/api/webhook-endpoints/{id}": {
+            "get": {
+                "summary": "One webhook endpoint (no secret)",
+                "parameters": [_path("id")],
+                "responses": {
+                    "200": {
+                        "description": "The endpoint",
+                        "content": {"application/json": {"schema": _ref("WebhookEndpoint")}},
+                    },
+                    "401": _ERROR,
+                    "404": _ERROR,
+                },
+            },
+            "delete": {
+                "summary": "Remove a webhook endpoint and its delivery log",
+                "parameters": [_path("id")],
                 "responses": {"204": {"description": "Removed"}, "401": _ERROR, "404": _ERROR},
+            },
+        },
+        "/api/webhook-endpoints/{id}/deliveries": {
+            "get": {
+                "summary": "An endpoint's deliveries (one per post), newest first",
+                "parameters": [
+                    _path("id"),
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": list(DELIVERY_STATUSES)},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "A page",
+                        "content": {"application/json": {"schema": _page("WebhookDelivery")}},
+                    },
+                    "401": _ERROR,
+                    "404": _ERROR,
+                    "422": _ERROR,
+                },
+            },
+        },
+        "/api/webhook-endpoints/{id}/deliveries/{delivery_id}/replay": {
+            "post": {
+                "summary": "Post a delivery again (same webhook-id and body, a fresh retry "
+                "budget); 409 `webhook_endpoint_disabled` once the endpoint answered 410",
+                "parameters": [_path("id"), _path("delivery_id")],
+                "responses": {
+                    "202": {
+                        "description": "The delivery, pending",
+                        "content": {"application/json": {"schema": _ref("WebhookDelivery")}},
+                    },
+                    "401": _ERROR,
+                    "404": _ERROR,
+                    "409": _ERROR,
+                },
             },
         },
         "/api/suppressions": {
@@ -924,31 +1192,8 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"200": {"description": "HTML"}, "404": _ERROR, "410": _ERROR},
             },
         },
-        "/webhooks/{provider}": {
-            "post": {
-                "security": [],
-                "summary": "Provider delivery events (signature checked per provider)",
-                "description": "".join(f"{name}: {w.scheme}. " for name, w in WEBHOOKS.items())
-                + "401 `bad_signature`; `stale_signature` when the "
-                "timestamp is more than 5 minutes from the server's clock; "
-                "`replayed_signature` for a post already received. 404 `unknown_provider` "
-                "for a provider without a webhook route here.",
-                "parameters": [
-                    _path("provider", enum=list(WEBHOOKS)),
-                    *(
-                        {"name": header, "in": "header", "schema": {"type": "string"}}
-                        for header in dict.fromkeys(h for w in WEBHOOKS.values() for h in w.headers)
-                    ),
-                ],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
-                "responses": {
-                    "200": {"description": "Accepted"},
-                    "400": _ERROR,
-                    "401": _ERROR,
-                    "404": _ERROR,
-                },
-            }
-        },
+        "/webhooks/{provider}": {"post": _webhook_post(account=False)},
+        "/webhooks/{provider}/{account_id}": {"post": _webhook_post(account=True)},
     },
 }
 

@@ -19,6 +19,7 @@ import base64
 import functools
 import re
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,9 +29,11 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from engine.config import Rate
 from engine.errors import Conflict, NotFound, ValidationError
+from engine.lifecycle import FINISHED
 from providers.base import Account
-from providers.registry import CREDENTIALS
+from providers.registry import CREDENTIALS, PROVIDERS
 
 MAX_ACCOUNTS_PAGE = 100
 MAX_SECRET_CHARS = 4096
@@ -130,13 +133,26 @@ def _credentials(provider: str, value: Any) -> dict[str, str]:
     return {name: value[name] for name in wanted}
 
 
-def _base_url(body: dict[str, Any]) -> str | None:
+def _base_url(body: dict[str, Any], provider: str) -> str | None:
     url = _text(body, "base_url")
     if url is None:
+        if provider == "smtp":
+            raise _invalid("base_url", "required: smtp://host:port or smtps://host:port")
         return None
     parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname or parts.username:
-        raise _invalid("base_url", "must be an http(s) URL without credentials")
+    schemes = ("smtp", "smtps") if provider == "smtp" else ("https", "http")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if (
+        parts.scheme not in schemes
+        or not parts.hostname
+        or parts.username
+        or (provider == "smtp" and (port is None or parts.path not in ("", "/")))
+    ):
+        form = "smtp://host:port or smtps://host:port" if provider == "smtp" else "an http(s) URL"
+        raise _invalid("base_url", f"must be {form} without credentials")
     return url.rstrip("/")
 
 
@@ -162,18 +178,41 @@ def validate(body: Any) -> dict[str, Any]:
     secret = _text(body, "webhook_secret")
     if secret is not None and len(secret) > MAX_SECRET_CHARS:
         raise _invalid("webhook_secret", f"at most {MAX_SECRET_CHARS} characters")
-    return {
+    fields = {
         "name": name,
         "provider": provider,
         "credentials": credentials,
         "webhook_secret": secret,
-        "base_url": _base_url(body),
+        "base_url": _base_url(body, provider),
         "region": _text(body, "region", _REGION),
         "domain": _text(body, "domain", _DOMAIN),
         "rate_per_second": float(rate),
         "burst": burst,
         "daily_quota": _number(body, "daily_quota", integer=True),
     }
+    _check_adapter(fields)
+    return fields
+
+
+def _check_adapter(fields: dict[str, Any]) -> None:
+    """The provider's adapter must accept the account (SES needs a region, Mailgun a
+    domain, ...): refused here, with the adapter's reason, rather than at its first send.
+    Building one opens nothing (sessions and connections open on first use)."""
+    build = PROVIDERS[fields["provider"]].for_account
+    if build is None:
+        raise _invalid("provider", "has no provider accounts")
+    try:
+        build(
+            Account(
+                fields["provider"],
+                fields["credentials"],
+                fields["base_url"],
+                fields["region"],
+                fields["domain"],
+            )
+        )
+    except ValueError as exc:
+        raise ValidationError(str(exc), {"field": "provider"}, code="invalid_account") from None
 
 
 def _view(row: asyncpg.Record) -> dict[str, Any]:
@@ -185,17 +224,60 @@ def _view(row: asyncpg.Record) -> dict[str, Any]:
 
 
 async def create(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, body: Any) -> dict[str, Any]:
+    row = await _write(
+        pool,
+        sealer,
+        body,
+        f"""INSERT INTO provider_accounts (id, tenant_id, name, provider, credentials, hints,
+                webhook_secret, base_url, region, domain, rate_per_second, burst, daily_quota)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+            RETURNING {_COLUMNS}""",
+        uuid.uuid4(),
+        tenant_id,
+    )
+    return _view(row)
+
+
+async def replace(
+    pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, ref: str, body: Any
+) -> dict[str, Any]:
+    """Replace an account's settings with a whole new body (``PUT``: credentials given
+    again in full, as at create; the provider stays the same). The workers use the new
+    settings within ``engine.routes.TTL`` seconds; a batch paused because the provider
+    refused the old credentials is then resumed by its operator."""
+    column, value = _key(ref)
+    row = await _write(
+        pool,
+        sealer,
+        body,
+        f"""UPDATE provider_accounts
+               SET name = $3, credentials = $5, hints = $6, webhook_secret = $7,
+                   base_url = $8, region = $9, domain = $10, rate_per_second = $11,
+                   burst = $12, daily_quota = $13
+             WHERE tenant_id = $1 AND {column} = $2 AND provider = $4
+         RETURNING {_COLUMNS}""",
+        tenant_id,
+        value,
+    )
+    if row is None:
+        current = await get(pool, tenant_id, ref)  # 404 when there is no such account
+        raise _invalid("provider", f"cannot change (the account is a {current['provider']} one)")
+    return _view(row)
+
+
+async def _write(
+    pool: asyncpg.Pool, sealer: Sealer, body: Any, sql: str, first: Any, second: Any
+) -> asyncpg.Record | None:
+    """Run ``sql`` with ``first``, ``second`` and then the validated, sealed columns of
+    ``body`` ($3 name, $4 provider, $5 credentials, $6 hints, $7 webhook secret, $8 base
+    URL, $9 region, $10 domain, $11 rate, $12 burst, $13 daily quota)."""
     fields = validate(body)
-    credentials = fields.pop("credentials")
-    secret = fields.pop("webhook_secret")
+    credentials, secret = fields["credentials"], fields["webhook_secret"]
     try:
-        row = await pool.fetchrow(
-            f"""INSERT INTO provider_accounts (id, tenant_id, name, provider, credentials, hints,
-                    webhook_secret, base_url, region, domain, rate_per_second, burst, daily_quota)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                RETURNING {_COLUMNS}""",
-            uuid.uuid4(),
-            tenant_id,
+        return await pool.fetchrow(
+            sql,
+            first,
+            second,
             fields["name"],
             fields["provider"],
             sealer.seal(credentials),
@@ -212,7 +294,6 @@ async def create(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, body: Any) 
         raise Conflict(
             f"an account named {fields['name']!r} exists already", code="account_exists"
         ) from None
-    return _view(row)
 
 
 async def list_accounts(
@@ -258,14 +339,102 @@ async def get(pool: asyncpg.Pool, tenant_id: str, ref: str) -> dict[str, Any]:
 
 
 async def delete(pool: asyncpg.Pool, tenant_id: str, ref: str) -> None:
+    """Delete an account; 409 while a batch that is not finished sends through it."""
     column, value = _key(ref)
-    deleted = await pool.fetchval(
-        f"DELETE FROM provider_accounts WHERE tenant_id = $1 AND {column} = $2 RETURNING id",
+    async with pool.acquire() as conn, conn.transaction():
+        found = await conn.fetchval(
+            f"""SELECT id FROM provider_accounts WHERE tenant_id = $1 AND {column} = $2
+                FOR UPDATE""",
+            tenant_id,
+            value,
+        )
+        if found is None:
+            raise NotFound("no such provider account", code="account_not_found")
+        using = await conn.fetchval(
+            """SELECT count(*) FROM batches
+                WHERE provider_account_id = $1 AND status <> ALL($2::text[])""",
+            found,
+            list(FINISHED),
+        )
+        if using:
+            raise Conflict(
+                f"{using} unfinished batch(es) send through this account; cancel them or "
+                "wait for them to finish",
+                {"batches": using},
+                code="account_in_use",
+            )
+        await conn.execute("DELETE FROM provider_accounts WHERE id = $1", found)
+
+
+async def resolve(
+    conn: asyncpg.Connection, tenant_id: str, ref: str
+) -> tuple[uuid.UUID, str] | None:
+    """(id, provider) of the tenant's account named ``ref`` (its name or id), or None.
+    (A delete racing the create of a batch that names the account can still win; that
+    batch's chunks then fail with the reason, ``engine.sender``.)"""
+    column, value = _key(ref)
+    row = await conn.fetchrow(
+        f"SELECT id, provider FROM provider_accounts WHERE tenant_id = $1 AND {column} = $2",
         tenant_id,
         value,
     )
-    if deleted is None:
-        raise NotFound("no such provider account", code="account_not_found")
+    return None if row is None else (row["id"], row["provider"])
+
+
+@dataclass(frozen=True, slots=True)
+class Sending:
+    """What a worker sends through: the opened account, its rate and its daily quota."""
+
+    account: Account
+    rate: Rate
+    daily_quota: int | None
+
+
+async def sending(pool: asyncpg.Pool, sealer: Sealer, account_id: str) -> Sending | None:
+    """The account a batch sends through (None: it was deleted)."""
+    row = await pool.fetchrow(
+        """SELECT provider, credentials, base_url, region, domain, rate_per_second, burst,
+                  daily_quota FROM provider_accounts WHERE id = $1""",
+        uuid.UUID(account_id),
+    )
+    if row is None:
+        return None
+    return Sending(
+        Account(
+            provider=row["provider"],
+            credentials=sealer.open(row["credentials"]),
+            base_url=row["base_url"],
+            region=row["region"],
+            domain=row["domain"],
+        ),
+        Rate(row["rate_per_second"], row["burst"]),
+        row["daily_quota"],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSecret:
+    """What checks the webhook posts of one account: its provider, its tenant and the
+    opened secret (never in a repr)."""
+
+    provider: str
+    tenant_id: str
+    secret: str = field(repr=False)
+
+
+async def webhook_secret(
+    pool: asyncpg.Pool, sealer: Sealer, account_id: uuid.UUID
+) -> WebhookSecret | None:
+    """The opened webhook secret of an account (``/webhooks/{provider}/{account_id}``);
+    None when there is no such account or it has no webhook secret. ``ValueError`` when
+    the secret is sealed under none of ``CREDENTIALS_KEYS``."""
+    row = await pool.fetchrow(
+        "SELECT provider, tenant_id, webhook_secret FROM provider_accounts WHERE id = $1",
+        account_id,
+    )
+    if row is None or row["webhook_secret"] is None:
+        return None
+    return WebhookSecret(row["provider"], row["tenant_id"], sealer.open(row["webhook_secret"]))
 
 
 async def account(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, ref: str) -> Account:

@@ -45,12 +45,14 @@ from engine.clickhouse import ClickHouse
 from engine.config import Settings
 from engine.errors import BadRequest, BatchSenderError
 from engine.intake.fields import SCHEDULED_AT
+from engine.lifecycle import PROVIDER_EVENTS
 from providers.registry import KNOWN
 
 log = logging.getLogger(__name__)
 
-# The event types a results message or a webhook can record.
-EVENT_TYPES = ("sent", "failed", "delivered", "bounced", "complained", "opened", "clicked")
+# The event types a results message records: the worker's sends and failures, and the
+# provider events (``engine.lifecycle.PROVIDER_EVENTS``: delivered, opened, deferred, ...).
+EVENT_TYPES = ("sent", "failed", *PROVIDER_EVENTS)
 PROVIDER_NAMES = KNOWN
 # Allowed ``interval`` values of the time series: names and their seconds.
 INTERVALS = {

@@ -15,11 +15,15 @@ from engine.lifecycle import BATCH_STATUSES, RECIPIENT_STATUSES
 
 _BATCH_COLUMNS = """id, name, status, provider, from_email, from_name, subject, total_recipients,
     final_count, suppressed_count, dry_run, metadata, external_id, scheduled_at, created_at,
-    queued_at, started_at, completed_at"""
+    queued_at, started_at, completed_at, provider_account_id, pause_reason, resume_at"""
 
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _batch(row: asyncpg.Record) -> dict[str, Any]:
@@ -31,6 +35,9 @@ def _batch(row: asyncpg.Record) -> dict[str, Any]:
         "name": row["name"],
         "status": row["status"],
         "provider": row["provider"],
+        "provider_account_id": _str(row["provider_account_id"]),
+        "pause_reason": row["pause_reason"],  # set when the engine paused it (why)
+        "resume_at": _iso(row["resume_at"]),  # when the engine resumes it by itself
         "from_email": row["from_email"],
         "from_name": row["from_name"],
         "subject": row["subject"],

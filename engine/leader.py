@@ -6,6 +6,8 @@ after its ttl and another process takes over.
 
 Every tick:
 - **scheduled batches** whose ``scheduled_at`` has come are started (``control.start``);
+- **held batches** the engine paused until a time now past (a provider account's daily
+  quota window reopened) are resumed (``control.resume``);
 - **cancelled batches** still holding ``queued`` recipients are settled: every cell no
   worker is sending is claimed and its unsent recipients are recorded ``cancelled``, through
   the results stream like any other result.
@@ -33,6 +35,7 @@ import redis.asyncio as aioredis
 
 from engine import chunks, control, lifecycle, metrics, results
 from engine.cells import Cells, Claim, cell_first
+from engine.errors import Conflict
 from engine.results import Columns
 from engine.services import Services
 
@@ -112,6 +115,7 @@ async def lead(services: Services, cells: Cells, stopping: asyncio.Event) -> Non
 async def run(services: Services, cells: Cells, tick: int) -> None:
     """One tick of the chores."""
     await start_due(services)
+    await resume_due(services)
     await settle_cancelled(services, cells)
     if tick % SLOW_EVERY == 0:
         await requeue_interrupted(services)
@@ -129,6 +133,23 @@ async def start_due(services: Services) -> int:
             "scheduled batch started",
             extra={"batch_id": str(row["id"]), "tenant_id": row["tenant_id"], "status": status},
         )
+    return len(due)
+
+
+async def resume_due(services: Services) -> int:
+    """Resume the batches the engine paused until a time now past (a provider account's
+    daily quota window reopened)."""
+    due = await services.pool.fetch(
+        """SELECT id, tenant_id FROM batches
+            WHERE status = 'paused' AND resume_at IS NOT NULL AND resume_at <= now()
+            ORDER BY resume_at LIMIT 100"""
+    )
+    for row in due:
+        try:
+            await control.resume(services, row["tenant_id"], str(row["id"]))
+        except Conflict:  # resumed or cancelled meanwhile
+            continue
+        log.info("held batch resumed", extra={"batch_id": str(row["id"])})
     return len(due)
 
 

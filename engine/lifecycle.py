@@ -18,8 +18,11 @@ A batch whose recipients are all suppressed is ``completed`` at once. ``failed``
 batch status SPEC.md names; no transition sets it yet.
 
 A recipient goes ``pending`` (draft, scheduled) → ``queued`` → one final status (``sent``, ``failed``,
-``suppressed``, ``cancelled``, or a provider event that came first); after ``sent`` the
-provider's events move it on by rank (delivered < bounced < complained). Each final
+``suppressed``, ``cancelled``, or the status of a provider event that came first); after
+that the provider's events move it on by rank (``AFTER_SEND``: sent < delivered < failed <
+bounced < complained), never back. A provider event changes a recipient only where
+``PROVIDER_EVENTS`` gives it a status; the others (opened, clicked, deferred, ...) are
+recorded as events only (ClickHouse), so one never makes a ``queued`` recipient final. Each final
 transition counts once toward the batch's ``final_count``; the batch is ``completed``
 exactly when that count reaches ``total_recipients`` (a paused batch stays paused, a
 cancelled one cancelled). ``batch_counts`` holds the recipients per status, moved in the
@@ -62,9 +65,28 @@ SENDING = ("queued", "processing")  # workers send its chunks
 ACTIVE = ("scheduled", "queued", "processing", "paused")  # counts toward a tenant's limit
 UNFINISHED = ("draft", *ACTIVE)  # can still be cancelled
 FINISHED = ("completed", "cancelled", "failed")
-AFTER_SEND = ("sent", "delivered", "bounced", "complained")  # ranked, lowest first
-AFTER_SEND_EVENTS = frozenset(AFTER_SEND[1:])
+# A recipient's statuses after its send, ranked lowest first: a provider's event moves a
+# recipient up, never down. ``failed`` (the provider dropped the message) is above
+# ``delivered``, so a stray or late delivered cannot undo it; ``bounced`` and
+# ``complained`` (the address is suppressed) are above both, the complaint, the
+# recipient's own word, highest.
+AFTER_SEND = ("sent", "delivered", "failed", "bounced", "complained")
 RANK = {status: rank for rank, status in enumerate(AFTER_SEND)}
+# The provider events on the results stream (``engine.webhooks`` names them) and the status
+# each gives a recipient; None: an event only, recorded in ClickHouse, no recipient changes.
+PROVIDER_EVENTS: dict[str, str | None] = {
+    "delivered": "delivered",
+    "dropped": "failed",
+    "bounced": "bounced",
+    "complained": "complained",
+    "deferred": None,
+    "soft_bounced": None,
+    "opened": None,
+    "clicked": None,
+    "unsubscribed": None,
+    "resubscribed": None,
+}
+EVENT_ONLY = frozenset(name for name, status in PROVIDER_EVENTS.items() if status is None)
 
 
 # --- recipient counts --------------------------------------------------------------
@@ -255,16 +277,28 @@ async def schedule(pool: asyncpg.Pool, batch_id: uuid.UUID) -> bool:
     )
 
 
-async def pause(pool: asyncpg.Pool, tenant_id: str, batch_id: uuid.UUID) -> bool:
-    """A sending batch becomes ``paused``; False when it was not sending."""
+async def pause(
+    pool: asyncpg.Pool,
+    tenant_id: str,
+    batch_id: uuid.UUID,
+    reason: str | None = None,
+    resume_at: datetime | None = None,
+) -> bool:
+    """A sending batch becomes ``paused``; False when it was not sending. An operator's
+    pause gives no ``reason``; the engine's (``engine.sender``: the provider suspended the
+    account, its daily quota is used up) says why, and when it ends by itself
+    (``resume_at``: the leader resumes the batch then)."""
     return bool(
         await pool.fetchval(
-            """UPDATE batches SET status = 'paused', paused_at = now()
+            """UPDATE batches SET status = 'paused', paused_at = now(), pause_reason = $4,
+                                  resume_at = $5
                 WHERE id = $1 AND tenant_id = $2 AND status = ANY($3::text[])
             RETURNING true""",
             batch_id,
             tenant_id,
             list(SENDING),
+            reason,
+            resume_at,
         )
     )
 
@@ -279,7 +313,8 @@ async def resume(pool: asyncpg.Pool, tenant_id: str, batch_id: uuid.UUID) -> asy
                                 WHEN started_at IS NULL THEN 'queued' ELSE 'processing' END,
                   completed_at = CASE WHEN final_count >= total_recipients
                                       THEN coalesce(completed_at, now()) END,
-                  generation = generation + 1, paused_at = NULL, progress_at = now()
+                  generation = generation + 1, paused_at = NULL, progress_at = now(),
+                  pause_reason = NULL, resume_at = NULL
             WHERE id = $1 AND tenant_id = $2 AND status = 'paused'
         RETURNING status, generation""",
         batch_id,
@@ -369,16 +404,18 @@ RETURNING b.id, b.status
 # had, which RETURNING hands back for the counts.
 _AFTER_SEND_TRANSITION = """
 WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[]) AS v(batch_id, seq, status, pmid)
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[])
+                  AS v(batch_id, seq, status, pmid, error)
 ), u AS (
     UPDATE recipients r
        SET previous_status = r.status,
            status = v.status,
            provider_message_id = coalesce(r.provider_message_id, v.pmid),
+           error = coalesce(v.error, r.error),
            updated_at = now()
       FROM v
      WHERE r.batch_id = v.batch_id AND r.seq = v.seq
-       AND array_position($5::text[], r.status) < array_position($5::text[], v.status)
+       AND array_position($6::text[], r.status) < array_position($6::text[], v.status)
  RETURNING r.batch_id, r.previous_status AS old_status, r.status AS new_status
 ), moves AS (
     SELECT batch_id, old_status, new_status, count(*)::int AS n FROM u GROUP BY 1, 2, 3
@@ -416,11 +453,19 @@ async def record_after_send(
     seqs: list[int],
     statuses: list[str],
     provider_message_ids: list[str | None],
+    errors: list[str | None],
 ) -> None:
-    """Provider events (one per recipient) move recipients forward by rank (``AFTER_SEND``),
-    never back."""
+    """The statuses of provider events (one per recipient) move recipients forward by rank
+    (``AFTER_SEND``), never back; an event's error (why the provider dropped it) replaces
+    the recipient's."""
     await conn.execute(
-        _AFTER_SEND_TRANSITION, batch_ids, seqs, statuses, provider_message_ids, list(AFTER_SEND)
+        _AFTER_SEND_TRANSITION,
+        batch_ids,
+        seqs,
+        statuses,
+        provider_message_ids,
+        errors,
+        list(AFTER_SEND),
     )
 
 

@@ -1,4 +1,5 @@
-"""Token buckets in Dragonfly: system, provider-account and tenant limits in one Lua call.
+"""Token buckets in Dragonfly: system, provider-account and tenant limits in one Lua call;
+and a provider account's daily quota (``DailyQuota``).
 
 Reservation semantics: a call takes ``n`` tokens from every bucket at once and answers
 how long the caller must wait before sending (tokens may go below zero, by at most
@@ -13,6 +14,7 @@ All keys are passed as KEYS (Dragonfly requires declared keys); the clock is the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
 
@@ -56,6 +58,29 @@ return {1, tostring(wait), held}
 """
 
 
+# Empties KEYS[1] (rate ARGV[1], burst ARGV[2]) so that the next token comes ARGV[3]
+# seconds from now: what a provider's "slow down, retry after N s" means for every sender.
+_HOLD_SCRIPT = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local seconds = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1])
+local ts = tonumber(state[2])
+if tokens == nil or ts == nil then
+  tokens = burst
+  ts = now
+end
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+tokens = math.min(tokens, -seconds * rate)
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst / rate + seconds) * 1000) + 60000)
+return tostring(tokens)
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     granted: bool
@@ -66,7 +91,13 @@ class Reservation:
 class TokenBuckets:
     def __init__(self, client: aioredis.Redis, *, max_wait: float = 0.1):
         self._script = client.register_script(_SCRIPT)
+        self._hold = client.register_script(_HOLD_SCRIPT)
         self.max_wait = max_wait
+
+    async def hold(self, key: str, rate: Rate, seconds: float) -> None:
+        """Give no token of bucket ``key`` for ``seconds`` (a provider said to wait that
+        long): every process that reserves from it waits, not only the one told."""
+        await self._hold(keys=[key], args=[rate.per_second, rate.burst, seconds])
 
     async def reserve(self, n: int, buckets: list[tuple[str, Rate]]) -> Reservation:
         """Take ``n`` tokens from every (key, rate) bucket, or none when the wait is too long."""
@@ -75,3 +106,37 @@ class TokenBuckets:
             args += [rate.per_second, rate.burst]
         granted, wait, held = await self._script(keys=[key for key, _ in buckets], args=args)
         return Reservation(bool(granted), float(wait), held - 1 if held else None)
+
+
+# Takes up to ARGV[1] of the quota ARGV[2] left in KEYS[1] (expiring after ARGV[3] seconds);
+# answers how many it took. One call: concurrent workers never take more than the quota.
+_QUOTA_SCRIPT = """
+local want = tonumber(ARGV[1])
+local quota = tonumber(ARGV[2])
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local take = math.max(0, math.min(want, quota - used))
+if take > 0 then
+  redis.call('INCRBY', KEYS[1], take)
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+end
+return take
+"""
+
+
+def quota_window(now: datetime | None = None) -> tuple[str, datetime]:
+    """The daily quota's window: the UTC day (its name) and when the next one opens."""
+    now = now or datetime.now(UTC)
+    day = now.date()
+    return day.isoformat(), datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
+
+
+class DailyQuota:
+    """A provider account's daily quota, counted per UTC day across every worker and pod.
+    What the quota does not allow today is held (the batch waits for the next window)."""
+
+    def __init__(self, client: aioredis.Redis):
+        self._script = client.register_script(_QUOTA_SCRIPT)
+
+    async def take(self, key: str, want: int, quota: int) -> int:
+        """How many of ``want`` messages today's quota still allows (those are counted)."""
+        return int(await self._script(keys=[key], args=[want, quota, 2 * 86400]))

@@ -1,11 +1,12 @@
 """Recipient results: one NATS message per chunk (or webhook post), applied in bulk.
 
 A worker publishes the results of a chunk to the RESULTS stream before it acknowledges
-the chunk, so a result is durable the moment a send is done. Two consumers read that
+the chunk, so a result is durable the moment a send is done. Three consumers read that
 stream in large batches: ``results-pg`` (this module: recipient statuses and batch
-completion, through ``engine.lifecycle``; one transaction per flush) and ``results-ch``
-(``engine.event_writer``: one ClickHouse insert per flush). Applying the same result
-twice changes nothing.
+completion, through ``engine.lifecycle``; one transaction per flush), ``results-ch``
+(``engine.event_writer``: one ClickHouse insert per flush) and ``results-hooks``
+(``engine.webhook_outbox``: the events customers' webhook endpoints take). Applying the
+same result twice changes nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import orjson
 from nats.aio.msg import Msg
 
 from engine import deadletters, lifecycle, metrics, suppressions
-from engine.lifecycle import AFTER_SEND_EVENTS, RANK
+from engine.lifecycle import EVENT_ONLY, PROVIDER_EVENTS, RANK
 from engine.services import Services
 from engine.suppressions import SUPPRESSING
 from engine.topology import Redelivery
@@ -67,6 +68,8 @@ class Columns:
 
     batch_id: list[str] = field(default_factory=list)
     seq: list[int] = field(default_factory=list)
+    # The worker's result (a recipient status: sent, failed, cancelled) or a provider
+    # event's name (``lifecycle.PROVIDER_EVENTS``): what ClickHouse records as the event.
     status: list[str] = field(default_factory=list)
     provider_message_id: list[str | None] = field(default_factory=list)
     error: list[str | None] = field(default_factory=list)
@@ -170,16 +173,15 @@ async def publish(
     )
 
 
-def _arrays(columns: Columns, with_details: bool) -> list[list[Any]]:
-    arrays: list[list[Any]] = [
+def _arrays(columns: Columns) -> list[list[Any]]:
+    return [
         columns.batch_id,
         columns.seq,
         columns.status,
         columns.provider_message_id,
+        columns.error,
+        [min(a, 32767) for a in columns.attempts],
     ]
-    if with_details:
-        arrays += [columns.error, [min(a, 32767) for a in columns.attempts]]
-    return arrays
 
 
 # Errors that mean PostgreSQL (or asyncpg, encoding the arrays) refused the values of a
@@ -234,36 +236,71 @@ async def apply_flush(pool: asyncpg.Pool, parts: list[Columns]) -> Flush:
     return flush
 
 
+# The status each provider event that changes one gives a recipient (``dropped``: failed).
+_STATUS_OF = {name: status for name, status in PROVIDER_EVENTS.items() if status is not None}
+
+
 async def apply_results(conn: asyncpg.Connection, columns: Columns) -> list[tuple[str, str]]:
     """Write many results in one transaction; return (batch id, status) of batches touched.
 
-    Per recipient only the first result of this flush can be its final transition; events
-    after the send are applied after that, in rank order, so a ``sent`` and a ``delivered``
-    of one recipient in the same flush both land.
+    The worker's results are statuses. A provider's events (``lifecycle.PROVIDER_EVENTS``)
+    are statuses only where they change one, as the status they give; the others change
+    no recipient. Per recipient only the first status of this flush can be its final
+    transition (so a delivered that came before its send's result is final, an opened
+    never); events after the send are applied after that, the highest-ranked per
+    recipient, so a ``sent`` and a ``delivered`` of one recipient in the same flush both
+    land. A flush without provider events (the worker's) pays one set lookup per row.
     """
-    later = [i for i, status in enumerate(columns.status) if status in AFTER_SEND_EVENTS]
+    events = [i for i, name in enumerate(columns.status) if name in PROVIDER_EVENTS]
+    final = _as_statuses(columns) if events else columns
     async with conn.transaction():
         # Every statement here looks up given (batch_id, seq) keys: one primary-key probe per
         # result is always right. Left to itself the planner may hash-join a large flush
         # against the whole table (a full scan of a 1,000,000-recipient batch per flush).
         await conn.execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
-        touched = await lifecycle.record_final(conn, *_arrays(columns, True))
-        if later:
-            # The highest-ranked event per recipient, applied over whatever it has now.
-            best: dict[tuple[str, int], int] = {}
-            for i in later:
-                key = (columns.batch_id[i], columns.seq[i])
-                known = best.get(key)
-                if known is None or RANK[columns.status[i]] > RANK[columns.status[known]]:
-                    best[key] = i
-            events = columns.select(list(best.values()))
-            await lifecycle.record_after_send(conn, *_arrays(events, False))
-            suppress = [i for i, status in enumerate(events.status) if status in SUPPRESSING]
-            if suppress:
-                await suppressions.suppress_results(
-                    conn, *_arrays(events.select(suppress), False)[:3]
-                )
+        touched = await lifecycle.record_final(conn, *_arrays(final))
+        if events:
+            await _after_send(conn, columns, events)
     return [(str(r["id"]), r["status"]) for r in touched]
+
+
+def _as_statuses(columns: Columns) -> Columns:
+    """The results that are statuses, each provider event as the status it gives."""
+    final = columns.select([i for i, name in enumerate(columns.status) if name not in EVENT_ONLY])
+    final.status = [_STATUS_OF.get(name, name) for name in final.status]
+    return final
+
+
+async def _after_send(conn: asyncpg.Connection, columns: Columns, events: list[int]) -> None:
+    """Apply the provider events at ``events``: per recipient the highest-ranked status over
+    whatever it has now, and the addresses they suppress onto their tenants' lists."""
+    best: dict[tuple[str, int], int] = {}
+    suppress: dict[tuple[str, int], int] = {}
+    for i in events:
+        key = (columns.batch_id[i], columns.seq[i])
+        name = columns.status[i]
+        status = _STATUS_OF.get(name)
+        if status is not None:
+            known = best.get(key)
+            if known is None or RANK[status] > RANK[_STATUS_OF[columns.status[known]]]:
+                best[key] = i
+        if name in SUPPRESSING:
+            suppress.setdefault(key, i)
+    if best:
+        moves = columns.select(list(best.values()))
+        await lifecycle.record_after_send(
+            conn,
+            moves.batch_id,
+            moves.seq,
+            [_STATUS_OF[name] for name in moves.status],
+            moves.provider_message_id,
+            moves.error,
+        )
+    if suppress:
+        addresses = columns.select(list(suppress.values()))
+        await suppressions.suppress_results(
+            conn, addresses.batch_id, addresses.seq, addresses.status
+        )
 
 
 # --- the results-pg consumer -------------------------------------------------------

@@ -29,27 +29,31 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nats.aio.msg import Msg
 
-from engine import deadletters, metrics, results, tracing
+from engine import deadletters, lifecycle, metrics, results, tracing
 from engine.cells import Cells
 from engine.chunks import Chunk
 from engine.config import Rate, parse_rate
 from engine.lifecycle import SENDING
-from engine.ratelimit import TokenBuckets
+from engine.ratelimit import DailyQuota, TokenBuckets, quota_window
 from engine.results import Columns
+from engine.routes import Route, Routes
 from engine.services import Services
 from engine.suppressions import unsubscribe_headers
 from engine.templates import BatchTemplate
-from providers.base import Message, Provider, check_address, header_safe
+from providers.base import Message, Provider, SendResult, check_address, header_safe
 
 log = logging.getLogger(__name__)
 
 # The token buckets every provider call reserves from, by the metrics' name for each.
 BUCKETS = ("system", "provider", "tenant")
 _BATCH_TTL = 1.0  # seconds a batch's status is trusted before it is read again
+# A provider that says its sending quota is used up (SES, Resend) is asked again after this.
+PROVIDER_HOLD_SECONDS = 3600.0
 
 
 @dataclass(slots=True)
@@ -65,6 +69,7 @@ class BatchInfo:
     generation: int
     tenant_rate: Rate | None
     loaded_at: float
+    account_id: str | None = None  # its provider account (None: the default account)
 
     @property
     def sending(self) -> bool:
@@ -94,7 +99,8 @@ class BatchCache:
             return info
         row = await self.services.pool.fetchrow(
             """SELECT b.tenant_id, b.provider, b.from_email, b.from_name, b.subject, b.html,
-                      b.text, b.dry_run, b.status, b.generation, t.send_rate
+                      b.text, b.dry_run, b.status, b.generation, b.provider_account_id,
+                      t.send_rate
                  FROM batches b JOIN tenants t ON t.id = b.tenant_id WHERE b.id = $1""",
             uuid.UUID(batch_id),
         )
@@ -118,6 +124,7 @@ class BatchCache:
             row["generation"],
             parse_rate(row["send_rate"]) if row["send_rate"] else None,
             now,
+            str(row["provider_account_id"]) if row["provider_account_id"] else None,
         )
         self._items[batch_id] = info
         return info
@@ -127,9 +134,10 @@ class Sender:
     def __init__(self, services: Services, providers: dict[str, Provider]):
         self.services = services
         self.settings = services.settings
-        self.providers = providers
+        self.routes = Routes(services, providers)
         self.batches = BatchCache(services)
         self.buckets = TokenBuckets(services.redis)
+        self.quota = DailyQuota(services.redis)
         self.cells = Cells(services)
         # The unsubscribe links are written into headers: their only part that is not
         # header-safe by construction (the token is base64url) is checked once here.
@@ -261,8 +269,10 @@ class Sender:
     ) -> None:
         """Provider calls with retries, until every row has a result or the batch stops
         sending (paused: the rest stays ``queued``; cancelled: the rest is ``cancelled``)."""
-        provider = self.providers[info.provider]
-        configured = self.settings.provider_rate(info.provider)
+        route = await self._route(info, rows, out)
+        if route is None:
+            return
+        provider, configured = route.provider, route.rate
         # Provider calls of at most half the burst, and the bucket one call smaller than the
         # burst: a call that leaves late (a busy machine) then still fits the provider's
         # limit of rate + burst in any second, measured at the provider (bench/rate.py).
@@ -273,6 +283,7 @@ class Sender:
         rate = Rate(configured.per_second, max(step, configured.burst - step))
         pending = list(rows)
         attempt = 1
+        hold: Hold | None = None  # the account cannot send more now: the batch waits
         while pending:
             retry, retry_after, throttled = [], 0.0, 0
             for start in range(0, len(pending), step):
@@ -281,16 +292,30 @@ class Sender:
                 )
                 if not part:
                     continue
-                if not await self._take_tokens(info, len(part), rate, msg):
+                if not await self._take_tokens(info, len(part), route.bucket, rate, msg):
                     self._stopped(info, out, part + pending[start + step :] + retry)
                     return
+                if route.daily_quota is not None:
+                    allowed = await self._allowed_today(route, len(part))
+                    if allowed < len(part):
+                        hold = _quota_hold(route.daily_quota)
+                        part, messages = part[:allowed], messages[:allowed]
+                        if not part:
+                            break
                 sent_at = time.perf_counter()
                 answers = await provider.send(messages)
                 elapsed = time.perf_counter() - sent_at
                 metrics.SEND_SECONDS.labels(info.provider).observe(elapsed)
                 latency_ms = int(elapsed * 1000)
+                throttled_now, wait_now = False, 0.0  # what this call's answers said
                 for row, answer in zip(part, answers, strict=True):
                     ok = answer.ok
+                    if answer.throttled:
+                        throttled_now = True
+                        wait_now = max(wait_now, answer.retry_after or 0.0)
+                    if not ok and (answer.hold or answer.pause_reason):
+                        hold = hold or _provider_hold(answer)  # the row stays queued
+                        continue
                     if not ok and answer.retryable and attempt < self.settings.send_max_attempts:
                         retry.append(row)
                         retry_after = max(retry_after, answer.retry_after or 0.0)
@@ -308,6 +333,13 @@ class Sender:
                     )
                     if not ok and answer.retryable:
                         exhausted.append((row["seq"], answer.error, attempt))
+                if hold is not None:
+                    break
+                if route.adapts and throttled_now and wait_now > 0:
+                    await self.buckets.hold(route.bucket, rate, wait_now)
+            if hold is not None:
+                await self._hold(info, hold)  # unsent and retried rows stay queued
+                return
             if retry:
                 _count_retries(info.provider, len(retry), throttled)
             if retry and not await self._backoff(info, attempt, retry_after, msg):
@@ -315,6 +347,51 @@ class Sender:
                 return
             attempt += 1
             pending = retry
+
+    async def _route(self, info: BatchInfo, rows: list, out: Columns) -> Route | None:
+        """The batch's route; None when its provider account is gone or unusable: then
+        its rows are ``failed`` with the reason here (a replay from the DLQ sends them once
+        the account is back)."""
+        if info.account_id is None:
+            return self.routes.default(info.provider)
+        try:
+            route = await self.routes.account(info.account_id)
+            error = None if route is not None else "the provider account was deleted"
+        except ValueError as exc:
+            route, error = None, f"the provider account cannot be used: {exc}"
+        if route is not None:
+            return route
+        for r in rows:
+            out.append(
+                info.id, r["seq"], "failed", error=error, attempts=0, domain=_domain(r["email"])
+            )
+        await deadletters.send(
+            self.services,
+            info.id,
+            info.tenant_id,
+            info.provider,
+            error,
+            [(r["seq"], error, 0) for r in rows],
+        )
+        return None
+
+    async def _allowed_today(self, route: Route, n: int) -> int:
+        day, _ = quota_window()
+        return await self.quota.take(f"{route.quota_key}:{day}", n, route.daily_quota or 0)
+
+    async def _hold(self, info: BatchInfo, hold: Hold) -> None:
+        """Pause the batch for ``hold`` (its unsent recipients stay ``queued``; the leader
+        resumes it at ``hold.resume_at`` when there is one)."""
+        paused = await lifecycle.pause(
+            self.services.pool, info.tenant_id, uuid.UUID(info.id), hold.reason, hold.resume_at
+        )
+        info.status = "paused"
+        if paused:
+            log.warning(
+                "batch held: %s",
+                hold.reason,
+                extra={"resume_at": hold.resume_at.isoformat() if hold.resume_at else None},
+            )
 
     def _stopped(self, info: BatchInfo, out: Columns, unsent: list) -> None:
         """The batch was paused or cancelled mid-chunk: a cancel ends the unsent recipients
@@ -367,13 +444,16 @@ class Sender:
     def _tenant_rate(self, info: BatchInfo) -> Rate:
         return info.tenant_rate or self.settings.tenant_rate
 
-    async def _take_tokens(self, info: BatchInfo, n: int, rate: Rate, msg: Msg) -> bool:
-        """Reserve ``n`` tokens in all three buckets, keeping the chunk alive while waiting;
-        False (nothing taken) once the batch is no longer sending."""
+    async def _take_tokens(
+        self, info: BatchInfo, n: int, bucket: str, rate: Rate, msg: Msg
+    ) -> bool:
+        """Reserve ``n`` tokens in all three buckets (``bucket``: the provider account's),
+        keeping the chunk alive while waiting; False (nothing taken) once the batch is no
+        longer sending."""
         key = self.services.key
         buckets = [  # in the order of BUCKETS
             (key("rl", "system"), self.settings.system_rate),
-            (key("rl", "provider", info.provider), rate),
+            (bucket, rate),
             (key("rl", "tenant", info.tenant_id), self._tenant_rate(info)),
         ]
         waited = 0.0
@@ -446,6 +526,27 @@ def build_message(
         rendered.text,
         headers,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Why an account cannot send more now, and when it can again (None: an operator's
+    resume, after the account is fixed)."""
+
+    reason: str
+    resume_at: datetime | None
+
+
+def _quota_hold(quota: int) -> Hold:
+    _, reopens = quota_window()
+    return Hold(f"the provider account's daily quota of {quota} is used up", reopens)
+
+
+def _provider_hold(answer: SendResult) -> Hold:
+    if answer.pause_reason:
+        return Hold(f"the provider refused the account: {answer.pause_reason}", None)
+    resume_at = datetime.now(UTC) + timedelta(seconds=PROVIDER_HOLD_SECONDS)
+    return Hold(f"the provider's sending quota is used up: {answer.error or 'held'}", resume_at)
 
 
 def _count_retries(provider: str, retried: int, throttled: int) -> None:

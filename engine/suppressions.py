@@ -193,13 +193,17 @@ async def remove_suppression(pool: asyncpg.Pool, tenant_id: str, email: str) -> 
         raise NotFound(f"{email!r} is not on the suppression list")
 
 
-SUPPRESSING = frozenset({"bounced", "complained"})  # results that suppress the address
+# The provider events that suppress the address, each the reason it is listed with: a hard
+# bounce, a complaint, and an unsubscribe the provider took (the same reason as our own
+# unsubscribe link's). A soft bounce does not: the address may work later.
+SUPPRESSING = frozenset({"bounced", "complained", "unsubscribed"})
 
 
 async def suppress_results(
     conn: asyncpg.Connection, batch_ids: list[str], seqs: list[int], statuses: list[str]
 ) -> None:
-    """Put the recipients of these (``SUPPRESSING``) results on their tenants' lists."""
+    """Put the recipients of these (``SUPPRESSING``) events on their tenants' lists, the
+    event as the reason."""
     await conn.execute(
         """INSERT INTO suppressions (tenant_id, email, reason)
            SELECT b.tenant_id, lower(r.email), v.status

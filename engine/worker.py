@@ -1,12 +1,13 @@
 """One worker process: its own uvloop event loop, connections and pull consumers.
 
-Five loops share the process: ``send`` (chunks, up to ``WORKER_CONCURRENCY`` at once:
+Six loops share the process: ``send`` (chunks, up to ``WORKER_CONCURRENCY`` at once:
 ``engine.sender``), ``results-pg`` (recipient statuses: ``engine.results``), ``results-ch``
 (ClickHouse events: ``engine.event_writer``), ``intake`` (batches published to NATS:
-``engine.intake.from_nats``) and the leader's chores (``engine.leader``). A heartbeat file
-touched by the event loop itself tells the supervisor the loop is alive. SIGTERM drains:
-fetching stops, chunks in flight finish and publish their results, the ClickHouse buffer
-is flushed, then the process exits.
+``engine.intake.from_nats``), the leader's chores (``engine.leader``) and customers' event
+webhooks (``results-hooks``: ``engine.webhook_outbox``, ``engine.webhook_deliveries``). A
+heartbeat file touched by the event loop itself tells the supervisor the loop is alive.
+SIGTERM drains: fetching stops, chunks in flight finish and publish their results, the
+ClickHouse buffer and the webhook outbox are flushed, then the process exits.
 
 No message is redelivered for ever: a message whose handling fails comes back after a
 growing delay and is dead-lettered on its last allowed delivery (``engine.deadletters``,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -26,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from engine import deadletters, leader, metrics, results
+from engine import deadletters, leader, metrics, results, webhook_deliveries
 from engine.config import Settings
 from engine.deadletters import retry_or_give_up
 from engine.event_writer import EventWriter
@@ -75,9 +77,15 @@ class Worker:
             return
         stopped.cancel()
         services = opening.result()
-        providers = {name: spec.build(self.settings) for name, spec in PROVIDERS.items()}
+        # The default accounts the environment configures; tenants' accounts are built as
+        # their batches come (engine.routes).
+        providers = {
+            name: spec.build(self.settings)
+            for name, spec in PROVIDERS.items()
+            if spec.enabled(self.settings)
+        }
         events = EventWriter(services, self.redelivery)
-        metrics.initialise(providers, deadletters.KINDS, BUCKETS)
+        metrics.initialise(PROVIDERS, deadletters.KINDS, BUCKETS)
         metrics.WORKER_PROCESSES.set(1)
         log.info("worker started", extra={"pid": os.getpid()})
         try:
@@ -91,12 +99,15 @@ class Worker:
                 loops.create_task(self._event_loop(services.js, topo.results_stream, events))
                 loops.create_task(self._intake_loop(services))
                 loops.create_task(leader.lead(services, sender.cells, self.stopping))
+                loops.create_task(self._webhooks_loop(services))
         except BaseException:
             log.exception("worker loop failed; exiting")
             raise
         finally:
             metrics.WORKER_PROCESSES.set(0)
             events.close()
+            if self._sender is not None:
+                await self._sender.routes.close()
             for provider in providers.values():
                 with contextlib.suppress(Exception):
                     await provider.close()
@@ -210,6 +221,18 @@ class Worker:
             lambda msgs: results.apply_messages(services, msgs, self.redelivery),
             lambda msg, reason: results.give_up_message(services, msg, reason),
         )
+
+    async def _webhooks_loop(self, services: Services) -> None:
+        """Customers' event webhooks: what is to be posted is written from ``results-hooks``
+        (acknowledged once written), and posted apart from it."""
+        stream = services.topology.results_stream
+        async with self._subscription(services.js, stream, "results-hooks") as psub:
+            await webhook_deliveries.run(
+                services,
+                functools.partial(self._fetch, psub),
+                self.stopping,
+                redelivery=self.redelivery,
+            )
 
     async def _intake_loop(self, services: Services) -> None:
         await self._consume(

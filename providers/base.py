@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -266,20 +266,60 @@ class WebhookEvent:
     event_id: str
 
 
+# Seconds a signed timestamp may be from the receiver's clock, unless ``Webhook.max_age``
+# says otherwise for a provider.
+SIGNATURE_TOLERANCE = 300
+
+
+def no_default_secret(_settings: Any) -> str:
+    """``Webhook.secret`` of a provider without a default account in the environment: no
+    secret, so on ``/webhooks/{provider}`` nothing verifies; its posts come to each
+    account's own route, checked with that account's secret."""
+    return ""
+
+
 @dataclass(frozen=True, slots=True)
 class Webhook:
-    """How a provider's webhook posts are checked and read."""
+    """How a provider's webhook posts are checked and read, and how the receiver
+    (``engine.webhooks``) treats their age and their repeats.
 
-    # (body, headers, secret) -> the signature when it verifies, else None
-    verify: Callable[[bytes, Mapping[str, str], str], Signed | None]
+    ``verify`` may be a coroutine function (SNS fetches its signing certificates): the
+    receiver awaits what it returns when that is awaitable.
+    """
+
+    # (body, headers, secret) -> the signature when it verifies, else None (or an
+    # awaitable of that)
+    verify: Callable[[bytes, Mapping[str, str], str], Signed | None | Awaitable[Signed | None]]
     parse: Callable[[bytes], list[WebhookEvent]]  # raises ValueError when malformed
-    secret: Callable[[Any], str]  # the verification secret, from the settings
+    # The default account's secret, from the settings ("" when there is no default account).
+    secret: Callable[[Any], str] = no_default_secret
     headers: tuple[str, ...] = ()  # the request headers the check reads
     scheme: str = ""  # how a post is signed, in one sentence (the API documentation)
+    # How far (seconds) the signed timestamp may be from the receiver's clock. SNS re-sends
+    # the message it signed once, timestamp included, for up to an hour.
+    max_age: float = SIGNATURE_TOLERANCE
+    # What a post with a replay key (``Signed.signature``) received before is. False: a
+    # copy, refused (401): a key that a retry renews (the signed timestamp) or that must
+    # be used once (Mailgun's token). True: the provider's own retry of a post it signed
+    # once (SNS's signature, Svix's message id, Postmark's event identity), answered 200
+    # and not handed on again; a 401 would only make the provider retry it again.
+    repeat_is_retry: bool = False
+    # A subscription handshake (SNS): (body, headers, secret) -> the URL the receiver GETs
+    # to confirm a signed request to subscribe, only ever one on the provider's own hosts;
+    # None for any other post.
+    subscription: Callable[[bytes, Mapping[str, str], str], Awaitable[str | None]] | None = None
 
 
 def _always(_settings: Any) -> bool:
     return True
+
+
+def _never(_settings: Any) -> bool:
+    return False
+
+
+def _no_default(_settings: Any) -> Provider:
+    raise RuntimeError("this provider has no default account; send through a provider account")
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +333,23 @@ class ProviderSpec:
     name: str
     max_per_call: int  # recipients per provider call, and so per chunk
     settings: type  # the settings this provider reads
-    build: Callable[[Any], Provider]  # its send adapter
-    enabled: Callable[[Any], bool] = _always  # whether this deployment offers it
+    build: Callable[[Any], Provider]  # its send adapter for the default account (settings)
+    enabled: Callable[[Any], bool] = _always  # whether the environment has a default account
     webhook: Webhook | None = None  # None: no webhook route
+    # Its send adapter for a tenant's provider account (None: it has no accounts).
+    for_account: Callable[[Account], Provider] | None = None
+
+
+def account_only(adapter: type, webhook: Webhook) -> ProviderSpec:
+    """The spec of a provider with no default account in the environment: a batch reaches
+    it only through a tenant's provider account. ``adapter`` is the adapter class (its
+    ``name`` and ``max_per_call``; built with the account)."""
+    return ProviderSpec(
+        name=adapter.name,
+        max_per_call=adapter.max_per_call,
+        settings=object,
+        build=_no_default,
+        enabled=_never,
+        webhook=webhook,
+        for_account=adapter,
+    )

@@ -63,13 +63,21 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import formataddr
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import orjson
 
-from providers.base import Account, Message, SendResult, Signed, Webhook, WebhookEvent
+from providers.base import (
+    Account,
+    Message,
+    SendResult,
+    Signed,
+    Webhook,
+    WebhookEvent,
+    account_only,
+)
 from providers.http import (
     TRANSPORT_ERRORS,
     HttpAdapter,
@@ -471,22 +479,16 @@ def _event_type(event_data: dict[str, Any]) -> str | None:
     return _EVENT_NAMES.get(event) if isinstance(event, str) else None
 
 
-class MailgunSettings(Protocol):
-    """What the webhook reads from the settings until accounts carry their own key."""
-
-    mailgun_webhook_signing_key: str  # the domain's (or account's) HTTP webhook signing key
-
-
-def _webhook_secret(settings: MailgunSettings) -> str:
-    return settings.mailgun_webhook_signing_key
-
-
+# An account's webhook secret is the HTTP webhook signing key. Mailgun asks receivers to
+# accept a token once: a repeat is refused.
 WEBHOOK = Webhook(
     verify=verify_signature,
     parse=parse_webhook,
-    secret=_webhook_secret,
     headers=(),
     scheme="Mailgun's webhook signature: the body's `signature.signature` is the hex "
     "HMAC-SHA256 of `signature.timestamp` + `signature.token` under the webhook signing key; "
     "a token is accepted once",
 )
+
+
+SPEC = account_only(MailgunProvider, WEBHOOK)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import orjson
 
 from providers.base import (
+    WEBHOOK_EVENTS,
     Message,
     ProviderError,
     ProviderSpec,
@@ -34,7 +35,6 @@ from providers.http import (
     transport_reason,
 )
 
-WEBHOOK_EVENTS = frozenset({"delivered", "bounced", "complained"})
 SIGNATURE_HEADER = "X-Mock-Signature"
 TIMESTAMP_HEADER = "X-Mock-Timestamp"
 _JSON_HEADERS = {"Content-Type": "application/json"}
@@ -153,7 +153,9 @@ def verify_signature(body: bytes, headers: Mapping[str, str], secret: str) -> Si
 
 
 def parse_webhook(body: bytes) -> list[WebhookEvent]:
-    """Parse a webhook body (JSON array of events); raise ValueError when malformed."""
+    """Parse a webhook body (JSON array of events, each named in the provider event
+    vocabulary ``WEBHOOK_EVENTS``, so the mock can stand in for any provider); raise
+    ValueError when malformed."""
     data = loads_webhook(body)
     if not isinstance(data, list):
         raise ValueError("webhook body must be a JSON array of events")

@@ -76,7 +76,9 @@ from providers.base import (
     Message,
     SendResult,
     Signed,
+    Webhook,
     WebhookEvent,
+    account_only,
     header_safe,
     header_value,
 )
@@ -579,3 +581,18 @@ def _timestamp(index: int, record: dict[str, Any], field: str) -> float:
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
         raise ValueError(f"record {index}: {field!r} must be an ISO 8601 time") from None
+
+
+# Postmark retries a record with the same identity (the replay key): a repeat is its retry.
+WEBHOOK = Webhook(
+    verify=verify_webhook,
+    parse=parse_webhook,
+    headers=("Authorization",),
+    scheme="Postmark: the basic-auth credentials of the webhook URL "
+    "(`https://user:password@.../webhooks/postmark/<account>`) and/or a custom header "
+    "set on the webhook, as the account's webhook secret describes them",
+    repeat_is_retry=True,
+)
+
+
+SPEC = account_only(PostmarkProvider, WEBHOOK)

@@ -12,9 +12,10 @@ from providers.base import ProviderSpec, Webhook
 
 # Every provider SPEC.md names, in the order intake lists them.
 KNOWN = ("mock", "smtp", "ses", "resend", "postmark", "sendgrid", "mailgun")
-# Those with a module here. (Batch limits of the others: ses 50, resend 100, postmark 500,
-# sendgrid 1000, mailgun 1000.)
-AVAILABLE = ("mock", "smtp")
+# Those with a module here: all of them. mock and smtp have a default account in the
+# environment (their settings); every provider but mock is reached through a tenant's
+# provider account (``ProviderSpec.for_account``).
+AVAILABLE = KNOWN
 
 PROVIDERS: dict[str, ProviderSpec] = {
     name: import_module(f"providers.{name}").SPEC for name in AVAILABLE

@@ -71,7 +71,9 @@ from providers.base import (
     Message,
     SendResult,
     Signed,
+    Webhook,
     WebhookEvent,
+    account_only,
     header_safe,
     header_value,
 )
@@ -413,3 +415,19 @@ def _ref_of(tags: Any) -> str | None:
             if ref:
                 return ref
     return None
+
+
+# Svix retries a message under the same svix-id (the replay key), signed again with the
+# attempt's timestamp: a repeat is its retry.
+WEBHOOK = Webhook(
+    verify=verify_webhook,
+    parse=parse_webhook,
+    headers=("svix-id", "svix-timestamp", "svix-signature"),
+    scheme="Resend (Svix / Standard Webhooks): `svix-signature` holds `v1,<base64 "
+    "HMAC-SHA256 of '<svix-id>.<svix-timestamp>.' + body>` under the base64 key after "
+    "`whsec_` of the account's signing secret; 5 minutes' tolerance",
+    repeat_is_retry=True,
+)
+
+
+SPEC = account_only(ResendProvider, WEBHOOK)

@@ -73,14 +73,23 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from providers.base import Account, Message, SendResult, Signed, Webhook, WebhookEvent, header_value
+from providers.base import (
+    Account,
+    Message,
+    SendResult,
+    Signed,
+    Webhook,
+    WebhookEvent,
+    account_only,
+    header_value,
+)
 from providers.http import (
     TRANSPORT_ERRORS,
     HttpAdapter,
@@ -774,21 +783,15 @@ def _timestamp(index: int, value: Any) -> float:
     return float(value)
 
 
-class SendGridSettings(Protocol):
-    """What the webhook reads from the settings until accounts carry their own key."""
-
-    sendgrid_webhook_public_key: str  # the Signed Event Webhook's verification key
-
-
-def _webhook_secret(settings: SendGridSettings) -> str:
-    return settings.sendgrid_webhook_public_key
-
-
+# An account's webhook secret is the Signed Event Webhook's verification key. The replay
+# key covers the signed timestamp, so a repeat is a copy (refused).
 WEBHOOK = Webhook(
     verify=verify_signature,
     parse=parse_webhook,
-    secret=_webhook_secret,
     headers=(TIMESTAMP_HEADER, SIGNATURE_HEADER),
     scheme=f"SendGrid's Signed Event Webhook: `{SIGNATURE_HEADER}` (base64 ECDSA P-256 "
     f"SHA-256 signature of `{TIMESTAMP_HEADER}` + body, checked with the verification key)",
 )
+
+
+SPEC = account_only(SendGridProvider, WEBHOOK)

@@ -101,7 +101,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from providers.base import Account, Message, SendResult, Signed, WebhookEvent, header_value
+from providers.base import (
+    Account,
+    Message,
+    SendResult,
+    Signed,
+    Webhook,
+    WebhookEvent,
+    account_only,
+    header_value,
+)
 from providers.http import (
     TRANSPORT_ERRORS,
     HttpAdapter,
@@ -810,3 +819,39 @@ def mail_ref(mail: Mapping[str, Any]) -> str | None:
         if isinstance(values, list) and values and isinstance(values[0], str):
             return ref_from_tag(values[0])
     return None
+
+
+# The signing certificates of every SNS post this process checks (one fetch per URL).
+CERTS = CertCache()
+
+
+def topics(secret: str) -> list[str]:
+    """The TopicArns an SES webhook secret allows (comma-separated)."""
+    return [arn.strip() for arn in secret.split(",") if arn.strip()]
+
+
+async def verify_webhook(body: bytes, headers: Mapping[str, str], secret: str) -> Signed | None:
+    """``verify_sns`` for the topics ``secret`` names, certificates through ``CERTS``."""
+    return await verify_sns(body, headers, allowed_topics=topics(secret), fetch_cert=CERTS)
+
+
+async def webhook_subscription(body: bytes, headers: Mapping[str, str], secret: str) -> str | None:
+    """``subscribe_url`` for the topics ``secret`` names, certificates through ``CERTS``."""
+    return await subscribe_url(body, headers, allowed_topics=topics(secret), fetch_cert=CERTS)
+
+
+# An account's webhook secret is its allowed TopicArn(s), comma-separated. SNS retries a
+# post with the message it signed once (same Timestamp, same Signature), up to MAX_AGE
+# later: a repeat is SNS's retry, not a copy to refuse.
+WEBHOOK = Webhook(
+    verify=verify_webhook,
+    parse=parse_sns,
+    headers=("x-amz-sns-message-type", "x-amz-sns-topic-arn"),
+    scheme=WEBHOOK_SCHEME,
+    max_age=MAX_AGE,
+    repeat_is_retry=True,
+    subscription=webhook_subscription,
+)
+
+
+SPEC = account_only(SesProvider, WEBHOOK)

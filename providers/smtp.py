@@ -23,6 +23,7 @@ from email.message import EmailMessage
 from email.policy import Policy
 from email.utils import formataddr, formatdate, make_msgid
 from typing import Protocol, cast
+from urllib.parse import urlsplit
 
 import aiosmtplib
 from aiosmtplib import (
@@ -32,7 +33,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from providers.base import Message, ProviderError, ProviderSpec, SendResult, header_safe
+from providers.base import Account, Message, ProviderError, ProviderSpec, SendResult, header_safe
 
 # Headers a caller may not set: they would break the MIME structure or leak recipients.
 _PROTECTED_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version", "bcc"})
@@ -283,9 +284,27 @@ def _build(settings: SmtpSettings) -> SmtpProvider:
     )
 
 
+def for_account(account: Account) -> SmtpProvider:
+    """The adapter of a tenant's SMTP account: ``base_url`` ``smtp://host:port`` (STARTTLS
+    whenever the server offers it) or ``smtps://host:port`` (TLS from the first byte); its
+    username and password."""
+    parts = urlsplit(account.base_url or "")
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname or parts.port is None:
+        raise ValueError("smtp: the account needs base_url smtp://host:port or smtps://host:port")
+    creds = account.credentials
+    return SmtpProvider(
+        parts.hostname,
+        parts.port,
+        username=creds.get("username") or None,
+        password=creds.get("password") or None,
+        use_tls=parts.scheme == "smtps",
+    )
+
+
 SPEC = ProviderSpec(
     name=SmtpProvider.name,
     max_per_call=SmtpProvider.max_per_call,
     settings=SmtpSettings,
     build=_build,
+    for_account=for_account,
 )

@@ -1,14 +1,23 @@
 """What the provider adapter tests share: a closed loopback port, closing an adapter after
 use, the checks that results leak no address or secret and that a fake delivered every
-message exactly once, and what engine.webhooks.receive does with a verified post."""
+message exactly once, what engine.webhooks.receive does with a verified post, and posts
+signed as SNS (a test key and a self-signed certificate) and Svix (Resend) sign them."""
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from engine.webhooks import TOLERANCE_SECONDS
 from providers.base import Message, SendResult, Signed
@@ -90,3 +99,67 @@ class ReplayGuard:
             return "replayed_signature"
         self.seen.add(signed.signature)
         return "accepted"
+
+
+# --- SNS (SES) -------------------------------------------------------------------------
+
+
+def make_cert(key: rsa.RSAPrivateKey, *, not_before: dt.datetime, not_after: dt.datetime) -> bytes:
+    """A self-signed PEM certificate for ``key``, standing in for SNS's signing certificate."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+class CertFetcher:
+    """A ``fetch_cert`` that serves one PEM and records the URLs asked for."""
+
+    def __init__(self, pem: bytes) -> None:
+        self.pem = pem
+        self.urls: list[str] = []
+
+    async def __call__(self, url: str) -> bytes:
+        self.urls.append(url)
+        return self.pem
+
+
+def documented_string_to_sign(message: dict[str, Any]) -> bytes:
+    """The string to sign written out from the SNS documentation, independently of
+    providers.ses: name, newline, value, newline, for the fields of the type."""
+    if message["Type"] == "Notification":
+        names = ["Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"]
+    else:
+        names = ["Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type"]
+    return "".join(f"{n}\n{message[n]}\n" for n in names if n in message).encode()
+
+
+def sign_sns(message: dict[str, Any], key: rsa.RSAPrivateKey, version: str = "1") -> dict[str, Any]:
+    """``message`` with ``SignatureVersion`` and the ``Signature`` SNS would give it."""
+    signed = dict(message, SignatureVersion=version)
+    algorithm = hashes.SHA1() if version == "1" else hashes.SHA256()
+    raw = key.sign(documented_string_to_sign(signed), padding.PKCS1v15(), algorithm)
+    signed["Signature"] = base64.b64encode(raw).decode()
+    return signed
+
+
+# --- Svix (Resend) -----------------------------------------------------------------------
+
+
+def svix_headers(body: bytes, secret: str, msg_id: str, at: float | None = None) -> dict[str, str]:
+    """The svix-* headers Resend (Svix) sends with ``body``, signed now (or at ``at``)."""
+    when = dt.datetime.fromtimestamp(time.time() if at is None else at, tz=dt.UTC)
+    signature = StandardWebhook(secret).sign(msg_id, when, body.decode())
+    return {
+        "svix-id": msg_id,
+        "svix-timestamp": str(int(when.timestamp())),
+        "svix-signature": signature,
+    }

@@ -13,7 +13,7 @@ import orjson
 
 from engine.errors import ValidationError
 from engine.templates import BatchTemplate
-from providers.registry import KNOWN, PROVIDERS
+from providers.registry import PROVIDERS
 
 EMAIL = re.compile(
     r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@"
@@ -28,6 +28,7 @@ _BATCH_FIELDS = {
     "html",
     "text",
     "provider",
+    "provider_account",
     "scheduled_at",
     "dry_run",
     "metadata",
@@ -50,7 +51,8 @@ class BatchSpec:
     subject: str
     html: str | None
     text: str | None
-    provider: str
+    provider: str  # "" when only provider_account names it
+    provider_account: str | None = None  # a tenant's provider account, by name or id
     scheduled_at: datetime | None = None
     dry_run: bool = False
     draft: bool = False
@@ -70,7 +72,9 @@ FIELD_LIMITS = {
     "html": 2 << 20,
     "text": 2 << 20,
     "provider": 32,
+    "provider_account": 100,
 }
+# provider may be left out when provider_account names the account (and so its provider).
 REQUIRED_FIELDS = ("name", "from_email", "subject", "provider")
 # ISO 8601 as clients write it: a date and a time, seconds and an offset optional.
 SCHEDULED_AT = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?$"
@@ -126,7 +130,10 @@ def parse_batch_fields(data: Any, *, allow_recipients: bool = True) -> BatchSpec
         return value
 
     def field(name: str) -> str | None:
-        return text(name, required=name in REQUIRED_FIELDS, max_len=FIELD_LIMITS[name])
+        required = name in REQUIRED_FIELDS and not (
+            name == "provider" and data.get("provider_account") is not None
+        )
+        return text(name, required=required, max_len=FIELD_LIMITS[name])
 
     name = field("name")
     from_email = field("from_email")
@@ -139,17 +146,11 @@ def parse_batch_fields(data: Any, *, allow_recipients: bool = True) -> BatchSpec
     if html is None and body_text is None:
         errors.append({"field": "html", "message": "html or text (or both) is required"})
     provider = field("provider")
-    if provider is not None and provider not in KNOWN:
+    if provider is not None and provider not in PROVIDERS:
         errors.append(
-            {"field": "provider", "message": f"unknown provider; one of {', '.join(KNOWN)}"}
+            {"field": "provider", "message": f"unknown provider; one of {', '.join(PROVIDERS)}"}
         )
-    elif provider is not None and provider not in PROVIDERS:
-        errors.append(
-            {
-                "field": "provider",
-                "message": f"not available on this server; one of {', '.join(PROVIDERS)}",
-            }
-        )
+    provider_account = field("provider_account")
     scheduled_at = _scheduled_at(data.get("scheduled_at"), errors)
     dry_run = _as_bool("dry_run", data.get("dry_run", False), errors)
     draft = _as_bool("draft", data.get("draft", False), errors)
@@ -164,6 +165,7 @@ def parse_batch_fields(data: Any, *, allow_recipients: bool = True) -> BatchSpec
         html=html,
         text=body_text,
         provider=provider or "",
+        provider_account=provider_account,
         scheduled_at=scheduled_at,
         dry_run=dry_run,
         draft=draft,

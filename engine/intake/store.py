@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from engine import lifecycle, tenants
+from engine import accounts, lifecycle, tenants
 from engine.batches import batch_uuid
 from engine.chunks import queue_batch
 from engine.errors import Conflict, NotFound, ValidationError
@@ -80,13 +80,11 @@ async def create_batch(
     ``external_id`` (a NATS ``Nats-Msg-Id``) and ``idempotency_key`` make a repeated create
     return the first batch instead of a second one.
     """
-    if not services.settings.provider_enabled(spec.provider):
-        error = {"field": "provider", "message": "not enabled on this server"}
-        raise ValidationError(summary([error]), {"errors": [error]})
     batch_id = uuid.uuid4()
     status = lifecycle.first_status(spec.draft, spec.scheduled_at)
-    chunk_size = PROVIDERS[spec.provider].max_per_call
     async with services.pool.acquire() as conn:
+        account_id = await _account(conn, services, tenant_id, spec)
+        chunk_size = PROVIDERS[spec.provider].max_per_call
         tenant_limits = await tenants.limits(conn, tenant_id, services.settings)
         copier = RecipientCopier(
             batch_id, spec.template, "queued" if status == "queued" else "pending", tenant_limits
@@ -109,9 +107,10 @@ async def create_batch(
                 await conn.execute(
                     """INSERT INTO batches (id, tenant_id, name, from_email, from_name, subject,
                            html, text, provider, status, chunk_size, dry_run, metadata,
-                           scheduled_at, external_id, idempotency_key, request_hash)
+                           scheduled_at, external_id, idempotency_key, request_hash,
+                           provider_account_id)
                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'creating', $10, $11, $12,
-                               $13, $14, $15, $16)""",
+                               $13, $14, $15, $16, $17)""",
                     batch_id,
                     tenant_id,
                     spec.name,
@@ -128,6 +127,7 @@ async def create_batch(
                     external_id,
                     idempotency_key,
                     request_hash,
+                    account_id,
                 )
                 await copier.copy(conn, rows)
                 total = copier.count
@@ -157,6 +157,35 @@ async def create_batch(
     if final_status == "queued":
         await queue_batch(services, batch_id, spec.provider, tenant_id, total, chunk_size)
     return Created(str(batch_id), final_status, total, suppressed)
+
+
+async def _account(
+    conn: asyncpg.Connection, services: Services, tenant_id: str, spec: BatchSpec
+) -> uuid.UUID | None:
+    """The id of the tenant's provider account the batch names (its provider set on
+    ``spec``), or None for the server's default account of ``spec.provider``;
+    ``ValidationError`` naming the field when neither can send it."""
+
+    def refuse(field: str, message: str) -> ValidationError:
+        error = {"field": field, "message": message}
+        return ValidationError(summary([error]), {"errors": [error]})
+
+    if spec.provider_account is None:
+        if not services.settings.provider_enabled(spec.provider):
+            raise refuse(
+                "provider",
+                "no default account for it on this server; name one of your provider "
+                "accounts in provider_account",
+            )
+        return None
+    found = await accounts.resolve(conn, tenant_id, spec.provider_account)
+    if found is None:
+        raise refuse("provider_account", "no such provider account")
+    account_id, provider = found
+    if spec.provider and spec.provider != provider:
+        raise refuse("provider_account", f"is a {provider} account, not {spec.provider}")
+    spec.provider = provider
+    return account_id
 
 
 async def append_recipients(

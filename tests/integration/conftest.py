@@ -9,6 +9,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from api.app import create_app
 from engine.config import Settings
+from tests.worker_support import own  # noqa: F401 - a fixture of every test here
 
 
 @pytest.fixture(scope="module")

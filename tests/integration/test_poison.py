@@ -11,21 +11,16 @@ with the mock provider server on a loopback port.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-import pytest
 from aiohttp import web
-from nats.js.errors import NotFoundError
 
 from devkit.mock_provider import build_app
 from engine.clickhouse import ClickHouse
-from engine.config import Settings
 from engine.event_writer import EventWriter
 from engine.intake.decoders import list_rows
 from engine.intake.fields import parse_batch_fields
@@ -33,33 +28,19 @@ from engine.intake.store import create_batch
 from engine.results import Columns, apply_messages, encode
 from engine.sender import Sender
 from engine.services import Services
-from engine.topology import Redelivery, delete_topology
-from engine.worker import Worker
 from providers.base import Message, SendResult
 from providers.mock import MockProvider
+from tests.worker_support import (
+    FAST,
+    batch_status,
+    dead_letters,
+    eventually,
+    recipients,
+    worker_loops,
+)
 
 FIELDS = {"name": "poison", "from_email": "news@shop.example", "subject": "Hi {{ name }}",
           "text": "Hello", "provider": "mock"}  # fmt: skip
-FAST = Redelivery(max_deliveries=3, base_delay=0.2, max_delay=0.2)
-
-
-@pytest.fixture
-async def own(migrated: Settings) -> AsyncIterator[Services]:
-    """Services on streams and Dragonfly keys of this test alone (the session's database)."""
-    tag = uuid.uuid4().hex[:6]
-    settings = dataclasses.replace(
-        migrated, nats_prefix=f"{migrated.nats_prefix}p{tag}", key_prefix=f"bsp{tag}:"
-    )
-    services = await Services.open(settings)
-    await services.redis.set(services.key("state"), "1")  # a deployment with its state
-    try:
-        yield services
-    finally:
-        await delete_topology(services.js, services.topology)
-        keys = [key async for key in services.redis.scan_iter(match=f"bsp{tag}:*")]
-        if keys:
-            await services.redis.delete(*keys)
-        await services.close()
 
 
 @asynccontextmanager
@@ -74,64 +55,11 @@ async def mock_server() -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-@asynccontextmanager
-async def worker_loops(
-    services: Services, sender: Sender, redelivery: Redelivery = FAST
-) -> AsyncIterator[Worker]:
-    """The worker's send and results-pg loops, as ``Worker.run`` starts them."""
-    worker = Worker(services.settings, redelivery=redelivery)
-    loops = [
-        asyncio.create_task(worker._send_loop(services.js, services.topology.send_stream, sender)),
-        asyncio.create_task(worker._results_loop(services)),
-    ]
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(asyncio.gather(*loops), 30)
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        value = await check()
-        if value:
-            return value
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
-
-
 async def new_batch(services: Services, tenant_id: str, rows: list[dict], **fields: Any) -> str:
     spec = parse_batch_fields(FIELDS | fields)
     created = await create_batch(services, tenant_id, spec, list_rows(rows))
     assert created.status == "queued", created
     return created.id
-
-
-async def batch_status(services: Services, batch_id: str) -> str:
-    return await services.pool.fetchval(
-        "SELECT status FROM batches WHERE id = $1", uuid.UUID(batch_id)
-    )
-
-
-async def recipients(services: Services, batch_id: str) -> dict[str, dict[str, Any]]:
-    rows = await services.pool.fetch(
-        "SELECT seq, email, status, error FROM recipients WHERE batch_id = $1",
-        uuid.UUID(batch_id),
-    )
-    return {r["email"]: dict(r) for r in rows}
-
-
-async def dead_letters(services: Services) -> list[dict[str, Any]]:
-    stream = services.topology.dlq_stream
-    state = (await services.js.stream_info(stream)).state
-    found = []
-    for seq in range(max(1, state.first_seq), state.last_seq + 1):
-        try:
-            found.append(orjson.loads((await services.js.get_msg(stream, seq)).data))
-        except NotFoundError:
-            continue
-    return found
 
 
 async def nothing_waits(services: Services, stream: str, consumer: str) -> bool:

@@ -185,3 +185,37 @@ async def test_values_of_the_wrong_type_are_refused(client: TestClient, tenant) 
         assert status == 422 and error["error"]["code"] == "invalid_account", (change, error)
     too_long = await client.get(f"/api/provider-accounts?cursor={'0' * 101}", headers=bearer(key))
     assert too_long.status == 422
+
+
+async def test_an_account_is_replaced_whole_but_keeps_its_provider(
+    client: TestClient, tenant: tuple[str, str], services: Services
+) -> None:
+    tenant_id, key = tenant
+    _, created = await _create(client, key, SES)
+    rotated = {**SES, "credentials": {**SES["credentials"], "secret_access_key": "n" * 40},
+               "rate_per_second": 20, "daily_quota": None}  # fmt: skip
+    path = f"/api/provider-accounts/{created['id']}"
+    response = await client.put(path, headers=bearer(key), json=rotated)
+    replaced = await response.json()
+    assert response.status == 200, replaced
+    assert replaced["id"] == created["id"] and replaced["rate_per_second"] == 20
+    assert replaced["credentials"]["secret_access_key"] == "••••nnnn"
+    assert replaced["daily_quota"] is None
+    opened = await accounts.account(
+        services.pool, accounts.Sealer(services.settings.credentials_keys), tenant_id, "ses-eu"
+    )
+    assert opened.credentials["secret_access_key"] == "n" * 40
+
+    other = {"name": "ses-eu", "provider": "sendgrid", "credentials": {"api_key": "k" * 20},
+             "rate_per_second": 5}  # fmt: skip
+    response = await client.put(path, headers=bearer(key), json=other)
+    assert response.status == 422
+    assert (await response.json())["error"]["details"] == {"field": "provider"}
+    response = await client.put(
+        f"/api/provider-accounts/{uuid.uuid4()}", headers=bearer(key), json=rotated
+    )
+    assert response.status == 404
+    response = await client.put(path, headers=bearer(key), json={**rotated, "region": "x"})
+    assert response.status == 422  # validated as at create; nothing changed
+    shown = await (await client.get(path, headers=bearer(key))).json()
+    assert shown == replaced

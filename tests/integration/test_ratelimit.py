@@ -169,3 +169,19 @@ async def test_refill_is_capped_at_the_burst(services: Services) -> None:
     )
     assert (await buckets.reserve(3, bucket)).wait == 0.0  # a long idle time gives the burst
     assert_wait((await buckets.reserve(1, bucket)).wait, 10.0)  # ... and not one token more
+
+
+async def test_a_hold_gives_no_token_for_its_seconds(services: Services) -> None:
+    """What a provider's "retry after 2 s" does to the account's bucket: a full bucket
+    gives nothing until then, to every process (they all read the same key)."""
+    buckets = TokenBuckets(services.redis, max_wait=600)
+    held = key(services, "held")
+    rate = Rate(100, 50)
+    await buckets.hold(held, rate, 2.0)
+    first = await buckets.reserve(1, [(held, rate)])
+    assert first.granted
+    assert_wait(first.wait, 2.0 + 1 / rate.per_second)  # 2 s of tokens, then its own
+    emptier = key(services, "emptier")
+    await buckets.reserve(50 + 100, [(emptier, rate)])  # a second in debt already
+    await buckets.hold(emptier, rate, 0.5)  # a hold only ever lowers the level
+    assert_wait((await buckets.reserve(1, [(emptier, rate)])).wait, 1.0 + 1 / rate.per_second)

@@ -64,7 +64,7 @@ async def test_webhook_with_valid_signature_lands_on_results(
                  "Content-Type": "application/json"},
     )  # fmt: skip
     assert response.status == 200, await response.text()
-    assert await response.json() == {"accepted": 2}
+    assert await response.json() == {"accepted": 2, "ignored": 0}
 
     assert await results_last_seq(services) == before + 1
     message = await services.js.get_msg(services.topology.results_stream, before + 1)

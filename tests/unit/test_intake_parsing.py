@@ -167,16 +167,20 @@ def test_unknown_provider() -> None:
     assert "mock" in errors[0]["message"]
 
 
-@pytest.mark.parametrize("provider", ["ses", "sendgrid", "mailgun", "postmark", "resend"])
-def test_provider_without_an_adapter(provider: str) -> None:
-    errors = field_errors({**GOOD, "provider": provider})
-    assert fields_of(errors) == ["provider"]
-    assert errors[0]["message"].startswith("not available on this server")
-
-
-@pytest.mark.parametrize("provider", ["mock", "smtp"])
+@pytest.mark.parametrize(
+    "provider", ["mock", "smtp", "ses", "sendgrid", "mailgun", "postmark", "resend"]
+)
 def test_available_providers(provider: str) -> None:
     assert parse_batch_fields({**GOOD, "provider": provider}).provider == provider
+
+
+def test_a_provider_account_may_stand_for_the_provider() -> None:
+    fields = {key: value for key, value in GOOD.items() if key != "provider"}
+    spec = parse_batch_fields({**fields, "provider_account": "marketing-eu"})
+    assert (spec.provider, spec.provider_account) == ("", "marketing-eu")
+    assert field_errors(fields) == [{"field": "provider", "message": "is required"}]
+    errors = field_errors({**GOOD, "provider_account": "x" * 101})
+    assert errors == [{"field": "provider_account", "message": "must be at most 100 characters"}]
 
 
 @pytest.mark.parametrize("when", ["tomorrow", "2031-13-01T00:00:00", "", "12:00"])
@@ -216,7 +220,7 @@ def test_field_errors(field: str, value: Any, message: str) -> None:
 
 def test_every_error_is_reported_at_once() -> None:
     errors = field_errors(
-        {"name": 1, "from_email": "x", "subject": "s", "text": "t", "provider": "ses",
+        {"name": 1, "from_email": "x", "subject": "s", "text": "t", "provider": "pigeon",
          "dry_run": "?", "scheduled_at": "soon", "extra": 1}
     )  # fmt: skip
     assert sorted(fields_of(errors)) == sorted(

@@ -220,9 +220,11 @@ def test_a_post_without_event_data_is_refused(body: bytes) -> None:
         parse_webhook(body)
 
 
-def test_the_webhook_spec_reads_its_key_from_the_settings() -> None:
-    settings = SimpleNamespace(mailgun_webhook_signing_key=KEY)
+def test_the_webhook_spec_verifies_with_an_accounts_key_only() -> None:
     body = post(sample("clicked"))
-    assert WEBHOOK.verify(body, {}, WEBHOOK.secret(settings)) is not None
+    assert WEBHOOK.secret(SimpleNamespace()) == ""  # no default account in the settings
+    assert WEBHOOK.verify(body, {}, "") is None
+    assert WEBHOOK.verify(body, {}, KEY) is not None  # an account's signing key
+    assert not WEBHOOK.repeat_is_retry  # a token is used once
     assert WEBHOOK.parse(body) == parse_webhook(body)
     assert WEBHOOK.headers == ()

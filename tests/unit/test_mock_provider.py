@@ -443,7 +443,7 @@ _VALID_EVENT = {"event_id": "e", "event": "delivered", "ref": "r", "timestamp": 
         (b"[1]", "object"),
         (orjson.dumps([{**_VALID_EVENT, "ref": None}]), "'ref'"),
         (orjson.dumps([{k: v for k, v in _VALID_EVENT.items() if k != "event_id"}]), "event_id"),
-        (orjson.dumps([{**_VALID_EVENT, "event": "opened"}]), "unknown event type"),
+        (orjson.dumps([{**_VALID_EVENT, "event": "exploded"}]), "unknown event type"),
         (orjson.dumps([{**_VALID_EVENT, "timestamp": "now"}]), "timestamp"),
         (orjson.dumps([{**_VALID_EVENT, "timestamp": True}]), "timestamp"),
         (orjson.dumps([_VALID_EVENT, {**_VALID_EVENT, "email": 5}]), "event 1: 'email'"),

@@ -15,7 +15,6 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from providers.base import WEBHOOK_EVENTS
 from providers.resend import (
@@ -26,6 +25,7 @@ from providers.resend import (
     verify_webhook,
 )
 from tests import provider_support
+from tests.provider_support import svix_headers
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "resend"
 REF = "4f3c2a1e-8b7d-4c6a-9e5f-1a2b3c4d5e6f:7"
@@ -52,13 +52,7 @@ def signed_headers(
     body: bytes, *, secret: str = SECRET, msg_id: str = MSG_ID, at: float | None = None
 ) -> dict[str, str]:
     """The svix-* headers Resend (Svix) sends with ``body``."""
-    when = datetime.fromtimestamp(time.time() if at is None else at, tz=UTC)
-    signature = StandardWebhook(secret).sign(msg_id, when, body.decode())
-    return {
-        "svix-id": msg_id,
-        "svix-timestamp": str(int(when.timestamp())),
-        "svix-signature": signature,
-    }
+    return svix_headers(body, secret, msg_id, at)
 
 
 # --- verify ---------------------------------------------------------------------------

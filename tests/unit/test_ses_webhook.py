@@ -15,7 +15,7 @@ import orjson
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from providers.base import Signed
@@ -33,6 +33,9 @@ from providers.ses import (
     subscribe_url,
     verify_sns,
 )
+from tests.provider_support import CertFetcher as Fetcher
+from tests.provider_support import documented_string_to_sign, make_cert
+from tests.provider_support import sign_sns as sign
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "ses"
 TOPIC = "arn:aws:sns:us-west-2:123456789012:MyTopic"
@@ -45,21 +48,6 @@ REF = "0b7c1f4e-5d7a-4c1e-9f0e-2a6d3c4b5a69:17"
 
 def load(name: str) -> dict[str, Any]:
     return orjson.loads((FIXTURES / name).read_bytes())
-
-
-def make_cert(key: rsa.RSAPrivateKey, *, not_before: dt.datetime, not_after: dt.datetime) -> bytes:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 @pytest.fixture(scope="module")
@@ -77,39 +65,9 @@ def pem(key: rsa.RSAPrivateKey) -> bytes:
     )
 
 
-class Fetcher:
-    """A ``fetch_cert`` that serves one PEM and records the URLs asked for."""
-
-    def __init__(self, pem: bytes) -> None:
-        self.pem = pem
-        self.urls: list[str] = []
-
-    async def __call__(self, url: str) -> bytes:
-        self.urls.append(url)
-        return self.pem
-
-
 @pytest.fixture
 def fetcher(pem: bytes) -> Fetcher:
     return Fetcher(pem)
-
-
-def documented_string_to_sign(message: dict[str, Any]) -> bytes:
-    """The string to sign written out from the SNS documentation, independently of
-    providers.ses: name, newline, value, newline, for the fields of the type."""
-    if message["Type"] == "Notification":
-        names = ["Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"]
-    else:
-        names = ["Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type"]
-    return "".join(f"{n}\n{message[n]}\n" for n in names if n in message).encode()
-
-
-def sign(message: dict[str, Any], key: rsa.RSAPrivateKey, version: str = "1") -> dict[str, Any]:
-    signed = dict(message, SignatureVersion=version)
-    algorithm = hashes.SHA1() if version == "1" else hashes.SHA256()
-    raw = key.sign(documented_string_to_sign(signed), padding.PKCS1v15(), algorithm)
-    signed["Signature"] = base64.b64encode(raw).decode()
-    return signed
 
 
 def body(message: dict[str, Any]) -> bytes:
