@@ -155,6 +155,14 @@ class Cells:
             args=[claim.token, DONE_TTL_SECONDS, *_ranges(done_seqs)],
         )
 
+    async def mark(self, claim: Claim, done_seqs: list[int]) -> None:
+        """Mark recipients whose results are now in NATS, keeping the lease (more of the
+        cell is still to send)."""
+        await self._finish(
+            keys=[self._done_key(claim.batch_id), self._lease_key(claim.batch_id, claim.first)],
+            args=["", DONE_TTL_SECONDS, *_ranges(done_seqs)],  # no token: the lease stays
+        )
+
     async def renew(self) -> int:
         """Extend every lease this process holds (the worker's heartbeat calls this)."""
         if not self.held:

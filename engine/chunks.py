@@ -6,6 +6,13 @@ JSON object, ``{"b": batch id, "t": tenant, "p": provider, "f": first seq, "n": 
 "g": generation}`` (``g`` only when not 0), published to ``{prefix}.send.{provider}`` under
 the message id ``batch:first[:tag]``, so JetStream drops a chunk published twice; a
 resume, cancel, replay or recovery publishes under its own tag.
+
+A cell holds ``cell_size`` recipients: as many whole provider calls as fit in
+``CELL_RECIPIENTS`` (at least one). Every chunk message costs the same whatever its size
+(publish, fetch, ack, the cell's claim, one query for its recipients, the batch's status),
+so large cells spread that over many recipients; the sender still calls the provider in
+its batch size and publishes each call's results at once (``engine.sender.Outbox``), so a
+worker killed mid-chunk can send again only the call it was making.
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ from engine.services import Services
 MAX_SEQ = 2**31 - 1  # recipients.seq is an int4
 _PUBLISH_WINDOW = 512  # chunks published before waiting for their acks
 ANALYZE_AT = 10_000  # recipients of a batch that refresh the table's statistics (queue_batch)
+CELL_RECIPIENTS = 1000  # recipients per cell, rounded down to whole provider calls
+
+
+def cell_size(max_per_call: int) -> int:
+    """The recipients of one cell (one chunk message) for a provider taking
+    ``max_per_call`` per call."""
+    return max_per_call * max(1, CELL_RECIPIENTS // max_per_call)
 
 
 @dataclass(frozen=True, slots=True)

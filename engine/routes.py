@@ -52,10 +52,6 @@ class Route:
     # faults injected per request, not a limit.
     adapts: bool = False
 
-    @property
-    def max_per_call(self) -> int:
-        return self.provider.max_per_call
-
 
 @dataclass(slots=True)
 class _Cached:

@@ -35,7 +35,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from engine import deadletters, lifecycle, metrics, results, tracing
-from engine.cells import Cells
+from engine.cells import Cells, Claim
 from engine.chunks import Chunk
 from engine.config import Rate, parse_rate
 from engine.lifecycle import SENDING
@@ -160,7 +160,6 @@ class Sender:
         if claim is None:  # another worker holds this cell; by the next look it is done
             await msg.nak(delay=2.0)
             return
-        published: list[int] = []  # only results durable in NATS are marked done
         try:
             rows = await self.services.pool.fetch(
                 """SELECT seq, email, name, vars FROM recipients
@@ -172,12 +171,9 @@ class Sender:
             )
             rows = [r for r in rows if not claim.done(r["seq"])]
             if rows:
-                out = await self._send(info, rows, msg)
-                if out:
-                    await results.publish(self.services, info.tenant_id, info.provider, out)
-                    published = out.seq
+                await self._send(info, rows, msg, Outbox(self, info, claim))
         finally:
-            await self.cells.finish(claim, published)
+            await self.cells.finish(claim, [])  # the results' bits are set as they go
         await msg.ack()
 
     async def give_up(self, msg: Msg, reason: str) -> None:
@@ -237,39 +233,21 @@ class Sender:
             await self.cells.finish(claim, published)
         await msg.term()
 
-    async def _send(self, info: BatchInfo, rows: list, msg: Msg) -> Columns:
-        out = Columns()
+    async def _send(self, info: BatchInfo, rows: list, msg: Msg, box: Outbox) -> None:
         if info.dry_run or info.status == "cancelled":  # nothing goes to the provider
             status = "cancelled" if info.status == "cancelled" else "sent"
             for r in rows:
-                out.append(info.id, r["seq"], status, attempts=0, domain=_domain(r["email"]))
-            return out
-        exhausted: list[tuple[int, str | None, int]] = []  # retryable, past the retry budget
-        unbuildable: list[tuple[int, str | None, int]] = []  # no message could be built
-        await self._deliver(info, rows, msg, out, exhausted, unbuildable)
-        self._count(info, out)
-        for reason, failed in (
-            ("the message could not be built", unbuildable),
-            ("retryable provider errors past the retry budget", exhausted),
-        ):
-            if failed:
-                await deadletters.send(
-                    self.services, info.id, info.tenant_id, info.provider, reason, failed
-                )
-        return out
+                box.out.append(info.id, r["seq"], status, attempts=0, domain=_domain(r["email"]))
+            await box.flush(count=False)
+            return
+        await self._deliver(info, rows, msg, box)
+        await box.flush()  # what the last call left: a cancel's rows, unbuildable ones
 
-    async def _deliver(
-        self,
-        info: BatchInfo,
-        rows: list,
-        msg: Msg,
-        out: Columns,
-        exhausted: list[tuple[int, str | None, int]],
-        unbuildable: list[tuple[int, str | None, int]],
-    ) -> None:
+    async def _deliver(self, info: BatchInfo, rows: list, msg: Msg, box: Outbox) -> None:
         """Provider calls with retries, until every row has a result or the batch stops
-        sending (paused: the rest stays ``queued``; cancelled: the rest is ``cancelled``)."""
-        route = await self._route(info, rows, out)
+        sending (paused: the rest stays ``queued``; cancelled: the rest is ``cancelled``).
+        The results of each call are flushed (``Outbox``) before the next call starts."""
+        route = await self._route(info, rows, box)
         if route is None:
             return
         provider, configured = route.provider, route.rate
@@ -287,13 +265,11 @@ class Sender:
         while pending:
             retry, retry_after, throttled = [], 0.0, 0
             for start in range(0, len(pending), step):
-                part, messages = self._messages(
-                    info, pending[start : start + step], attempt, out, unbuildable
-                )
+                part, messages = self._messages(info, pending[start : start + step], attempt, box)
                 if not part:
                     continue
                 if not await self._take_tokens(info, len(part), route.bucket, rate, msg):
-                    self._stopped(info, out, part + pending[start + step :] + retry)
+                    self._stopped(info, box.out, part + pending[start + step :] + retry)
                     return
                 if route.daily_quota is not None:
                     allowed = await self._allowed_today(route, len(part))
@@ -321,7 +297,7 @@ class Sender:
                         retry_after = max(retry_after, answer.retry_after or 0.0)
                         throttled += answer.throttled
                         continue
-                    out.append(
+                    box.out.append(
                         info.id,
                         row["seq"],
                         "sent" if ok else "failed",
@@ -332,7 +308,8 @@ class Sender:
                         domain=_domain(row["email"]),
                     )
                     if not ok and answer.retryable:
-                        exhausted.append((row["seq"], answer.error, attempt))
+                        box.dead_letter(EXHAUSTED, row["seq"], answer.error, attempt)
+                await box.flush()
                 if hold is not None:
                     break
                 if route.adapts and throttled_now and wait_now > 0:
@@ -343,12 +320,12 @@ class Sender:
             if retry:
                 _count_retries(info.provider, len(retry), throttled)
             if retry and not await self._backoff(info, attempt, retry_after, msg):
-                self._stopped(info, out, retry)
+                self._stopped(info, box.out, retry)
                 return
             attempt += 1
             pending = retry
 
-    async def _route(self, info: BatchInfo, rows: list, out: Columns) -> Route | None:
+    async def _route(self, info: BatchInfo, rows: list, box: Outbox) -> Route | None:
         """The batch's route; None when its provider account is gone or unusable: then
         its rows are ``failed`` with the reason here (a replay from the DLQ sends them once
         the account is back)."""
@@ -362,17 +339,10 @@ class Sender:
         if route is not None:
             return route
         for r in rows:
-            out.append(
+            box.out.append(
                 info.id, r["seq"], "failed", error=error, attempts=0, domain=_domain(r["email"])
             )
-        await deadletters.send(
-            self.services,
-            info.id,
-            info.tenant_id,
-            info.provider,
-            error,
-            [(r["seq"], error, 0) for r in rows],
-        )
+            box.dead_letter(error, r["seq"], error, 0)
         return None
 
     async def _allowed_today(self, route: Route, n: int) -> int:
@@ -407,12 +377,7 @@ class Sender:
             metrics.EMAILS.labels(info.provider, "failed").inc(failed)
 
     def _messages(
-        self,
-        info: BatchInfo,
-        rows: list,
-        attempt: int,
-        out: Columns,
-        unbuildable: list[tuple[int, str | None, int]],
+        self, info: BatchInfo, rows: list, attempt: int, box: Outbox
     ) -> tuple[list, list[Message]]:
         """The rows whose message could be built, and their messages. A row whose message
         cannot be built is ``failed`` with the reason here: it would fail the same way on
@@ -424,7 +389,7 @@ class Sender:
                 messages.append(build_message(info, row, public_url, secret))
             except Exception as exc:
                 error = f"message could not be built: {deadletters.reason_of(exc)}"
-                out.append(
+                box.out.append(
                     info.id,
                     row["seq"],
                     "failed",
@@ -432,7 +397,7 @@ class Sender:
                     attempts=attempt,
                     domain=_domain(row["email"]),
                 )
-                unbuildable.append((row["seq"], error, attempt))
+                box.dead_letter(UNBUILDABLE, row["seq"], error, attempt)
             else:
                 built.append(row)
         return built, messages
@@ -526,6 +491,41 @@ def build_message(
         rendered.text,
         headers,
     )
+
+
+class Outbox:
+    """A chunk's results on their way out, flushed after every provider call: dead letters
+    first, then the results published to NATS, then their done bits set. A worker killed
+    mid-chunk can so send again at most the recipients of the call it was making; a cell
+    may hold many calls (``engine.chunks.cell_size``)."""
+
+    __slots__ = ("sender", "info", "claim", "out", "dead")
+
+    def __init__(self, sender: Sender, info: BatchInfo, claim: Claim) -> None:
+        self.sender, self.info, self.claim = sender, info, claim
+        self.out = Columns()
+        self.dead: dict[str, list[tuple[int, str | None, int]]] = {}  # reason -> entries
+
+    def dead_letter(self, reason: str, seq: int, error: str | None, attempts: int) -> None:
+        self.dead.setdefault(reason, []).append((seq, error, attempts))
+
+    async def flush(self, *, count: bool = True) -> None:
+        if not self.out:
+            return
+        sender, info, out = self.sender, self.info, self.out
+        for reason, entries in self.dead.items():
+            await deadletters.send(
+                sender.services, info.id, info.tenant_id, info.provider, reason, entries
+            )
+        await results.publish(sender.services, info.tenant_id, info.provider, out)
+        await sender.cells.mark(self.claim, out.seq)
+        if count:
+            sender._count(info, out)
+        self.out, self.dead = Columns(), {}
+
+
+UNBUILDABLE = "the message could not be built"
+EXHAUSTED = "retryable provider errors past the retry budget"
 
 
 @dataclass(frozen=True, slots=True)

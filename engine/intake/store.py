@@ -20,7 +20,7 @@ import asyncpg
 
 from engine import accounts, lifecycle, tenants
 from engine.batches import batch_uuid
-from engine.chunks import queue_batch
+from engine.chunks import cell_size, queue_batch
 from engine.errors import Conflict, NotFound, ValidationError
 from engine.intake.copier import RecipientCopier
 from engine.intake.fields import BatchSpec, summary
@@ -84,7 +84,7 @@ async def create_batch(
     status = lifecycle.first_status(spec.draft, spec.scheduled_at)
     async with services.pool.acquire() as conn:
         account_id = await _account(conn, services, tenant_id, spec)
-        chunk_size = PROVIDERS[spec.provider].max_per_call
+        chunk_size = cell_size(PROVIDERS[spec.provider].max_per_call)
         tenant_limits = await tenants.limits(conn, tenant_id, services.settings)
         copier = RecipientCopier(
             batch_id, spec.template, "queued" if status == "queued" else "pending", tenant_limits

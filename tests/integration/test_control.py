@@ -17,7 +17,9 @@ from engine.intake.store import create_batch
 from engine.results import decode
 from engine.services import Services
 from tests.integration.conftest import bearer
-from tests.integration.test_intake import chunks_since, last_seq, recipients, spec
+from tests.integration.test_intake import CELL, chunks_since, last_seq, recipients, spec
+
+HALF = CELL // 2
 
 
 async def _create(services: Services, tenant_id: str, total: int, **fields) -> str:
@@ -43,7 +45,7 @@ async def _results_seq(services: Services) -> int:
 
 async def test_pause_resume_cancel_follow_the_batch_state(client, services, tenant):
     tenant_id, key = tenant
-    batch_id = await _create(services, tenant_id, 250)
+    batch_id = await _create(services, tenant_id, 2 * CELL + HALF)
     url = f"/api/batches/{batch_id}"
 
     response = await client.post(f"{url}/pause", headers=bearer(key))
@@ -59,7 +61,7 @@ async def test_pause_resume_cancel_follow_the_batch_state(client, services, tena
     chunks = await chunks_since(services, before, batch_id)
     # One chunk per cell still holding queued recipients, under a new id (JetStream would
     # drop a re-publish under the first id) and with the batch's new generation.
-    assert [(c["f"], c["g"]) for c in chunks] == [(1, 1), (101, 1), (201, 1)]
+    assert [(c["f"], c["g"]) for c in chunks] == [(1, 1), (CELL + 1, 1), (2 * CELL + 1, 1)]
     assert all(c["_id"].endswith(":g1") for c in chunks)
 
     other = await tenants.create_key(services.pool, f"t{uuid.uuid4().hex[:10]}")
@@ -87,7 +89,7 @@ async def test_cancelling_a_scheduled_batch_ends_every_recipient_at_once(client,
 async def test_a_due_scheduled_batch_is_started_by_the_leader(services, tenant):
     tenant_id, _ = tenant
     soon = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
-    batch_id = await _create(services, tenant_id, 150, scheduled_at=soon)
+    batch_id = await _create(services, tenant_id, CELL + HALF, scheduled_at=soon)
     await leader.start_due(services)
     assert await _status(services, batch_id) == "scheduled"  # not yet
     # One address was suppressed after the batch was created: skipped at its start.
@@ -103,13 +105,13 @@ async def test_a_due_scheduled_batch_is_started_by_the_leader(services, tenant):
     assert await leader.start_due(services) >= 1
     assert await _status(services, batch_id) == "queued"
     chunks = await chunks_since(services, before, batch_id)
-    assert [(c["f"], c["n"]) for c in chunks] == [(1, 100), (101, 50)]
+    assert [(c["f"], c["n"]) for c in chunks] == [(1, CELL), (CELL + 1, HALF)]
     counts = dict(
         await services.pool.fetch(
             "SELECT status, n FROM batch_counts WHERE batch_id = $1", uuid.UUID(batch_id)
         )
     )
-    assert counts == {"queued": 149, "suppressed": 1}
+    assert counts == {"queued": CELL + HALF - 1, "suppressed": 1}
 
 
 async def test_sending_a_draft_queues_it(client, services, tenant):
@@ -126,18 +128,18 @@ async def test_sending_a_draft_queues_it(client, services, tenant):
 async def test_the_leader_settles_a_cancelled_batch_around_cells_in_flight(services, tenant):
     tenant_id, _ = tenant
     await services.redis.set(services.key("state"), "1")
-    batch_id = await _create(services, tenant_id, 250)
+    batch_id = await _create(services, tenant_id, 2 * CELL + HALF)
     cells = Cells(services)
-    in_flight = await Cells(services).claim(batch_id, 101, 100)  # a worker is in cell 101
-    await cells.finish(await cells.claim(batch_id, 1, 100), [1, 2])  # results on their way
+    in_flight = await Cells(services).claim(batch_id, CELL + 1, CELL)  # a worker is in cell 2
+    await cells.finish(await cells.claim(batch_id, 1, CELL), [1, 2])  # results on their way
     await services.pool.execute(
         "UPDATE batches SET status = 'cancelled' WHERE id = $1", uuid.UUID(batch_id)
     )
     seq = await _results_seq(services)
-    assert await leader.settle_cancelled(services, cells) >= 148
+    assert await leader.settle_cancelled(services, cells) >= CELL - 2 + HALF
     published = [r for m in await _results_since(services, seq) for r in m.rows]
     mine = sorted(r.seq for r in published if r.batch_id == batch_id)
-    assert mine == list(range(3, 101)) + list(range(201, 251))
+    assert mine == list(range(3, CELL + 1)) + list(range(2 * CELL + 1, 2 * CELL + HALF + 1))
     assert {r.status for r in published if r.batch_id == batch_id} == {"cancelled"}
 
     seq = await _results_seq(services)
@@ -145,18 +147,22 @@ async def test_the_leader_settles_a_cancelled_batch_around_cells_in_flight(servi
     assert not [
         r for m in await _results_since(services, seq) for r in m.rows if r.batch_id == batch_id
     ]
-    await cells.finish(in_flight, [101])  # the worker stopped after one recipient
+    await cells.finish(in_flight, [CELL + 1])  # the worker stopped after one recipient
     await leader.settle_cancelled(services, cells)
     published = [r for m in await _results_since(services, seq) for r in m.rows]
-    assert sorted(r.seq for r in published if r.batch_id == batch_id) == list(range(102, 201))
+    assert sorted(r.seq for r in published if r.batch_id == batch_id) == list(
+        range(CELL + 2, 2 * CELL + 1)
+    )
 
 
 async def test_a_stalled_batch_gets_its_unfinished_cells_again(services, tenant):
     tenant_id, _ = tenant
-    batch_id = await _create(services, tenant_id, 250)
-    await services.pool.execute(  # cell 101 is done; nothing moved for ten minutes
-        """UPDATE recipients SET status = 'sent' WHERE batch_id = $1 AND seq BETWEEN 101 AND 200""",
+    batch_id = await _create(services, tenant_id, 2 * CELL + HALF)
+    await services.pool.execute(  # the second cell is done; nothing moved for ten minutes
+        "UPDATE recipients SET status = 'sent' WHERE batch_id = $1 AND seq BETWEEN $2 AND $3",
         uuid.UUID(batch_id),
+        CELL + 1,
+        2 * CELL,
     )
     await services.pool.execute(
         "UPDATE batches SET queued_at = now() - interval '10 minutes' WHERE id = $1",
@@ -166,7 +172,7 @@ async def test_a_stalled_batch_gets_its_unfinished_cells_again(services, tenant)
     before = await last_seq(services)
     assert await leader.recover_stalled(services) >= 1
     chunks = await chunks_since(services, before, batch_id)
-    assert [(c["f"], c["g"]) for c in chunks] == [(1, 1), (201, 1)]
+    assert [(c["f"], c["g"]) for c in chunks] == [(1, 1), (2 * CELL + 1, 1)]
     await leader.recover_stalled(services)  # its progress clock was reset: not again at once
     assert len(await chunks_since(services, before, batch_id)) == len(chunks)
 

@@ -10,11 +10,13 @@ from typing import Any
 import orjson
 import pytest
 
+from engine.chunks import cell_size
 from engine.errors import Conflict, PayloadTooLarge, ValidationError
 from engine.intake.decoders import list_rows
 from engine.intake.fields import parse_batch_fields
 from engine.intake.store import create_batch, request_digest
 from engine.services import Services
+from providers.registry import PROVIDERS
 
 FIELDS = {
     "name": "Intake test",
@@ -23,6 +25,9 @@ FIELDS = {
     "html": "<p>Your code: {{ code }}</p>",
     "provider": "mock",
 }
+
+
+CELL = cell_size(PROVIDERS["mock"].max_per_call)  # recipients per chunk message
 
 
 def spec(**overrides: Any):
@@ -71,7 +76,7 @@ async def test_create_stores_recipients_and_queues_one_message_per_chunk(
     services: Services, tenant: tuple[str, str]
 ) -> None:
     tenant_id, _ = tenant
-    total = 2_543
+    total = 2 * CELL + 543
     before = await last_seq(services)
     created = await create_batch(services, tenant_id, spec(), list_rows(recipients(total)))
 
@@ -84,7 +89,7 @@ async def test_create_stores_recipients_and_queues_one_message_per_chunk(
     assert batch["status"] == "queued"
     assert batch["total_recipients"] == total
     assert batch["final_count"] == 0
-    assert batch["chunk_size"] == 100
+    assert batch["chunk_size"] == CELL == 1000
     assert batch["queued_at"] is not None
 
     stats = await services.pool.fetchrow(
@@ -103,11 +108,11 @@ async def test_create_stores_recipients_and_queues_one_message_per_chunk(
     }  # fmt: skip
 
     chunks = await chunks_since(services, before)
-    assert len(chunks) == math.ceil(total / 100)  # nothing else was published meanwhile
+    assert len(chunks) == math.ceil(total / CELL)  # nothing else was published meanwhile
     assert all(c["b"] == created.id and c["t"] == tenant_id and c["p"] == "mock" for c in chunks)
-    assert [c["f"] for c in chunks] == list(range(1, total + 1, 100))
+    assert [c["f"] for c in chunks] == list(range(1, total + 1, CELL))
     assert sum(c["n"] for c in chunks) == total
-    assert chunks[-1]["n"] == total % 100
+    assert chunks[-1]["n"] == total % CELL
     assert {c["_subject"] for c in chunks} == {services.topology.send_subject("mock")}
     assert [c["_id"] for c in chunks] == [f"{created.id}:{c['f']}" for c in chunks]
 
@@ -245,28 +250,28 @@ async def test_idempotency_key(services: Services, tenant: tuple[str, str]) -> N
     body = b'{"the": "request"}'
     before = await last_seq(services)
     first = await create_batch(
-        services, tenant_id, spec(), list_rows(recipients(150)),
+        services, tenant_id, spec(), list_rows(recipients(CELL + 50)),
         idempotency_key="key-1", request_hash=request_digest(body),
     )  # fmt: skip
     again = await create_batch(
-        services, tenant_id, spec(), list_rows(recipients(150)),
+        services, tenant_id, spec(), list_rows(recipients(CELL + 50)),
         idempotency_key="key-1", request_hash=request_digest(body),
     )  # fmt: skip
     assert first.replayed is False
     assert again.replayed is True
-    assert (again.id, again.status, again.total_recipients) == (first.id, "queued", 150)
-    assert await tenant_rows(services, tenant_id) == (1, 150)
+    assert (again.id, again.status, again.total_recipients) == (first.id, "queued", CELL + 50)
+    assert await tenant_rows(services, tenant_id) == (1, CELL + 50)
     assert len(await chunks_since(services, before)) == 2  # queued once
 
     with pytest.raises(Conflict) as caught:
         await create_batch(
-            services, tenant_id, spec(), list_rows(recipients(150)),
+            services, tenant_id, spec(), list_rows(recipients(CELL + 50)),
             idempotency_key="key-1", request_hash=request_digest(b'{"another": "request"}'),
         )  # fmt: skip
     assert caught.value.status == 409
     assert caught.value.code == "idempotency_conflict"
     assert caught.value.details == {"batch_id": first.id}
-    assert await tenant_rows(services, tenant_id) == (1, 150)
+    assert await tenant_rows(services, tenant_id) == (1, CELL + 50)
 
     # A different key is a different batch.
     other = await create_batch(
@@ -294,14 +299,14 @@ async def test_external_id_replay(services: Services, tenant: tuple[str, str]) -
     msg_id = f"msg-{uuid.uuid4()}"
     before = await last_seq(services)
     first = await create_batch(
-        services, tenant_id, spec(), list_rows(recipients(120)), external_id=msg_id
+        services, tenant_id, spec(), list_rows(recipients(CELL + 20)), external_id=msg_id
     )
     # A redelivered NATS message: even a different body returns the first batch.
     again = await create_batch(
         services, tenant_id, spec(name="changed"), list_rows(recipients(3)), external_id=msg_id
     )
     assert again.replayed is True
-    assert (again.id, again.total_recipients) == (first.id, 120)
+    assert (again.id, again.total_recipients) == (first.id, CELL + 20)
     rows = await services.pool.fetch(
         "SELECT id, name FROM batches WHERE tenant_id = $1 AND external_id = $2", tenant_id, msg_id
     )

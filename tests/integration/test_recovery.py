@@ -10,7 +10,7 @@ from engine.intake.decoders import list_rows
 from engine.intake.store import create_batch
 from engine.leader import Lease, requeue_interrupted
 from engine.services import Services
-from tests.integration.test_intake import chunks_since, last_seq, recipients, spec
+from tests.integration.test_intake import CELL, chunks_since, last_seq, recipients, spec
 
 
 async def test_one_leader_and_takeover_when_it_is_gone(services: Services):
@@ -25,7 +25,7 @@ async def test_one_leader_and_takeover_when_it_is_gone(services: Services):
 
 
 async def test_a_batch_whose_queuing_was_interrupted_is_queued_by_the_leader(services, tenant):
-    total = 250
+    total = 2 * CELL + 500
     later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     created = await create_batch(
         services, tenant[0], spec(scheduled_at=later), list_rows(recipients(total))
@@ -42,7 +42,7 @@ async def test_a_batch_whose_queuing_was_interrupted_is_queued_by_the_leader(ser
     before = await last_seq(services)
     assert await requeue_interrupted(services) >= 1
     chunks = await chunks_since(services, before, created.id)
-    assert len(chunks) == math.ceil(total / 100)
+    assert len(chunks) == math.ceil(total / CELL)
     assert sum(c["n"] for c in chunks) == total
     queued_at = await services.pool.fetchval(
         "SELECT queued_at FROM batches WHERE id = $1", uuid.UUID(created.id)
