@@ -10,6 +10,9 @@ streams. With the default prefix the public intake subject is ``batchsender.inta
 | ..._RESULTS | {p}.results              | interest   | results-pg, results-ch,   |
 |             |                          |            | results-hooks             |
 | ..._DLQ     | {p}.dlq.{kind}           | limits     | (read by the API)         |
+
+and one JetStream Object Store bucket, ``{P}_RECIPIENTS`` (stream ``OBJ_{P}_RECIPIENTS``):
+the recipients of batches too large for one intake message (``engine.publisher``).
 """
 
 from __future__ import annotations
@@ -20,11 +23,17 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    DiscardPolicy,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.object_store import (
+    OBJ_ALL_CHUNKS_PRE_TEMPLATE,
+    OBJ_ALL_META_PRE_TEMPLATE,
+    OBJ_STREAM_TEMPLATE,
+)
 
 DAY = 86_400.0
 # A replayed intake message is published under a new Nats-Msg-Id (the first one is still
@@ -34,6 +43,11 @@ ORIGINAL_ID = "BatchSender-External-Id"
 # A worker that dies holding chunks gives them back after this long; live workers keep
 # their chunks with in_progress() every SEND_ACK_WAIT / 3 seconds (engine.worker).
 SEND_ACK_WAIT = 15.0
+# How long a large batch's recipients stay in the object store at most. The intake deletes
+# them once the batch is recorded; this removes the others: those of a dead-lettered
+# message (kept for a replay, about as long as its dead letter) and an upload no message
+# refers to (its publisher died before publishing).
+RECIPIENTS_TTL = 30 * DAY
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +116,11 @@ class Topology:
     def dlq_stream(self) -> str:
         return self.stream("DLQ")
 
+    @property
+    def recipients_bucket(self) -> str:
+        """The Object Store bucket of large batches' recipients (``engine.publisher``)."""
+        return self.stream("RECIPIENTS")
+
     def stream_configs(self) -> list[StreamConfig]:
         p = self.prefix
         return [
@@ -133,6 +152,21 @@ class Topology:
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
                 max_age=30 * DAY,
+            ),
+            # The bucket as nats-py's create_object_store (and Go's) would make it; here
+            # so that every process creates and updates it like the streams.
+            StreamConfig(
+                name=OBJ_STREAM_TEMPLATE.format(bucket=self.recipients_bucket),
+                subjects=[
+                    OBJ_ALL_CHUNKS_PRE_TEMPLATE.format(bucket=self.recipients_bucket),
+                    OBJ_ALL_META_PRE_TEMPLATE.format(bucket=self.recipients_bucket),
+                ],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=RECIPIENTS_TTL,
+                discard=DiscardPolicy.NEW,
+                allow_rollup_hdrs=True,
+                allow_direct=True,
             ),
         ]
 
@@ -182,7 +216,7 @@ async def ensure_topology(js: JetStreamContext, topology: Topology) -> None:
 
 
 async def delete_topology(js: JetStreamContext, topology: Topology) -> None:
-    """Remove every stream (tests clean up with this)."""
+    """Remove every stream and the bucket (tests clean up with this)."""
     for config in topology.stream_configs():
         try:
             await js.delete_stream(config.name)

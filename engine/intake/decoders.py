@@ -181,10 +181,18 @@ class BadRow:
 
 def parse_json_request(data: bytes) -> tuple[BatchSpec, AsyncIterator[Any]]:
     """A whole create request as JSON (REST body or NATS message): fields and recipients."""
+    return json_request(json_body(data), data)
+
+
+def json_body(data: bytes) -> Any:
     try:
-        body = orjson.loads(data)
+        return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def json_request(body: Any, data: bytes) -> tuple[BatchSpec, AsyncIterator[Any]]:
+    """``parse_json_request`` of a body already parsed (``data``, its JSON)."""
     spec = parse_batch_fields(body)
     return spec, json_rows(body.get("recipients", [] if spec.draft else None), data)
 
