@@ -48,10 +48,13 @@ TEMPLATE = {
 }
 
 
-def ndjson_body(total: int, chunk_rows: int = 10_000) -> list[bytes]:
+def ndjson_body(
+    total: int, chunk_rows: int = 10_000, template: dict[str, Any] = TEMPLATE
+) -> list[bytes]:
     """The request body, made before the clock starts (a client uploads a file; it does not
-    spend the machine's CPU generating JSON while the server works)."""
-    body = [orjson.dumps(TEMPLATE) + b"\n"]
+    spend the machine's CPU generating JSON while the server works). ``template``: the
+    header line (bench/providers.py names a provider account instead of the mock)."""
+    body = [orjson.dumps(template) + b"\n"]
     for start in range(0, total, chunk_rows):
         body.append(
             b"".join(
