@@ -30,7 +30,7 @@ from engine import accounts
 from engine.accounts import Sealer, Sending
 from engine.config import Rate
 from engine.services import Services
-from providers.base import Provider
+from providers.base import Message, Provider, SendResult
 from providers.registry import PROVIDERS
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,26 @@ class Route:
     # (a real provider's account limit). Not for the default routes: the mock's 429s are
     # faults injected per request, not a limit.
     adapts: bool = False
+    calls: asyncio.Semaphore | None = None  # ProviderSpec.max_in_flight, in this process
+
+    async def send(self, messages: list[Message]) -> tuple[list[SendResult], float]:
+        """One provider call (after a free place among ``calls``): the answers, and the
+        seconds the call itself took."""
+        if self.calls is None:
+            return await _timed(self.provider, messages)
+        async with self.calls:
+            return await _timed(self.provider, messages)
+
+
+async def _timed(provider: Provider, messages: list[Message]) -> tuple[list[SendResult], float]:
+    started = time.perf_counter()
+    answers = await provider.send(messages)
+    return answers, time.perf_counter() - started
+
+
+def _calls(provider: str) -> asyncio.Semaphore | None:
+    limit = PROVIDERS[provider].max_in_flight
+    return asyncio.Semaphore(limit) if limit else None
 
 
 @dataclass(slots=True)
@@ -68,7 +88,12 @@ class Routes:
         self.services = services
         settings = services.settings
         self._defaults = {
-            name: Route(adapter, settings.provider_rate(name), services.key("rl", "provider", name))
+            name: Route(
+                adapter,
+                settings.provider_rate(name),
+                services.key("rl", "provider", name),
+                calls=_calls(name),
+            )
             for name, adapter in defaults.items()
         }
         self._sealer: Sealer | None = None
@@ -108,6 +133,7 @@ class Routes:
             sending.daily_quota,
             key("quota", account_id),
             adapts=True,
+            calls=_calls(sending.account.provider),
         )
         self._accounts[account_id] = _Cached(route, sending, now)
         while len(self._accounts) > SIZE:

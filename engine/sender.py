@@ -278,9 +278,7 @@ class Sender:
                         part, messages = part[:allowed], messages[:allowed]
                         if not part:
                             break
-                sent_at = time.perf_counter()
-                answers = await provider.send(messages)
-                elapsed = time.perf_counter() - sent_at
+                answers, elapsed = await route.send(messages)
                 metrics.SEND_SECONDS.labels(info.provider).observe(elapsed)
                 latency_ms = int(elapsed * 1000)
                 throttled_now, wait_now = False, 0.0  # what this call's answers said

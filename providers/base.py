@@ -338,9 +338,15 @@ class ProviderSpec:
     webhook: Webhook | None = None  # None: no webhook route
     # Its send adapter for a tenant's provider account (None: it has no accounts).
     for_account: Callable[[Account], Provider] | None = None
+    # Provider calls at once per account and worker process (None: one per chunk in
+    # flight). For a provider whose calls are large and not idempotent: queued at the
+    # provider past the adapter's timeout, a call is sent again (a duplicate).
+    max_in_flight: int | None = None
 
 
-def account_only(adapter: type, webhook: Webhook) -> ProviderSpec:
+def account_only(
+    adapter: type, webhook: Webhook, *, max_in_flight: int | None = None
+) -> ProviderSpec:
     """The spec of a provider with no default account in the environment: a batch reaches
     it only through a tenant's provider account. ``adapter`` is the adapter class (its
     ``name`` and ``max_per_call``; built with the account)."""
@@ -352,4 +358,5 @@ def account_only(adapter: type, webhook: Webhook) -> ProviderSpec:
         enabled=_never,
         webhook=webhook,
         for_account=adapter,
+        max_in_flight=max_in_flight,
     )

@@ -10,6 +10,7 @@ and a provider that refuses the account pauses the batch instead of burning retr
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,7 @@ from engine.intake.store import create_batch
 from engine.ratelimit import quota_window
 from engine.sender import Sender
 from engine.services import Services
+from providers.registry import PROVIDERS
 from providers.resend import REF_TAG, decode_ref
 from tests.worker_support import batch_status, eventually, recipients, worker_loops
 
@@ -372,3 +374,28 @@ async def test_a_throttled_call_holds_the_whole_account_bucket(
                 assert await lifecycle.pause(own.pool, tenant_id, uuid.UUID(batch_id))
         finally:
             await sender.routes.close()
+
+
+async def test_a_provider_spec_bounds_its_calls_in_flight(own: Services) -> None:
+    """Mailgun's calls are large and not idempotent: at most ``max_in_flight`` at once per
+    account and worker process, however many chunks are in flight."""
+    assert PROVIDERS["mailgun"].max_in_flight == 8
+
+    class Slow:
+        name, max_per_call = "mailgun", 1000
+        now = peak = 0
+
+        async def send(self, messages: list) -> list:
+            Slow.now += 1
+            Slow.peak = max(Slow.peak, Slow.now)
+            await asyncio.sleep(0.05)
+            Slow.now -= 1
+            return []
+
+        async def close(self) -> None:
+            pass
+
+    table = routes.Routes(own, {"mailgun": Slow()})
+    route = table.default("mailgun")
+    await asyncio.gather(*(route.send([]) for _ in range(30)))
+    assert Slow.peak == 8
