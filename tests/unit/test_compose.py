@@ -185,3 +185,17 @@ def test_the_compose_prometheus_config_differs_only_in_targets_and_the_worker_jo
     mounted["scrape_configs"] = list(jobs.values())
     assert mounted == host
     assert Path(binds["/etc/prometheus/rules"]).resolve() == ROOT / "monitoring" / "rules"
+
+
+def test_the_worker_gets_longer_than_its_drain_deadline_to_stop(services):
+    """SIGTERM drains (engine/supervisor.py): Compose must not SIGKILL before DRAIN_TIMEOUT
+    has passed, like terminationGracePeriodSeconds in k8s/ (tests/deploy/test_k8s.py)."""
+    from engine.config import load_settings
+
+    drain = load_settings(
+        {**services["worker"]["environment"], "BATCHSENDER_ENV": "dev"}
+    ).drain_timeout
+    grace = str(services["worker"]["stop_grace_period"])
+    seconds = float(grace.rstrip("s")) if grace.endswith("s") and "m" not in grace else None
+    assert seconds is not None, f"stop_grace_period {grace!r}: give it in seconds"
+    assert seconds > drain, (seconds, drain)
