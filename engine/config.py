@@ -198,6 +198,21 @@ def _not_in_prod(values: dict[str, Any]) -> str:
     return "false" if values["env"] == "prod" else "true"
 
 
+def _optional_url(*schemes: str) -> Callable[[str], str]:
+    """A URL of ``schemes``, or ``off`` (stored as ''): a service the deployment may lack."""
+    parse = _url(*schemes)
+
+    def optional(value: str) -> str:
+        return "" if value.strip().lower() == "off" else parse(value).rstrip("/")
+
+    return optional
+
+
+def _in_dev(value: str) -> Callable[[dict[str, Any]], str]:
+    """``value`` in dev (what ./setup-dev.sh starts there), else off."""
+    return lambda values: value if values["env"] == "dev" else "off"
+
+
 # name -> (parser, default or None when required). Defaults that depend on the machine or
 # on variables above them are callables of the values parsed so far (None: required).
 _Default = str | Callable[[dict[str, Any]], str | None] | None
@@ -210,7 +225,18 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], _Default]] = {
     "API_HOST": (_text, "127.0.0.1"),
     "API_PORT": (_int(1, 65535), None),
     "WEB_PORT": (_int(1, 65535), None),
+    # The web dashboard (web/, ``batchsender web``): where it listens, how long a session
+    # lasts at most and without a request; Prometheus and Grafana for its Performance page
+    # ('off': not shown; dev defaults to the ones ./setup-dev.sh starts).
+    "WEB_HOST": (_text, "127.0.0.1"),
+    "WEB_SESSION_SECONDS": (_int(60, 30 * 86400), str(12 * 3600)),
+    "WEB_IDLE_SECONDS": (_int(60, 30 * 86400), str(3600)),
+    "PROMETHEUS_URL": (_optional_url("http", "https"), _in_dev("http://127.0.0.1:9090")),
+    "GRAFANA_URL": (_optional_url("http", "https"), _in_dev("http://127.0.0.1:3003")),
     "NATS_PREFIX": (_identifier, "batchsender"),
+    # Copies of every stream on a NATS cluster (JetStream's num_replicas: 3 on a 3-server
+    # cluster survives one server lost; 1 on a single server).
+    "NATS_REPLICAS": (_int(1, 5), "1"),
     "KEY_PREFIX": (_text, "bs:"),
     "METRICS_DIR": (_text, "/tmp/batchsender-metrics"),
     # 0: off. Where the workers run apart from the API (a pod, a container), their own
@@ -260,6 +286,9 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], _Default]] = {
 }
 
 
+_OFF_WHEN_EMPTY = frozenset({"PROMETHEUS_URL", "GRAFANA_URL"})
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     env: str
@@ -271,7 +300,13 @@ class Settings:
     api_host: str
     api_port: int
     web_port: int
+    web_host: str
+    web_session_seconds: int
+    web_idle_seconds: int
+    prometheus_url: str  # '' when off
+    grafana_url: str  # '' when off
     nats_prefix: str
+    nats_replicas: int
     key_prefix: str
     metrics_dir: str
     worker_metrics_port: int
@@ -340,6 +375,8 @@ class Settings:
                 value = ",".join(str(item) for item in value)
             elif isinstance(value, bool):
                 value = "true" if value else "false"
+            elif value == "" and f.name.upper() in _OFF_WHEN_EMPTY:
+                value = "off"  # '' would take the default again
             out[f.name.upper()] = str(value)
         return out
 

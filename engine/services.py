@@ -72,7 +72,7 @@ class Services:
             disconnected_cb=disconnected,
         )
         js = nc.jetstream(timeout=10)
-        topology = Topology(settings.nats_prefix)
+        topology = Topology(settings.nats_prefix, settings.nats_replicas)
         await ensure_topology(js, topology)
         client = aioredis.Redis.from_url(settings.dragonfly_url, socket_timeout=5)
         return cls(settings, pool, nc, js, client, topology)

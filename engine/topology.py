@@ -81,6 +81,7 @@ REDELIVERY = Redelivery()
 @dataclass(frozen=True, slots=True)
 class Topology:
     prefix: str
+    replicas: int = 1  # NATS_REPLICAS: copies of every stream on a NATS cluster
 
     # subjects
     def intake_subject(self, tenant_id: str) -> str:
@@ -129,6 +130,7 @@ class Topology:
                 subjects=[f"{p}.intake.*"],
                 retention=RetentionPolicy.WORK_QUEUE,
                 storage=StorageType.FILE,
+                num_replicas=self.replicas,
                 duplicate_window=DAY,  # Nats-Msg-Id de-duplication for publishers
                 max_msg_size=64 << 20,
             ),
@@ -137,6 +139,7 @@ class Topology:
                 subjects=[f"{p}.send.*"],
                 retention=RetentionPolicy.WORK_QUEUE,
                 storage=StorageType.FILE,
+                num_replicas=self.replicas,
                 duplicate_window=600.0,
             ),
             StreamConfig(
@@ -144,6 +147,7 @@ class Topology:
                 subjects=[self.results_subject],
                 retention=RetentionPolicy.INTEREST,
                 storage=StorageType.FILE,
+                num_replicas=self.replicas,
                 duplicate_window=DAY,  # webhook event ids
             ),
             StreamConfig(
@@ -151,6 +155,7 @@ class Topology:
                 subjects=[f"{p}.dlq.*"],
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
+                num_replicas=self.replicas,
                 max_age=30 * DAY,
             ),
             # The bucket as nats-py's create_object_store (and Go's) would make it; here
@@ -163,6 +168,7 @@ class Topology:
                 ],
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
+                num_replicas=self.replicas,
                 max_age=RECIPIENTS_TTL,
                 discard=DiscardPolicy.NEW,
                 allow_rollup_hdrs=True,

@@ -47,7 +47,8 @@ def test_defaults(workdir: Path) -> None:
     assert settings.database_url == REQUIRED["DATABASE_URL"]
     assert settings.api_port == 6001 and settings.web_port == 3000
     assert settings.clickhouse_database == "batchsender"
-    assert settings.nats_prefix == "batchsender"
+    assert settings.nats_prefix == "batchsender" and settings.nats_replicas == 1
+    assert load_settings({**prod(), "NATS_REPLICAS": "3"}).nats_replicas == 3
     assert settings.key_prefix == "bs:"
     assert settings.api_host == "127.0.0.1"
     assert settings.worker_processes == (os.cpu_count() or 1)
