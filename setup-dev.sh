@@ -349,6 +349,8 @@ bs_dev() { BATCHSENDER_ENV=dev "${BS[@]}" "$@"; }
 
 API_PORT=$(env_dev API_PORT 6001)
 API=http://127.0.0.1:$API_PORT
+WEB_PORT=$(env_dev WEB_PORT 3000)
+WEB=http://127.0.0.1:$WEB_PORT
 MOCK_URL=$(env_dev MOCK_PROVIDER_URL http://127.0.0.1:6100)
 METRICS_DIR=$(env_dev METRICS_DIR /tmp/batchsender-metrics-dev)
 
@@ -376,12 +378,15 @@ new_key() {
 }
 
 start_app() {
-    step "application (batchsender all: API $API_PORT, workers, mock provider)"
+    local web_taken=
+    step "application (batchsender all: API $API_PORT, web dashboard $WEB_PORT, workers, mock provider)"
     if pid_alive "$APP_PID"; then
         ok "already running (pid $(cat "$APP_PID"))"
     elif port_open "$API_PORT"; then
         note "something else listens on $API_PORT: not starting a second API, using that one"
     else
+        # batchsender all leaves the dashboard out when its port is taken (the rest starts).
+        port_open "$WEB_PORT" && ! http_ok "$WEB/health/live" && web_taken=1
         rm -rf "$METRICS_DIR"
         # Its own session (setsid without a fork here), so `stop` can reach the whole tree.
         BATCHSENDER_ENV=dev nohup setsid "${BS[@]}" all >>"$APP_LOG" 2>&1 </dev/null &
@@ -394,6 +399,14 @@ start_app() {
         die "$API/health did not answer 200 within 60 s"
     fi
     ok "$API/health answers 200"
+    if [[ -n $web_taken ]]; then
+        note "something else listens on $WEB_PORT: the web dashboard did not start (free the port, then ./setup-dev.sh stop && ./setup-dev.sh)"
+    elif ! wait_until 30 http_ok "$WEB/health/live"; then
+        tail -n 30 "$APP_LOG" >&2
+        die "the web dashboard ($WEB/health/live) did not answer 200 within 30 s"
+    else
+        ok "web dashboard $WEB answers"
+    fi
 }
 
 status_with_key() {
@@ -414,6 +427,7 @@ print_summary() {
     cat <<EOF
 
 ${B}BatchSender dev stack is up.${N}
+  dashboard      $WEB     (sign in with the API key below)
   API            $API
   health         $API/health
   metrics        $API/api/metrics     (try: curl -s $API/api/metrics | grep nats_queue_depth)
@@ -589,6 +603,7 @@ cmd_status() {
     status_line "Grafana" 3003 grafana
     status_line "mock provider" "${MOCK_URL##*:}" app
     status_line "API" "$API_PORT" app
+    status_line "web dashboard" "$WEB_PORT" app
     step "application"
     if pid_alive "$APP_PID"; then
         ok "batchsender all running (pid $(cat "$APP_PID")); $API/health: $(http_status "$API/health")"
@@ -624,14 +639,27 @@ cmd_stop() {
 }
 
 # What the tests run besides the services: promtool and a real Prometheus (monitoring tests),
-# docker-compose (its `config` validates docker-compose.yml without a Docker engine).
+# docker-compose (its `config` validates docker-compose.yml without a Docker engine), and
+# Debian's Chromium with its driver for the dashboard's browser tests (tests/e2e/test_web.py
+# drives it with Playwright through executable_path: no browser download).
 ensure_test_tools() {
     step "test tools"
     local want=()
     command -v promtool >/dev/null && command -v prometheus >/dev/null || want+=(prometheus)
     command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || want+=(docker-compose)
+    command -v chromium >/dev/null || want+=(chromium)
+    command -v chromedriver >/dev/null || want+=(chromium-driver)
     if ((${#want[@]})); then apt_install "${want[@]}"; fi
-    ok "promtool, prometheus and docker-compose present"
+    ok "promtool, prometheus, docker-compose, chromium and chromedriver present"
+    # checkov (tests/deploy) pins its own dependencies (boto3==1.35.49, packaging<24, ...),
+    # which would downgrade the project's: it gets a virtual environment of its own, kept
+    # across runs (tests/deploy/tools.py looks there).
+    local checkov_home=${XDG_CACHE_HOME:-$HOME/.cache}/batchsender/checkov-3.3.30
+    if [[ ! -x $checkov_home/bin/checkov ]]; then
+        "$PY" -m venv "$checkov_home"
+        "$checkov_home/bin/pip" install --quiet --disable-pip-version-check checkov==3.3.30
+    fi
+    ok "checkov 3.3.30 in $checkov_home"
 }
 
 cmd_test() {

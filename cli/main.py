@@ -6,10 +6,11 @@ batchsender keys list --tenant T     tenant T's keys: id, prefix, created, last 
 batchsender keys revoke KEY          revoke a key (its id, prefix or the key) everywhere at once
 batchsender tenants limits T [...]   show or set tenant T's limits (0 or '' = default)
 batchsender api                      the REST API (API_PORT)
+batchsender web                      the web dashboard (WEB_HOST:WEB_PORT)
 batchsender worker [-n N]            the supervisor and its N worker processes
 batchsender mock-provider [...]      a local provider that records sends, posts webhooks
 batchsender send FILE ...            submit a CSV/NDJSON file and follow it
-batchsender all                      api + worker + mock-provider, supervised (development)
+batchsender all                      api + web + worker + mock-provider, supervised (development)
 """
 
 from __future__ import annotations
@@ -202,6 +203,27 @@ def cmd_api(_args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_web(_args: argparse.Namespace, settings: Settings) -> int:
+    import uvloop
+    from aiohttp import web
+
+    from engine.migrate import migrate_postgres
+    from web.app import create_app
+
+    asyncio.run(migrate_postgres(settings.database_url))
+    uvloop.install()
+    web.run_app(
+        create_app(settings),
+        host=settings.web_host,
+        port=settings.web_port,
+        access_log=None,
+        print=lambda _: log.info(
+            "web dashboard listening", extra={"host": settings.web_host, "port": settings.web_port}
+        ),
+    )
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from engine.supervisor import Supervisor
 
@@ -255,8 +277,16 @@ def cmd_all(_args: argparse.Namespace, settings: Settings) -> int:
             settings.mock_webhook_secret,
         ],
         "api": exe + ["api"],
+        "web": exe + ["web"],
         "worker": exe + ["worker"],
     }
+    if _taken(settings.web_host, settings.web_port):
+        # Another dashboard (or anything else) has the port: the rest still starts, and the
+        # web child is not restarted again and again until the tree gives up.
+        log.warning(
+            "web dashboard not started: %s:%d is taken", settings.web_host, settings.web_port
+        )
+        del commands["web"]
     env = {**os.environ, **settings.as_environ()}
     children: dict[str, subprocess.Popen] = {}
     stopping = False
@@ -297,6 +327,17 @@ def cmd_all(_args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _taken(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return (
+            probe.connect_ex((host if host not in ("0.0.0.0", "::", "") else "127.0.0.1", port))
+            == 0
+        )
+
+
 def _port(url: str) -> str:
     from urllib.parse import urlsplit
 
@@ -316,6 +357,8 @@ _NEEDS: dict[Any, tuple[str, ...]] = {
     cmd_limits: ("postgres",),
     cmd_reseal: ("postgres",),
     cmd_api: ("postgres", "nats", "dragonfly", "clickhouse"),
+    # ClickHouse is not needed to start: the analytics pages say when it does not answer.
+    cmd_web: ("postgres", "nats", "dragonfly"),
     cmd_worker: ("postgres", "nats", "dragonfly", "clickhouse"),
     cmd_all: ("postgres", "nats", "dragonfly", "clickhouse"),
 }
@@ -381,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seal every account's credentials under the first of CREDENTIALS_KEYS (rotation)",
     ).set_defaults(func=cmd_reseal)
     sub.add_parser("api", help="run the REST API").set_defaults(func=cmd_api)
+    sub.add_parser("web", help="run the web dashboard (WEB_PORT)").set_defaults(func=cmd_web)
     worker = sub.add_parser("worker", help="run the supervisor and its worker processes")
     worker.add_argument(
         "-n", "--processes", type=int, default=None, help="default: WORKER_PROCESSES"
@@ -404,9 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--api-url", help="default: http://127.0.0.1:API_PORT")
     send.add_argument("--no-follow", action="store_true", help="print the batch id and return")
     send.set_defaults(func=cmd_send)
-    sub.add_parser("all", help="api + worker + mock provider in one supervised tree").set_defaults(
-        func=cmd_all
-    )
+    sub.add_parser(
+        "all", help="api + web + worker + mock provider in one supervised tree"
+    ).set_defaults(func=cmd_all)
     return parser
 
 

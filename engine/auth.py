@@ -176,6 +176,7 @@ class Authenticator:
         self.services = services
         self.instance = uuid.uuid4().hex
         self._cache: dict[bytes, _Entry] = {}
+        self._ids: dict[int, _Entry] = {}  # key_in_use's answers, by key id
         self._generation = 0  # revocations received; a lookup spanning one is not cached
         self._subscription: Subscription | None = None
         self._renewing: asyncio.Task[None] | None = None
@@ -208,13 +209,20 @@ class Authenticator:
 
     async def tenant(self, key: str | None, peer: str | None, forwarded_for: str | None) -> str:
         """The tenant id of the request's key; ``Unauthorized`` or ``TooManyRequests``."""
+        return (await self.identify(key, peer, forwarded_for))[0]
+
+    async def identify(
+        self, key: str | None, peer: str | None, forwarded_for: str | None
+    ) -> tuple[str, int]:
+        """(tenant id, key id) of a presented key, as ``tenant`` checks it (the dashboard's
+        sign-in keeps the key's id, never the key)."""
         if not key:
             raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
         formed = well_formed(key)
         digest = tenants.hash_key(key) if formed else b""
         hit = self._cache.get(digest) if formed else None
         if hit is not None and hit.expires > time.monotonic():
-            return hit.tenant_id
+            return hit.tenant_id, hit.key_id
         settings = self.services.settings
         address = client_address(peer, forwarded_for, settings.trusted_proxies)
         wait = await self._blocked_for(address)
@@ -235,7 +243,25 @@ class Authenticator:
             raise
         if generation == self._generation:
             self._remember(digest, _Entry(tenant_id, key_id, time.monotonic() + CACHE_SECONDS))
-        return tenant_id
+        return tenant_id, key_id
+
+    async def key_in_use(self, key_id: int, tenant_id: str) -> bool:
+        """Whether the tenant's key ``key_id`` is still unrevoked: what a dashboard session,
+        which holds the key's id and not the key, checks on each request. Cached like keys
+        (``CACHE_SECONDS``, valid answers only) and forgotten on a revocation, so a revoked
+        key ends its sessions as it ends its API requests."""
+        hit = self._ids.get(key_id)
+        if hit is not None and hit.tenant_id == tenant_id and hit.expires > time.monotonic():
+            return True
+        generation = self._generation
+        if await tenants.key_tenant(self.services.pool, key_id) != tenant_id:
+            self._ids.pop(key_id, None)
+            return False
+        if generation == self._generation:
+            if len(self._ids) >= CACHE_MAX:
+                self._ids.clear()
+            self._ids[key_id] = _Entry(tenant_id, key_id, time.monotonic() + CACHE_SECONDS)
+        return True
 
     async def revoke(self, ref: str, tenant_id: str | None = None) -> tenants.ApiKey:
         """Revoke a key everywhere; this process forgets it before answering."""
@@ -245,6 +271,7 @@ class Authenticator:
 
     def forget(self, key_id: int) -> None:
         self._generation += 1
+        self._ids.pop(key_id, None)
         for digest in [d for d, entry in self._cache.items() if entry.key_id == key_id]:
             del self._cache[digest]
 

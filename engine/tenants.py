@@ -131,6 +131,15 @@ async def find_key(pool: asyncpg.Pool, key: str) -> tuple[int, str]:
     return row["id"], row["tenant_id"]
 
 
+async def key_tenant(pool: asyncpg.Pool, key_id: int) -> str | None:
+    """The tenant of the unrevoked key ``key_id``; None when it is revoked or unknown."""
+    if not 0 < key_id <= _MAX_ID:
+        return None
+    return await pool.fetchval(
+        "SELECT tenant_id FROM api_keys WHERE id = $1 AND revoked_at IS NULL", key_id
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class KeyPage:
     keys: list[ApiKey]
