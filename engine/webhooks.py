@@ -42,9 +42,9 @@ that failed here; an address on the tenant's list), so a provider's refusal is o
 A ``resubscribed`` lifts no suppression: the tenant's list is the tenant's to change.
 
 Events become results rows on the RESULTS stream, where the status writer and the
-ClickHouse writer pick them up like send results. The message id is a digest of the body,
-so a provider's retry of the same post is dropped by JetStream; applying an event twice
-changes nothing anyway.
+ClickHouse writer pick them up like send results. The message id is a digest of the
+bodies it carries, so the same message published again is dropped by JetStream; applying
+an event twice changes nothing anyway.
 
 A post is signed over its timestamp and body. One signed more than ``Webhook.max_age``
 (``TOLERANCE_SECONDS`` unless the provider says otherwise: SNS an hour) from this server's
@@ -52,7 +52,10 @@ clock is refused (401 ``stale_signature``). Each accepted replay key (``Signed.s
 is remembered in Dragonfly (SET NX) for as long as its timestamp would still be accepted;
 a post whose key was received before is a copy, refused (401 ``replayed_signature``), or,
 where the provider re-sends what it signed once (``Webhook.repeat_is_retry``: SNS, Svix,
-Postmark), its retry: 200 ``duplicate``, nothing handed on again.
+Postmark), its retry: 200 ``duplicate``, nothing handed on again. The posts that reach a
+step in the same turn of the event loop take it together (``engine.turns``): their replay
+keys in one Redis pipeline, their events in one results message per provider, each post
+with its own answer (bench/RESULTS.md, webhook intake).
 
 A subscription handshake (``Webhook.subscription``, SNS): a signed
 ``SubscriptionConfirmation`` for an allowed topic is confirmed by a GET of its
@@ -62,6 +65,7 @@ A subscription handshake (``Webhook.subscription``, SNS): a signed
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import logging
@@ -78,6 +82,7 @@ from engine import accounts, metrics, results
 from engine.errors import BadRequest, BatchSenderError, NotFound, Unauthorized
 from engine.results import Columns
 from engine.services import Services
+from engine.turns import TurnBatch
 from providers.base import SIGNATURE_TOLERANCE, WebhookEvent
 from providers.registry import WEBHOOKS
 
@@ -88,6 +93,7 @@ SECRET_SECONDS = 30.0  # how long an account's opened webhook secret is used unr
 SECRET_CACHE_SIZE = 4096
 BATCH_CACHE_SIZE = 10_000
 CONFIRM_TIMEOUT_SECONDS = 10.0
+MESSAGE_ROWS = 1000  # events per results message of posts handed on together (a chunk's)
 
 # What each event of the provider vocabulary becomes on the RESULTS stream (None: nothing).
 RESULT_EVENTS: dict[str, str | None] = {
@@ -171,6 +177,64 @@ class Cache(Generic[K, V]):
         self._items.clear()
 
 
+async def _claim_keys(redis: Any, keys: list[tuple[str, int]]) -> list[Any]:
+    """``SET key 1 NX EX ttl`` for each (key, ttl): True where it was not set."""
+    if len(keys) == 1:
+        key, ttl = keys[0]
+        return [bool(await redis.set(key, b"1", nx=True, ex=ttl))]
+    pipe = redis.pipeline(transaction=False)
+    for key, ttl in keys:
+        pipe.set(key, b"1", nx=True, ex=ttl)
+    answers = await pipe.execute(raise_on_error=False)
+    return [a if isinstance(a, BaseException) else bool(a) for a in answers]
+
+
+async def _publish_events(services: Services, posts: list[tuple[str, Columns, str]]) -> list[Any]:
+    """The events of the posts (provider, columns, body digest) that reached this point in
+    one turn of the event loop, packed into results messages of one provider and at most
+    ``MESSAGE_ROWS`` rows (a larger post alone): a message costs NATS and each of the three
+    results consumers about as much whatever its rows (bench/RESULTS.md, webhook intake).
+    A message's id is the digest of its posts' digests: the message published again (a
+    retry) is dropped by JetStream; a post a provider sends again is caught by its replay
+    key, and applying an event twice changes nothing anyway. A message that fails fails
+    only its own posts."""
+    answers: list[Any] = [None] * len(posts)
+    packs: list[tuple[str, list[int]]] = []
+    open_packs: dict[str, tuple[list[int], int]] = {}  # provider -> (posts, rows)
+    for i, (provider, columns, _) in enumerate(posts):
+        members, rows = open_packs.get(provider, ([], 0))
+        if members and rows + len(columns) > MESSAGE_ROWS:
+            packs.append((provider, members))
+            members, rows = [], 0
+        members.append(i)
+        open_packs[provider] = (members, rows + len(columns))
+    packs += [(provider, members) for provider, (members, _) in open_packs.items()]
+
+    async def publish(provider: str, members: list[int]) -> None:
+        if len(members) == 1:
+            _, columns, digest = posts[members[0]]
+        else:
+            columns = Columns()
+            for i in members:
+                columns.extend(posts[i][1])
+            digest = hashlib.sha256("".join(posts[i][2] for i in members).encode()).hexdigest()
+        try:
+            await results.publish(
+                services, None, provider, columns, msg_id=f"webhook:{provider}:{digest}"
+            )
+        except Exception as exc:
+            for i in members:
+                answers[i] = exc
+
+    await asyncio.gather(*(publish(provider, members) for provider, members in packs))
+    return answers
+
+
+# The replay keys claimed and the events handed on in one turn of the event loop go
+# together: one Redis pipeline, one results message per provider (engine.turns).
+CLAIM_KEY: TurnBatch[tuple[str, int], bool] = TurnBatch(_claim_keys)
+PUBLISH_EVENTS: TurnBatch[tuple[str, Columns, str], None] = TurnBatch(_publish_events)
+
 # Account id -> its opened webhook secret, or None (no such account, or no secret).
 ACCOUNT_SECRETS: Cache[uuid.UUID, accounts.WebhookSecret | None] = Cache(
     SECRET_CACHE_SIZE, SECRET_SECONDS
@@ -221,7 +285,7 @@ async def receive(
     seen = services.key(
         "webhook-seen", provider, hashlib.sha256(signed.signature.encode()).hexdigest()
     )
-    if not await services.redis.set(seen, b"1", nx=True, ex=int(2 * webhook.max_age)):
+    if not await CLAIM_KEY(services.redis, (seen, int(2 * webhook.max_age))):
         if webhook.repeat_is_retry:
             return Received(0, duplicate=True)
         raise Unauthorized("this webhook post was already received", code="replayed_signature")
@@ -229,10 +293,7 @@ async def receive(
         if confirm is not None:
             await confirm_subscription(confirm)
         if columns:
-            digest = hashlib.sha256(body).hexdigest()
-            await results.publish(
-                services, None, provider, columns, msg_id=f"webhook:{provider}:{digest}"
-            )
+            await PUBLISH_EVENTS(services, (provider, columns, hashlib.sha256(body).hexdigest()))
     except BaseException:
         await services.redis.delete(seen)  # not handed on: the provider may post it again
         raise

@@ -13,7 +13,7 @@ import orjson
 from aiohttp.test_utils import TestClient, TestServer
 
 from api.app import create_app
-from engine import results
+from engine import results, webhooks
 from engine.config import Settings
 from engine.services import Services
 from providers.mock import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signed_headers
@@ -202,3 +202,32 @@ async def test_the_mock_route_does_not_exist_unless_the_mock_is_enabled(
         listed = await off_client.get("/api/batches", headers=bearer(tenant[1]))
         assert listed.status == 200
     assert await results_last_seq(services) == before
+
+
+async def test_posts_arriving_together_are_handed_on_in_one_message(
+    client: TestClient, services: Services, migrated: Settings, tenant: tuple[str, str]
+) -> None:
+    """Under load the events of posts taken in one turn of the event loop share a results
+    message (each post answered on its own); every event is in it once. (Through the engine
+    directly: over HTTP, which posts share a turn depends on timing.)"""
+    _, key = tenant
+    created = await create_json(client, key)
+    warm = webhook_events(created["id"], (4, "delivered"))  # the batch's owner now cached
+    await webhooks.receive(
+        services, "mock", warm, signed_headers(warm, migrated.mock_webhook_secret)
+    )
+    bodies = [webhook_events(created["id"], (seq, "delivered")) for seq in (1, 2, 3)]
+    before = await results_last_seq(services)
+    answers = await asyncio.gather(
+        *(
+            webhooks.receive(
+                services, "mock", body, signed_headers(body, migrated.mock_webhook_secret)
+            )
+            for body in bodies
+        )
+    )
+    assert [a.answer() for a in answers] == [{"accepted": 1, "ignored": 0}] * 3
+    assert await results_last_seq(services) == before + 1
+    message = await services.js.get_msg(services.topology.results_stream, before + 1)
+    rows = [(r.seq, r.status) for r in results.decode(message.data).rows]
+    assert sorted(rows) == [(1, "delivered"), (2, "delivered"), (3, "delivered")]
