@@ -8,6 +8,7 @@ batchsender tenants limits T [...]   show or set tenant T's limits (0 or '' = de
 batchsender api                      the REST API (API_PORT)
 batchsender web                      the web dashboard (WEB_HOST:WEB_PORT)
 batchsender worker [-n N]            the supervisor and its N worker processes
+batchsender worker --autoscale 1..8  ... or as many as the send queue needs (HPA rule)
 batchsender mock-provider [...]      a local provider that records sends, posts webhooks
 batchsender send FILE ...            submit a CSV/NDJSON file and follow it
 batchsender all                      api + web + worker + mock-provider, supervised (development)
@@ -28,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine import gc_tuning
+from engine import autoscale, gc_tuning
 from engine.config import Settings, export_process_env, load_settings
 from engine.errors import BatchSenderError, ConfigError
 
@@ -227,8 +228,39 @@ def cmd_web(_args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from engine.supervisor import Supervisor
 
+    scaler = None
+    if args.autoscale:
+        scaler = autoscale.Autoscaler(
+            *args.autoscale,
+            target=args.autoscale_target,
+            cpu_target=args.autoscale_cpu / 100,
+            interval=args.autoscale_interval,
+            behavior=autoscale.local_behavior(args.autoscale_down_window),
+        )
     gc_tuning.tune_gc(gc_tuning.WORKER)  # the workers inherit it (and freeze their own modules)
-    return Supervisor(settings, args.processes).run()
+    return Supervisor(settings, args.processes, scaler).run()
+
+
+def _process_range(text: str) -> tuple[int, int]:
+    """``MIN..MAX`` worker processes, 1 <= MIN <= MAX <= 256 (WORKER_PROCESSES' range)."""
+    low, dots, high = text.partition("..")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        bounds = (0, 0)
+    if not dots or not 1 <= bounds[0] <= bounds[1] <= 256:
+        raise argparse.ArgumentTypeError(f"expected MIN..MAX with 1 <= MIN <= MAX <= 256: {text!r}")
+    return bounds
+
+
+def _within(low: float, high: float):
+    def parse(text: str) -> float:
+        value = float(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low:g}..{high:g}: {text!r}")
+        return value
+
+    return parse
 
 
 def cmd_mock_provider(args: argparse.Namespace, _settings: Settings | None) -> int:
@@ -426,8 +458,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("api", help="run the REST API").set_defaults(func=cmd_api)
     sub.add_parser("web", help="run the web dashboard (WEB_PORT)").set_defaults(func=cmd_web)
     worker = sub.add_parser("worker", help="run the supervisor and its worker processes")
-    worker.add_argument(
+    count = worker.add_mutually_exclusive_group()
+    count.add_argument(
         "-n", "--processes", type=int, default=None, help="default: WORKER_PROCESSES"
+    )
+    count.add_argument(
+        "--autoscale",
+        type=_process_range,
+        metavar="MIN..MAX",
+        help="as many processes as the send queue's depth and their CPU need, by the "
+        "Kubernetes HPA's rule (engine/autoscale.py); removed ones drain first",
+    )
+    worker.add_argument(
+        "--autoscale-target",
+        type=_within(1, 1e9),
+        default=autoscale.TARGET,
+        metavar="CHUNKS",
+        help="send-queue messages per process (default %(default)g; production's KEDA "
+        "lagThreshold is 1000 per pod, which takes 30 s or more to start)",
+    )
+    worker.add_argument(
+        "--autoscale-cpu",
+        type=_within(0, 100),
+        default=100 * autoscale.CPU_TARGET,
+        metavar="PERCENT",
+        help="CPU per process, of one core (default %(default)g; 0: queue depth only)",
+    )
+    worker.add_argument(
+        "--autoscale-interval",
+        type=_within(0.5, 3600),
+        default=autoscale.INTERVAL,
+        metavar="SECONDS",
+        help="between two decisions (default %(default)g)",
+    )
+    worker.add_argument(
+        "--autoscale-down-window",
+        type=_within(0, 86400),
+        default=autoscale.DOWN_WINDOW,
+        metavar="SECONDS",
+        help="scale down only to the highest recommendation of this window (default "
+        "%(default)g; production 300)",
     )
     worker.set_defaults(func=cmd_worker)
     mock = sub.add_parser(

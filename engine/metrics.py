@@ -60,6 +60,12 @@ WEBHOOKS = Counter(
 WORKER_PROCESSES = Gauge(
     "batchsender_worker_processes", "Live worker processes.", multiprocess_mode="livesum"
 )
+WORKER_PROCESSES_WANTED = Gauge(
+    "batchsender_worker_processes_wanted",
+    "Worker processes the supervisor wants: WORKER_PROCESSES, or its autoscaler's decision "
+    "(batchsender worker --autoscale). Processes being retired are not counted.",
+    multiprocess_mode="livesum",
+)
 CHUNKS_IN_FLIGHT = Gauge(
     "batchsender_chunks_in_flight", "Chunks being processed.", multiprocess_mode="livesum"
 )

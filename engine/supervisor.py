@@ -7,6 +7,14 @@ spawns children up to the wanted number. SIGTERM/SIGINT drain (children finish t
 chunks, flush, exit; SIGKILL after ``DRAIN_TIMEOUT``); a second one kills them at once.
 SIGTTIN/SIGTTOU add or remove a child. Children that keep dying make it stop instead of
 spinning: more than ``CRASH_LIMIT`` failures within ``CRASH_WINDOW`` seconds halts it.
+
+With an ``Autoscaler`` (``batchsender worker --autoscale MIN..MAX``) the wanted number is
+its decision, taken every ``interval`` seconds from the send consumer's depth and the
+children's CPU (``engine.autoscale``: the Kubernetes HPA's rule). A child that is too many
+is retired as in a drain: SIGTERM, so it fetches no more chunks, finishes and records those
+it holds, flushes and exits (``engine.worker``); nothing it held is lost or sent twice. The
+newest children go first. A SIGTTIN/SIGTTOU is then only the count the next decision starts
+from, as ``kubectl scale`` of a Deployment an HPA owns.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import tempfile
 import time
 from collections import deque
 
-from engine import metrics
+from engine import autoscale, metrics
 from engine.config import Settings
 
 log = logging.getLogger(__name__)
@@ -39,9 +47,15 @@ _SIGNALS = (
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, processes: int | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        processes: int | None = None,
+        autoscaler: autoscale.Autoscaler | None = None,
+    ):
         self.settings = settings
-        self.wanted = processes or settings.worker_processes
+        self.autoscaler = autoscaler
+        self.wanted = autoscaler.minimum if autoscaler else processes or settings.worker_processes
         self.children: dict[int, str] = {}  # pid -> heartbeat file
         self.retiring: set[int] = set()  # told to stop by a scale-down; not counted
         self.hung: set[int] = set()  # killed for a silent heartbeat
@@ -52,6 +66,9 @@ class Supervisor:
         self.draining_since: float | None = None
         self.exit_code = 0
         self._spawn_after = 0.0
+        self._decide_after = 0.0  # the autoscaler's next decision (monotonic)
+        self._cpu = autoscale.CpuSampler()
+        self._depth_read = True  # the last decision had the queue's depth
         self._wake_r, self._wake_w = os.pipe()
         self._heartbeats = tempfile.mkdtemp(prefix="batchsender-heartbeat-")
 
@@ -65,6 +82,9 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         for sig in _SIGNALS:
             signal.signal(sig, self._enqueue)
+        if self.autoscaler is not None and not self._cpu.available():
+            log.warning("no /proc here: the autoscaler scales on the queue's depth alone")
+            self.autoscaler.cpu_target = 0.0
         log.info("supervisor started", extra={"pid": os.getpid(), "processes": self.wanted})
         while True:
             self._sleep()
@@ -86,6 +106,8 @@ class Supervisor:
                 self.begin_drain()
                 continue
             self.murder_hung_workers()
+            if self.autoscaler is not None:
+                self.autoscale_workers()
             self.manage_workers()
             if self.settings.worker_metrics_port and self.metrics_pid is None:
                 if time.monotonic() >= self._metrics_after:  # e.g. its port is taken
@@ -205,11 +227,47 @@ class Supervisor:
                 else:
                     self.hung.add(pid)
 
+    def autoscale_workers(self) -> None:
+        """One decision of the autoscaler, every its interval: ``wanted`` from the send
+        queue's depth and the active children's CPU (``manage_workers`` does the rest)."""
+        scaler = self.autoscaler
+        assert scaler is not None
+        now = time.monotonic()
+        if now < self._decide_after:
+            return
+        self._decide_after = now + scaler.interval
+        depth = autoscale.read_depth(self.settings)
+        if (depth is not None) != self._depth_read:
+            self._depth_read = depth is not None
+            if depth is None:
+                log.warning("send queue depth unavailable (NATS?): no scaling down meanwhile")
+            else:
+                log.info("send queue depth readable again", extra={"depth": depth})
+        active = [pid for pid in self.children if pid not in self.retiring]
+        cpu = self._cpu.sample(active, now) if scaler.cpu_target else None
+        wanted = scaler.step(now, self.wanted, depth, cpu)
+        if wanted != self.wanted:
+            used = sum(cpu.ready) / len(cpu.ready) if cpu and cpu.ready else None
+            log.info(
+                "autoscale: %d -> %d worker processes",
+                self.wanted,
+                wanted,
+                extra={
+                    "from": self.wanted,
+                    "to": wanted,
+                    "depth": depth,
+                    "cpu_percent": None if used is None else round(100 * used),
+                },
+            )
+            self.wanted = wanted
+
     def manage_workers(self) -> None:
+        metrics.WORKER_PROCESSES_WANTED.set(self.wanted)
         active = [pid for pid in self.children if pid not in self.retiring]
         for pid in sorted(active)[self.wanted :]:
             os.kill(pid, signal.SIGTERM)  # drains; reaped later, not a crash
             self.retiring.add(pid)
+            log.info("retiring worker %d; it drains its chunks", pid, extra={"worker": pid})
         if time.monotonic() < self._spawn_after:
             return
         for _ in range(self.wanted - len(active)):

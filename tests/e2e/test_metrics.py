@@ -153,7 +153,7 @@ async def test_stopped_workers_show_as_depth_lag_and_no_leader_then_dead_letters
     topology = Topology(stack.settings.nats_prefix)
     connection = await nats.connect(stack.settings.nats_url)
     try:
-        batch_id = await client.create(300)
+        batch_id = await client.create(2500)  # 3 cells (engine.chunks.cell_size: 1,000)
         js = connection.jetstream()
         for subject in (
             topology.intake_subject(tenant[0]),  # not JSON: an intake dead letter
@@ -167,7 +167,7 @@ async def test_stopped_workers_show_as_depth_lag_and_no_leader_then_dead_letters
         assert value(stopped, "nats_queue_depth", consumer="send") == (
             send.num_pending + send.num_ack_pending
         )
-        assert value(stopped, "nats_queue_depth", consumer="send") >= 4  # 3 chunks + 1
+        assert value(stopped, "nats_queue_depth", consumer="send") >= 4  # 3 cells + 1
         assert value(stopped, "nats_queue_depth", consumer="intake") >= 1
         assert value(stopped, "batchsender_results_lag_seconds", consumer="results-pg") >= 1.0
         assert value(stopped, "batchsender_results_lag_seconds", consumer="results-ch") >= 1.0
