@@ -3,18 +3,20 @@
     python -m bench.floor --recipients 200000
     python -m bench.floor --recipients 200000 --mock-latency-ms 20   # also a 20 ms mock
 
-Each component is measured on its own, on N recipients in chunks of 100, in a throw-away
-deployment (``devkit.stack.isolated_environ``, ``migrate_all``; ``drop_all`` at the end),
-and reported in recipients/s. No engine process runs; this program does the client side
-exactly as the engine does it, with the engine's own functions where they exist:
+Each component is measured on its own, on N recipients in chunk messages of 1,000 (cells)
+and provider calls of 100, in a throw-away deployment (``devkit.stack.isolated_environ``,
+``migrate_all``; ``drop_all`` at the end), and reported in recipients/s. No engine process
+runs; this program does the client side exactly as the engine does it, with the engine's
+own functions where they exist:
 
 1. NATS (the deployment's real streams and durable pull consumers): the chunk messages
    (``{"b","t","p","f","n"}`` with ``Nats-Msg-Id`` ``batch:first``) published with
    ``publish_async`` in windows of 512 (``engine.chunks.queue_batch``), then fetched 64 at a
    time from ``send`` and acked one by one (the worker's send loop). Then one results
-   message per chunk (``engine.results.encode`` of 100 realistic rows) published the same
-   way and read by both consumers of the RESULTS stream as the worker reads them:
-   ``results-pg`` ``RESULTS_FLUSH_MESSAGES`` per fetch, ``results-ch`` 500 per fetch.
+   message per provider call (``engine.results.encode`` of 100 realistic rows) published the same
+   way and read by each consumer of the RESULTS stream as the worker reads them:
+   ``results-pg`` ``RESULTS_FLUSH_MESSAGES`` per fetch, ``results-ch`` and ``results-hooks``
+   500 per fetch.
 2. PostgreSQL, through ``engine.db.create_pool``: ``copy_records_to_table`` of the
    recipients (the columns and types of ``engine.intake.copier``), then
    ``engine.results.apply_results`` over the same rows in flushes of
@@ -23,7 +25,7 @@ exactly as the engine does it, with the engine's own functions where they exist:
 3. ClickHouse: ``engine.clickhouse.ClickHouse.insert_events`` of the same events, built
    column by column as ``engine.event_writer.EventWriter`` builds them, ``CLICKHOUSE_FLUSH_ROWS``
    rows per insert; once for ``sent``, once for ``delivered``.
-4. Token buckets: ``TokenBuckets.reserve`` once per chunk over the sender's three buckets
+4. Token buckets: ``TokenBuckets.reserve`` once per provider call over the sender's three buckets
    (system, provider, tenant; keys under the deployment's ``KEY_PREFIX``) with rates far
    above what the run takes, one caller after the other and ``WORKER_CONCURRENCY`` (32)
    callers at once. A reservation that would make anybody wait fails the run.
@@ -39,7 +41,8 @@ the same 2 cores, so per recipient the machine's time adds up: a step measured a
     combined = 1 / sum_i(1 / rate_i)
 
 recipients/s. ``combined_send`` sums the sending path: the chunk leg of NATS (publish +
-fetch), the results leg (publish + fetch by ``results-pg`` + fetch by ``results-ch``),
+fetch), the results leg (publish + fetch by ``results-pg``, ``results-ch`` and
+``results-hooks``),
 PostgreSQL COPY, the ``sent`` status write, the ClickHouse insert, the token call (32
 callers, as the worker makes it) and the mock provider at 0 ms. ``combined_webhook`` adds
 what a ``delivered`` webhook event costs the infrastructure: the results leg once more
@@ -90,6 +93,7 @@ from nats.js import JetStreamContext
 from bench import preflight
 from bench.e2e import machine
 from devkit.stack import ROOT, drop_all, free_port, isolated_environ, mock_provider_command
+from engine.chunks import cell_size
 from engine.clickhouse import EVENT_COLUMNS, ClickHouse
 from engine.config import Rate, Settings, load_settings
 from engine.event_writer import append_event_rows
@@ -98,6 +102,7 @@ from engine.ratelimit import TokenBuckets
 from engine.results import Columns, apply_results, decode, encode
 from engine.services import Services
 from engine.tenants import ensure_tenant
+from engine.webhook_outbox import Batching
 from engine.worker import RESULTS_FLUSH_MESSAGES
 from providers.base import Message
 from providers.mock import MockProvider
@@ -105,11 +110,13 @@ from providers.registry import PROVIDERS
 
 PROVIDER = "mock"
 TENANT = "floor"
-CHUNK = PROVIDERS[PROVIDER].max_per_call  # 100 recipients per chunk message and per provider call
+CHUNK = PROVIDERS[PROVIDER].max_per_call  # 100 recipients per provider call (and results message)
+CELL = cell_size(CHUNK)  # 1,000 recipients per chunk message (engine.chunks)
 PUBLISH_WINDOW = 512  # engine.chunks.queue_batch: futures awaited every 512 publishes
 CHUNK_FETCH = 64  # engine.worker: the send loop fetches at most 64 chunks at a time
 RESULTS_PG_FETCH = RESULTS_FLUSH_MESSAGES  # results-pg messages per fetch (= per flush)
 RESULTS_CH_FETCH = 500  # engine.worker: results-ch messages per fetch
+RESULTS_HOOKS_FETCH = Batching().fetch  # engine.webhook_outbox: results-hooks per fetch
 MOCK_CONCURRENCY = 64
 SETTLE_WINDOW = 0.2  # s: after a step, the machine is watched in windows this long
 SETTLE_QUIET = 0.05  # until one is busy under 5 % of the cores above idle
@@ -130,7 +137,12 @@ WEBHOOK_EXTRA = ("nats_results", "pg_delivered", "ch_delivered")
 # Steps made of measured parts (their times and CPU add up).
 COMPOSITE = {
     "nats_chunks": ("nats_chunk_publish", "nats_chunk_fetch"),
-    "nats_results": ("nats_results_publish", "nats_results_fetch_pg", "nats_results_fetch_ch"),
+    "nats_results": (
+        "nats_results_publish",
+        "nats_results_fetch_pg",
+        "nats_results_fetch_ch",
+        "nats_results_fetch_hooks",
+    ),
 }
 
 
@@ -314,9 +326,17 @@ class Shape:
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
-        """(first seq, count) of every chunk."""
-        n, size = self.recipients, self.chunk
-        return [(first, min(size, n - first + 1)) for first in range(1, n + 1, size)]
+        """(first seq, count) of every provider call (and its results message)."""
+        return _runs(self.recipients, self.chunk)
+
+    @property
+    def cells(self) -> list[tuple[int, int]]:
+        """(first seq, count) of every chunk message (a cell of whole provider calls)."""
+        return _runs(self.recipients, CELL)
+
+
+def _runs(n: int, size: int) -> list[tuple[int, int]]:
+    return [(first, min(size, n - first + 1)) for first in range(1, n + 1, size)]
 
 
 _PMID_PREFIX = uuid.uuid4().hex[:12]  # provider message ids look like the mock's
@@ -336,14 +356,14 @@ def recipient_records(shape: Shape) -> list[tuple[Any, ...]]:
 
 
 def chunk_messages(shape: Shape) -> list[tuple[bytes, dict[str, str]]]:
-    """Bodies and headers as engine.chunks.queue_batch publishes them."""
+    """Bodies and headers as engine.chunks.queue_batch publishes them (one per cell)."""
     b = str(shape.batch_id)
     return [
         (
             orjson.dumps({"b": b, "t": TENANT, "p": PROVIDER, "f": first, "n": n}),
             {"Nats-Msg-Id": f"{b}:{first}"},
         )
-        for first, n in shape.chunks
+        for first, n in shape.cells
     ]
 
 
@@ -464,6 +484,7 @@ async def measure_nats(services: Services, meter: Meter, shape: Shape, sent: lis
     send = await js.pull_subscribe_bind("send", topo.send_stream)
     to_pg = await js.pull_subscribe_bind("results-pg", topo.results_stream)
     to_ch = await js.pull_subscribe_bind("results-ch", topo.results_stream)
+    to_hooks = await js.pull_subscribe_bind("results-hooks", topo.results_stream)
     window = f"publish_async, window {PUBLISH_WINDOW}"
     try:
         async with meter.measure("nats_chunk_publish", f"NATS  chunks: {window}"):
@@ -477,13 +498,14 @@ async def measure_nats(services: Services, meter: Meter, shape: Shape, sent: lis
         for key, psub, batch, durable in (
             ("nats_results_fetch_pg", to_pg, RESULTS_PG_FETCH, "results-pg"),
             ("nats_results_fetch_ch", to_ch, RESULTS_CH_FETCH, "results-ch"),
+            ("nats_results_fetch_hooks", to_hooks, RESULTS_HOOKS_FETCH, "results-hooks"),
         ):
             async with meter.measure(key, f"NATS  results: fetch {batch:,} + ack ({durable})"):
                 await _fetch_all(psub, len(results), batch)
                 await services.nc.flush()
         await _expect_empty(js, topo.results_stream)
     finally:
-        for psub in (send, to_pg, to_ch):
+        for psub in (send, to_pg, to_ch, to_hooks):
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
         for stream in (topo.send_stream, topo.results_stream):
@@ -724,7 +746,8 @@ async def measure_floor(
     Keys (recipients/s unless they end in ``_cpu_us``):
 
     - measured steps: ``nats_chunk_publish``, ``nats_chunk_fetch``, ``nats_results_publish``,
-      ``nats_results_fetch_pg``, ``nats_results_fetch_ch``, ``pg_copy``, ``pg_sent``,
+      ``nats_results_fetch_pg``, ``nats_results_fetch_ch``, ``nats_results_fetch_hooks``,
+      ``pg_copy``, ``pg_sent``,
       ``pg_delivered``, ``ch_sent``, ``ch_delivered``, ``token_sequential``,
       ``token_concurrent``, ``mock`` (0 ms) and, with ``mock_latency_ms``, ``mock_<ms>ms``;
     - legs made of steps (times added): ``nats_chunks`` (chunk publish + fetch) and
@@ -747,7 +770,7 @@ def table(meter: Meter) -> str:
     n = meter.recipients
     lines = [
         f"machine:    {machine()}",
-        f"recipients: {n:,} in chunks of {CHUNK} (one batch)",
+        f"recipients: {n:,} in chunk messages of {CELL}, provider calls of {CHUNK} (one batch)",
         f"others:     {meter.idle_other / meter.cores:.0%} of the machine busy before the run,"
         f" {meter.others_share:.0%} during the steps"
         + ("  << NOT QUIET: the figures are low" if meter.others_share > 0.05 else ""),

@@ -49,13 +49,23 @@ NEEDS = {
     "test_suppressions, test_queue)",
     "201": "a valid batch (test_api, test_hostile_input)",
     "204": "an existing key or suppression (test_keys, test_suppressions)",
+    "202": "an existing webhook delivery to replay (test_webhook_endpoints: replay)",
+    "502": "an SNS confirmation URL that does not answer (test_webhook_accounts: a failed "
+    "subscription confirmation)",
 }
 
-# Statuses of one operation the runs did not reach although a generator could: schemathesis
-# sends this operation only schema-violating provider names (404), never the enum's "mock".
+# Statuses of one operation the runs did not reach although a generator could (schemathesis
+# sends /webhooks/{provider} only schema-violating provider names (404), never the enum's
+# "mock"), each with where it is shown.
 NOT_REACHED = {
     ("POST /webhooks/{provider}", "401"): "tests/integration/test_webhooks.py (bad, stale and "
     "replayed signatures)",
+    # Only an existing account's route checks a signature; generated ids name none (404).
+    ("POST /webhooks/{provider}/{account_id}", "401"): "tests/integration/"
+    "test_webhook_accounts.py (bad, stale and replayed signatures per provider)",
+    # A body is validated before the account is looked up: generated bodies fail as 422.
+    ("PUT /api/provider-accounts/{ref}", "404"): "tests/integration/test_provider_accounts.py "
+    "(test_an_account_is_replaced_whole_but_keeps_its_provider)",
 }
 
 
