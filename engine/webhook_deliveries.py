@@ -54,8 +54,8 @@ from engine.webhook_endpoints import (
     check_limit,
     check_url,
     decode_cursor,
-    encode_cursor,
     endpoint_uuid,
+    page_of,
     public_address,
 )
 from engine.webhook_outbox import BATCHING, Batching, Fetch, Outbox
@@ -462,12 +462,7 @@ async def list_deliveries(
         before[1] if before else None,
         limit + 1,
     )
-    page = rows[:limit]
-    more = len(rows) > limit
-    return {
-        "data": [_view(row) for row in page],
-        "next_cursor": encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None,
-    }
+    return page_of(rows, limit, _view)
 
 
 async def replay(

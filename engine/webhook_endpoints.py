@@ -26,6 +26,7 @@ import ipaddress
 import re
 import secrets
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -217,6 +218,17 @@ def encode_cursor(created_at: datetime, row_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(orjson.dumps([created_at.isoformat(), str(row_id)])).decode()
 
 
+def page_of(rows: list[Any], limit: int, view: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """A page of ``limit`` of ``rows`` (fetched ``limit + 1``: one more says there is a next
+    page), its cursor the last row's (created_at, id)."""
+    page = rows[:limit]
+    more = len(rows) > limit
+    return {
+        "data": [view(row) for row in page],
+        "next_cursor": encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None,
+    }
+
+
 def decode_cursor(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
     if cursor is None:
         return None
@@ -252,12 +264,7 @@ async def list_endpoints(
         after[1] if after else None,
         limit + 1,
     )
-    page = rows[:limit]
-    more = len(rows) > limit
-    return {
-        "data": [_view(row) for row in page],
-        "next_cursor": encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None,
-    }
+    return page_of(rows, limit, _view)
 
 
 async def get(pool: asyncpg.Pool, tenant_id: str, endpoint_id: str) -> dict[str, Any]:

@@ -9,11 +9,9 @@ import uuid
 
 from engine.chunks import cell_size
 from engine.results import decode
-from engine.sender import Sender
 from engine.services import Services
 from providers.mock import MockProvider
-from tests.integration.test_poison import mock_server, new_batch
-from tests.worker_support import batch_status, eventually, worker_loops
+from tests.integration.test_poison import mock_server, new_batch, send_until_completed
 
 
 async def test_a_cell_of_many_calls_publishes_every_call_on_its_own(
@@ -25,16 +23,7 @@ async def test_a_cell_of_many_calls_publishes_every_call_on_its_own(
     people = [{"email": f"p{i}@example.com"} for i in range(cell + 30)]
     batch_id = await new_batch(own, tenant_id, people)
     async with mock_server() as url:
-        provider = MockProvider(url)
-        try:
-            async with worker_loops(own, Sender(own, {"mock": provider})):
-
-                async def completed() -> bool:
-                    return await batch_status(own, batch_id) == "completed"
-
-                await eventually(completed, 60, "the batch completed")
-        finally:
-            await provider.close()
+        await send_until_completed(own, batch_id, url)
     stream = own.topology.results_stream
     last = (await own.js.stream_info(stream)).state.last_seq
     sizes = []
