@@ -325,15 +325,17 @@ async def _json(response: aiohttp.ClientResponse) -> Any:
 
 
 async def create_account(
-    session: aiohttp.ClientSession, api: str, provider: str, fake_url: str
+    session: aiohttp.ClientSession, api: str, provider: str, **fields: Any
 ) -> dict[str, Any]:
+    """A provider account at a rate that never binds, with the fakes' test credentials
+    (``fields``: e.g. ``base_url`` of a fake, a ``webhook_secret``)."""
     body = {
         "name": f"bench-{provider}",
         "provider": provider,
-        "base_url": fake_url,
         "rate_per_second": ACCOUNT_RATE,
         "burst": ACCOUNT_BURST,
         **_account_fields(provider),
+        **fields,
     }
     async with session.post(f"{api}/api/provider-accounts", json=body) as response:
         created = await _json(response)
@@ -465,7 +467,7 @@ async def measure_provider(
         async with aiohttp.ClientSession(headers=headers, timeout=client_timeout) as session:
             if provider != "mock":
                 url = await asyncio.to_thread(start_fake, stack, provider)
-                account = await create_account(session, stack.api, provider, url)
+                account = await create_account(session, stack.api, provider, base_url=url)
                 del template["provider"]
                 template["provider_account"] = account["name"]
                 result["account"] = {

@@ -70,7 +70,7 @@ import orjson
 from bench import preflight
 from bench.e2e import TEMPLATE, machine
 from bench.profile import Profiler
-from bench.providers import ACCOUNT_BURST, ACCOUNT_RATE, _account_fields, _json, run_batch
+from bench.providers import create_account, run_batch
 from devkit.stack import ROOT, Stack, drop_all, environ_for, isolated_environ, tenant_key
 from engine.clickhouse import ClickHouse
 from engine.config import Settings, load_settings
@@ -594,26 +594,6 @@ class Run:
         return self.provider if self.per_post == 1 else f"{self.provider}×{self.per_post}"
 
 
-async def create_account(
-    session: aiohttp.ClientSession, api: str, provider: str, secret: str
-) -> dict[str, Any]:
-    """The provider account the batch goes through and the webhooks are posted to (its
-    credentials the fakes' test ones; a dry run never uses them)."""
-    body = {
-        "name": f"bench-{provider}",
-        "provider": provider,
-        "rate_per_second": ACCOUNT_RATE,
-        "burst": ACCOUNT_BURST,
-        "webhook_secret": secret,
-        **_account_fields(provider),
-    }
-    async with session.post(f"{api}/api/provider-accounts", json=body) as response:
-        created = await _json(response)
-        if response.status != 201:
-            raise RuntimeError(f"account create failed: {response.status} {created}")
-    return created
-
-
 def _window(rows: list[dict[str, float]], start: float, end: float) -> list[dict[str, float]]:
     return [row for row in rows if start <= row["t"] <= end]
 
@@ -648,7 +628,11 @@ async def measure_run(
         headers = {"Authorization": f"Bearer {key}"}
         timeout = aiohttp.ClientTimeout(total=None)
         async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
-            account = await create_account(session, stack.api, run.provider, signer.secret)
+            # The account the batch goes through and the webhooks are posted to (the fakes' test
+            # credentials; a dry run never uses them).
+            account = await create_account(
+                session, stack.api, run.provider, webhook_secret=signer.secret
+            )
             template = {k: v for k, v in TEMPLATE.items() if k != "provider"}
             template.update(provider_account=account["name"], dry_run=True)
             progress: dict[str, Any] = {}
