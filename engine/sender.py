@@ -34,7 +34,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from engine import deadletters, lifecycle, metrics, results, tracing
+from engine import deadletters, lifecycle, metrics, results, suppressions, tracing
 from engine.cells import Cells, Claim
 from engine.chunks import Chunk
 from engine.config import Rate, parse_rate
@@ -43,7 +43,7 @@ from engine.ratelimit import DailyQuota, TokenBuckets, quota_window
 from engine.results import Columns
 from engine.routes import Route, Routes
 from engine.services import Services
-from engine.suppressions import unsubscribe_headers
+from engine.suppressions import UnsubscribeLinks
 from engine.templates import BatchTemplate
 from providers.base import Message, Provider, SendResult, check_address, header_safe
 
@@ -381,10 +381,12 @@ class Sender:
         cannot be built is ``failed`` with the reason here: it would fail the same way on
         every attempt (templates come from clients, so any error rendering one is theirs)."""
         built, messages = [], []
-        public_url, secret = self.public_url, self.settings.unsubscribe_secret
+        links = suppressions.links(
+            self.public_url, self.settings.unsubscribe_secret, info.tenant_id
+        )
         for row in rows:
             try:
-                messages.append(build_message(info, row, public_url, secret))
+                messages.append(build_message(info, row, links))
             except Exception as exc:
                 error = f"message could not be built: {deadletters.reason_of(exc)}"
                 box.out.append(
@@ -461,9 +463,7 @@ class Sender:
         await msg.term()
 
 
-def build_message(
-    info: BatchInfo, row: Mapping[str, Any], public_url: str, unsubscribe_secret: str
-) -> Message:
+def build_message(info: BatchInfo, row: Mapping[str, Any], links: UnsubscribeLinks) -> Message:
     """The personalised message of one recipient (``row``: email, name, vars, seq).
 
     Its header fields are header-safe (``providers.base``): the rendered subject and the
@@ -475,8 +475,6 @@ def build_message(
     """
     rendered = info.template.render(row["email"], row["name"], row["vars"])
     ref = f"{info.id}:{row['seq']}"
-    headers = unsubscribe_headers(public_url, unsubscribe_secret, info.tenant_id, row["email"])
-    headers["X-BatchSender-Ref"] = ref
     name = row["name"]
     return Message(
         ref,
@@ -487,7 +485,7 @@ def build_message(
         header_safe(rendered.subject),
         rendered.html,
         rendered.text,
-        headers,
+        links.headers(row["email"], ref),
     )
 
 

@@ -14,6 +14,7 @@ so is one for a tenant that no longer exists.
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import time
 from typing import Any
@@ -33,8 +34,13 @@ _DAY = 86_400
 _MAX_TOKEN = 1024  # characters; a tenant id and an address fit in far fewer
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    """base64url without padding (``base64.urlsafe_b64encode`` without its Python layers:
+    this runs once per message)."""
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
 
 def _unb64(text: str) -> bytes:
@@ -47,9 +53,9 @@ def _cipher(secret: str) -> AESSIV:
     return AESSIV(key)
 
 
-class _Links:
+class UnsubscribeLinks:
     """Tokens and headers of one tenant's addresses, expiring on one day: what is the same
-    for every recipient is made once (``_links``), only the sealing is per address."""
+    for every recipient is made once (``links``), only the sealing is per address."""
 
     __slots__ = ("_aad", "_cipher", "_header", "_prefix", "_tenant")
 
@@ -64,16 +70,18 @@ class _Links:
         sealed = self._cipher.encrypt(self._tenant + email.lower().encode(), self._aad)
         return _b64(self._header + sealed)
 
-    def headers(self, email: str) -> dict[str, str]:
+    def headers(self, email: str, ref: str) -> dict[str, str]:
+        """A message's custom headers: its one-click unsubscribe link and its ``ref``."""
         return {
-            "List-Unsubscribe": self._prefix + self.token(email) + ">",
+            "List-Unsubscribe": f"{self._prefix}{self.token(email)}>",
             "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+            "X-BatchSender-Ref": ref,
         }
 
 
 @functools.lru_cache(maxsize=1024)
-def _links(public_url: str, secret: str, tenant_id: str, expires: int) -> _Links:
-    return _Links(public_url, secret, tenant_id, expires)
+def _links(public_url: str, secret: str, tenant_id: str, expires: int) -> UnsubscribeLinks:
+    return UnsubscribeLinks(public_url, secret, tenant_id, expires)
 
 
 def _expires(now: float | None) -> int:
@@ -86,8 +94,9 @@ def unsubscribe_token(secret: str, tenant_id: str, email: str, *, now: float | N
     return _links("", secret, tenant_id, _expires(now)).token(email)
 
 
-def unsubscribe_headers(public_url: str, secret: str, tenant_id: str, email: str) -> dict[str, str]:
-    return _links(public_url, secret, tenant_id, _expires(None)).headers(email)
+def links(public_url: str, secret: str, tenant_id: str) -> UnsubscribeLinks:
+    """The links of a tenant's messages sent now (made once per provider call)."""
+    return _links(public_url, secret, tenant_id, _expires(None))
 
 
 def read_token(secret: str, token: str, *, now: float | None = None) -> tuple[str, str]:

@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from engine.errors import Gone, NotFound
-from engine.suppressions import LINK_DAYS, read_token, unsubscribe_headers, unsubscribe_token
+from engine.suppressions import LINK_DAYS, links, read_token, unsubscribe_token
 from tests.integration.conftest import bearer
 
 
@@ -62,9 +62,8 @@ async def test_suppressed_addresses_are_skipped_by_later_batches(client, tenant)
 
 async def test_one_click_unsubscribe(client: TestClient, tenant: tuple[str, str], migrated) -> None:
     tenant_id, key = tenant
-    headers = unsubscribe_headers(
-        migrated.public_url, migrated.unsubscribe_secret, tenant_id, "Ann@Example.com"
-    )
+    made = links(migrated.public_url, migrated.unsubscribe_secret, tenant_id)
+    headers = made.headers("Ann@Example.com", "ref")
     assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     link = headers["List-Unsubscribe"].strip("<>")
     assert link.startswith(f"{migrated.public_url}/unsubscribe/")

@@ -17,6 +17,7 @@ from aiohttp import web
 import devkit.mock_provider
 from devkit.mock_provider import build_app
 from engine.sender import BatchInfo, build_message
+from engine.suppressions import links
 from engine.templates import BatchTemplate
 from providers.base import Message
 from providers.mock import (
@@ -272,7 +273,7 @@ async def test_header_values_on_the_wire_are_safe() -> None:
                      "Shop", template, False, "queued", 0, None, 0.0)  # fmt: skip
     row = {"seq": 1, "email": "ann@example.com", "name": f"Ann\r\n{injection}",
            "vars": {"first": injection}}  # fmt: skip
-    message = build_message(info, row, "https://bs.example", "s" * 32)
+    message = build_message(info, row, links("https://bs.example", "s" * 32, info.tenant_id))
     async with capturing_provider() as (base_url, wire):
         provider = MockProvider(base_url)
         try:
