@@ -50,6 +50,18 @@ async def show(request: web.Request) -> web.Response:
     return context.json_response(found)
 
 
+async def check(request: web.Request) -> web.Response:
+    """Test the account's credentials with its provider: 200 whatever they answer."""
+    settings = request.app[context.SETTINGS]
+    result = await accounts.check(
+        request.app[context.SERVICES].pool,
+        accounts.Sealer(settings.credentials_keys),
+        request[context.TENANT],
+        request.match_info["ref"],
+    )
+    return context.json_response(result)
+
+
 async def remove(request: web.Request) -> web.Response:
     await accounts.delete(
         request.app[context.SERVICES].pool, request[context.TENANT], request.match_info["ref"]
@@ -63,3 +75,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/provider-accounts/{ref}", show)
     app.router.add_put("/api/provider-accounts/{ref}", replace)
     app.router.add_delete("/api/provider-accounts/{ref}", remove)
+    app.router.add_post("/api/provider-accounts/{ref}/check", check)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.accounts import MAX_ACCOUNTS_PAGE, MAX_SECRET_CHARS
+from engine.accounts import CHECK_SECONDS, MAX_ACCOUNTS_PAGE, MAX_SECRET_CHARS
 from engine.analytics import (
     EVENT_TYPES,
     INTERVALS,
@@ -386,6 +386,40 @@ OPENAPI: dict[str, Any] = {
                     "created_at": {"type": "string", "format": "date-time"},
                     "started_at": {"type": "string", "format": "date-time", "nullable": True},
                     "completed_at": {"type": "string", "format": "date-time", "nullable": True},
+                },
+            },
+            "ProviderAccountCheck": {
+                "type": "object",
+                "required": ["ok", "detail", "account", "provider", "call", "quota", "seconds"],
+                "properties": {
+                    "ok": {
+                        "type": "boolean",
+                        "description": "The provider accepted the credentials and said nothing "
+                        "that stops the account sending",
+                    },
+                    "detail": {
+                        "type": "string",
+                        "description": "What was found, or why not, in one sentence (never a "
+                        "credential)",
+                    },
+                    "account": {"type": "string", "description": "The account's name"},
+                    "provider": {"type": "string", "enum": list(CREDENTIALS)},
+                    "call": {
+                        "type": "string",
+                        "nullable": True,
+                        "description": "The request made, e.g. GET /v3/scopes",
+                    },
+                    "quota": {
+                        "type": "object",
+                        "nullable": True,
+                        "description": "What the provider says the account may send, where it "
+                        "says (SES)",
+                        "properties": {
+                            name: {"type": "number", "nullable": True}
+                            for name in ("per_day", "per_second", "sent_last_24_hours")
+                        },
+                    },
+                    "seconds": {"type": "number", "description": "How long the check took"},
                 },
             },
             "WebhookEndpoint": {
@@ -813,6 +847,30 @@ OPENAPI: dict[str, Any] = {
                     "401": _ERROR,
                     "404": _ERROR,
                     "409": _ERROR,
+                },
+            },
+        },
+        "/api/provider-accounts/{ref}/check": {
+            "post": {
+                "summary": "Test a provider account's credentials with its provider (nothing "
+                "is sent)",
+                "description": "The account's adapter makes its provider's cheapest "
+                f"authenticated read call, within {CHECK_SECONDS:g} seconds: SendGrid `GET "
+                "/v3/scopes` (the "
+                "key needs `mail.send`), Mailgun `GET /v3/domains/{domain}`, Postmark `GET "
+                "/server`, Resend `GET /domains` (a sending-access key is ok, with a note), SES "
+                "`GET /v2/email/account` (`SendingEnabled`, the quota), SMTP a login (EHLO, "
+                "TLS as a send would, AUTH, QUIT). 200 whatever the provider answered: `ok` "
+                "false with the reason when the credentials are refused, the provider cannot "
+                "be reached or does not answer in time.",
+                "parameters": [_path("ref", maxLength=100)],
+                "responses": {
+                    "200": {
+                        "description": "The check ran",
+                        "content": {"application/json": {"schema": _ref("ProviderAccountCheck")}},
+                    },
+                    "401": _ERROR,
+                    "404": _ERROR,
                 },
             },
         },

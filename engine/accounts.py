@@ -11,13 +11,22 @@ Rotation: put a new secret first and keep the old ones after it, restart, run
 ``batchsender provider-accounts reseal`` (re-seals every account under the first), then drop
 the old secrets. Nothing of a credential is ever answered, logged or put in an error: the
 API shows a masked hint (its last four characters when it is long enough to spare them).
+
+Checking (``check``, ``POST /api/provider-accounts/{ref}/check`` and the dashboard's "Test
+credentials"): the account's adapter, built with its opened credentials, makes its
+provider's cheapest authenticated read call (``providers.base.Provider.check``), within
+``CHECK_SECONDS``, and is closed; the answer says whether the credentials work, why not,
+and the quota where the provider reports one. Nothing is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
+import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,10 +41,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from engine.config import Rate
 from engine.errors import Conflict, NotFound, ValidationError
 from engine.lifecycle import FINISHED
-from providers.base import Account
+from providers.base import Account, CheckResult
+from providers.http import scrub
 from providers.registry import CREDENTIALS, PROVIDERS
 
+log = logging.getLogger(__name__)
+
 MAX_ACCOUNTS_PAGE = 100
+CHECK_SECONDS = 10.0  # the longest a credentials check may take
 MAX_SECRET_CHARS = 4096
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+){1,3}")
@@ -437,17 +450,22 @@ async def webhook_secret(
     return WebhookSecret(row["provider"], row["tenant_id"], sealer.open(row["webhook_secret"]))
 
 
-async def account(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, ref: str) -> Account:
-    """The opened account, for an adapter (``providers.base.Account``)."""
+async def _sealed(pool: asyncpg.Pool, tenant_id: str, ref: str) -> asyncpg.Record:
+    """The tenant's account row, credentials still sealed; 404 when it has none so named."""
     column, value = _key(ref)
     row = await pool.fetchrow(
-        f"""SELECT provider, credentials, base_url, region, domain FROM provider_accounts
-             WHERE tenant_id = $1 AND {column} = $2""",
+        f"""SELECT id, name, provider, credentials, base_url, region, domain,
+                   rate_per_second, daily_quota
+              FROM provider_accounts WHERE tenant_id = $1 AND {column} = $2""",
         tenant_id,
         value,
     )
     if row is None:
         raise NotFound("no such provider account", code="account_not_found")
+    return row
+
+
+def _opened(sealer: Sealer, row: asyncpg.Record) -> Account:
     return Account(
         provider=row["provider"],
         credentials=sealer.open(row["credentials"]),
@@ -455,6 +473,94 @@ async def account(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, ref: str) 
         region=row["region"],
         domain=row["domain"],
     )
+
+
+async def account(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, ref: str) -> Account:
+    """The opened account, for an adapter (``providers.base.Account``)."""
+    return _opened(sealer, await _sealed(pool, tenant_id, ref))
+
+
+async def check(
+    pool: asyncpg.Pool,
+    sealer: Sealer,
+    tenant_id: str,
+    ref: str,
+    *,
+    within: float = CHECK_SECONDS,
+) -> dict[str, Any]:
+    """Ask the provider whether the tenant's account ``ref`` (id or name; another
+    tenant's is 404) can send: its adapter's ``check``, bounded to ``within`` seconds, the
+    adapter closed after. Answers ``{"ok", "detail", "account" (its name), "provider",
+    "call", "quota", "seconds"}``: ``quota`` (``per_day``, ``per_second``,
+    ``sent_last_24_hours``) only where the provider reports one, and then the detail notes
+    an account rate or daily quota above it. No credential is in the answer or the log."""
+    row = await _sealed(pool, tenant_id, ref)
+    started = time.monotonic()
+    secrets: list[str] = []
+    try:
+        opened = _opened(sealer, row)
+    except ValueError:
+        result = CheckResult(
+            False, "the credentials are sealed under none of CREDENTIALS_KEYS: enter them again"
+        )
+    else:
+        secrets = [secret for secret in opened.credentials.values() if len(secret) >= 4]
+        result = await _run_check(opened, within)
+    quota = result.quota
+    notes = [] if quota is None else _over_quota(row, quota.per_day, quota.per_second)
+    log.info(
+        "provider account checked",
+        extra={"account_id": str(row["id"]), "provider": row["provider"], "ok": result.ok},
+    )
+    return {
+        "ok": result.ok,
+        # The adapter cleans its own texts; this is the last guard.
+        "detail": scrub("; ".join([result.detail, *notes]), secrets),
+        "account": row["name"],
+        "provider": row["provider"],
+        "call": result.call or None,
+        "quota": None
+        if quota is None
+        else {
+            "per_day": quota.per_day,
+            "per_second": quota.per_second,
+            "sent_last_24_hours": quota.sent_last_24_hours,
+        },
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+async def _run_check(opened: Account, within: float) -> CheckResult:
+    build = PROVIDERS[opened.provider].for_account
+    if build is None:  # pragma: no cover - validate() refuses such accounts
+        return CheckResult(False, f"{opened.provider} has no provider accounts")
+    try:
+        adapter = build(opened)
+    except ValueError as exc:  # the adapter refuses the account (its reason names no secret)
+        return CheckResult(False, str(exc))
+    try:
+        async with asyncio.timeout(within):
+            return await adapter.check()
+    except TimeoutError:
+        return CheckResult(False, f"timed out: the provider did not answer within {within:g} s")
+    finally:
+        await adapter.close()
+
+
+def _over_quota(row: asyncpg.Record, per_day: float | None, per_second: float | None) -> list[str]:
+    """Notes on an account configured to send faster or more than the provider allows."""
+    notes = []
+    if per_second is not None and row["rate_per_second"] > per_second:
+        notes.append(
+            f"the account's rate of {row['rate_per_second']:g}/s is above the provider's "
+            f"{per_second:g}/s: the provider will throttle it"
+        )
+    if per_day is not None and (row["daily_quota"] or 0) > per_day:
+        notes.append(
+            f"the account's daily quota of {row['daily_quota']:,} is above the provider's "
+            f"{per_day:,.0f} per 24 h"
+        )
+    return notes
 
 
 async def reseal_all(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str | None = None) -> int:

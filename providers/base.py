@@ -9,6 +9,10 @@ A provider takes a list of already-personalised messages (one chunk) and answers
 result per message, in the same order. Errors are classified here, by the adapter that
 understands the provider: ``retryable`` (timeouts, connection errors, 429, 5xx) or not.
 
+``check`` asks the provider whether an account's credentials work without sending
+anything: its cheapest documented authenticated read call (``CheckResult``; the calls
+are listed on ``Provider.check``).
+
 Header fields carry text from clients (a rendered subject, names), so every header value
 a provider is given is one line: it passed ``header_safe`` (no control characters, no
 encoded word that decodes to one: ``{{ first }}`` holding
@@ -22,6 +26,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import socket
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -174,6 +180,72 @@ class Account:
     domain: str | None = None  # where the provider sends per domain (Mailgun)
 
 
+# Seconds a check's own provider call (or SMTP command) may take; the engine bounds the
+# whole check as well (``engine.accounts.CHECK_SECONDS``).
+CHECK_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """What a provider says an account may send (SES: ``SendQuota``); None where it does
+    not say (``per_day`` None also when there is no 24-hour limit)."""
+
+    per_day: float | None = None
+    per_second: float | None = None
+    sent_last_24_hours: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """What ``Provider.check`` found.
+
+    ``ok``: the provider accepted the credentials and said nothing that stops the account
+    sending (a note on what limits it, such as SES's sandbox or a send-only key, may be in
+    ``detail``). ``detail``: one secret-free sentence saying what was found, or why not
+    (``"the provider refused the API key (HTTP 401)"``, ``"connection refused"``).
+    ``call``: the request made (``"GET /v3/scopes"``). ``quota``: where the provider
+    reports one.
+    """
+
+    ok: bool
+    detail: str
+    call: str = ""
+    quota: Quota | None = None
+
+
+def unreachable(exc: BaseException) -> str:
+    """What a call that got no answer says, in a few words and without secrets:
+    ``"connection refused"``, ``"timed out"``, ``"the host name does not resolve"``, a TLS
+    failure, else the error's own text. Looks through what the HTTP and SMTP clients wrap
+    (aiohttp's ``os_error`` and ``certificate_error``, an exception's cause)."""
+    seen: list[BaseException] = []
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        item = pending.pop(0)
+        if item is None or any(item is s for s in seen):
+            continue
+        seen.append(item)
+        pending += [
+            getattr(item, "certificate_error", None),
+            getattr(item, "os_error", None),
+            item.__cause__,
+        ]
+    for item in seen:
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return f"the server's TLS certificate is not trusted ({item.verify_message})"
+        if isinstance(item, ssl.SSLError):
+            return f"the TLS handshake failed ({item.reason or type(item).__name__})"
+        if isinstance(item, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(item, socket.gaierror):
+            return "the host name does not resolve"
+        if isinstance(item, TimeoutError):
+            return "timed out"
+        if isinstance(item, ConnectionResetError):
+            return "the server closed the connection"
+    return str(exc) or type(exc).__name__
+
+
 class Provider(Protocol):
     """A provider adapter. ``max_per_call`` is how many messages one ``send`` call takes."""
 
@@ -181,6 +253,20 @@ class Provider(Protocol):
     max_per_call: int
 
     async def send(self, messages: list[Message]) -> list[SendResult]: ...
+
+    async def check(self) -> CheckResult:
+        """Whether the account's credentials work, by the provider's cheapest documented
+        authenticated read call; nothing is sent. SendGrid ``GET /v3/scopes`` (and the
+        ``mail.send`` scope among them), Mailgun ``GET /v3/domains/{domain}``, Postmark
+        ``GET /server``, Resend ``GET /domains`` (a send-only key is ok, with that note),
+        SES v2 ``GET /v2/email/account`` (``SendingEnabled`` and the quota), SMTP: connect,
+        TLS as a send would, AUTH with the account's login, QUIT; mock: its server's
+        ``GET /health``.
+
+        Never raises for provider or network failures: they are a result that is not ok,
+        with the reason. Each call is bounded by ``CHECK_TIMEOUT``; the caller bounds the
+        whole (``engine.accounts.check``) and closes the adapter after."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -8,6 +8,12 @@ first use and again after ``close``), builds its results with ``failed``, ``paus
 ``Retry-After`` with ``parse_retry_after`` and ``X-RateLimit-Reset`` with
 ``rate_limit_reset``. ``halves`` is how a request too large for the provider (HTTP 413) is
 split to be sent again.
+
+A credentials check (``Provider.check``) is one GET on the same session: the adapter says
+which (``check_call``, ``_check_request``) and what its answer means (``_checked``, with
+``check_refused`` for the statuses it has no words of its own for); ``HttpAdapter.check``
+makes the call, turns a call that got no answer into its reason (``unreachable``) and
+passes the detail through the adapter's ``_clean``.
 """
 
 from __future__ import annotations
@@ -15,34 +21,85 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from time import time
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
-from providers.base import SendResult, header_safe
+from providers.base import CHECK_TIMEOUT, CheckResult, SendResult, header_safe, unreachable
 
 T = TypeVar("T")
 
 # What a transport failure of a request raises (the request may or may not have arrived).
 TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError)
+MAX_CHECK_ANSWER = 1 << 20  # bytes of a credentials check's answer read at most
 
 _ADDRESS = re.compile(r"[^\s<>()\[\],;:'\"`]+@[^\s<>()\[\],;:'\"`]*[^\s<>()\[\],;:'\"`.]")
 _MAILBOX_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]')
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A provider's answer to a check's call."""
+
+    status: int
+    headers: Mapping[str, str]
+    payload: bytes
+
+    def json(self) -> dict[str, Any] | None:
+        return json_object(self.payload)
+
+
 class HttpAdapter:
     """The pooled session of an HTTP adapter: ``_get_session()`` opens it when there is
     none (or it was closed), ``close()`` closes it. ``connector_limit`` bounds the
-    connections it keeps open at once."""
+    connections it keeps open at once. ``_secrets`` are what ``_clean`` keeps out of a
+    text (the adapter's credentials)."""
 
     connector_limit = 64
+    check_call = ""  # the credentials check's request, e.g. "GET /v3/scopes"
+    _secrets: tuple[str, ...] = ()
 
     def __init__(self, *, timeout: float) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+
+    async def check(self) -> CheckResult:
+        """The credentials check (``providers.base.Provider.check``): one GET of
+        ``_check_request()`` on the pooled session, its answer read by ``_checked``."""
+        url, headers = self._check_request()
+        try:
+            async with self._get_session().get(
+                url, headers=headers, timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT)
+            ) as resp:
+                payload = await resp.content.read(MAX_CHECK_ANSWER + 1)
+                while len(payload) <= MAX_CHECK_ANSWER and not resp.content.at_eof():
+                    payload += await resp.content.read(MAX_CHECK_ANSWER + 1 - len(payload))
+                answer = Answer(resp.status, resp.headers, payload)
+        except TRANSPORT_ERRORS as exc:
+            result = CheckResult(False, f"{urlsplit(url).netloc}: {unreachable(exc)}")
+        else:
+            if len(payload) > MAX_CHECK_ANSWER:
+                result = CheckResult(False, f"the answer is larger than {MAX_CHECK_ANSWER} bytes")
+            else:
+                result = self._checked(answer)
+        return replace(result, detail=one_line(self._clean(result.detail)), call=self.check_call)
+
+    def _check_request(self) -> tuple[str, Mapping[str, str]]:
+        """The URL and headers of the check's GET."""
+        raise NotImplementedError
+
+    def _checked(self, answer: Answer) -> CheckResult:
+        """What the check's answer says about the credentials."""
+        raise NotImplementedError
+
+    def _clean(self, text: str) -> str:
+        """A text as it may be shown or recorded: no credential, no address."""
+        return scrub(text, self._secrets)
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -95,6 +152,24 @@ def held(ref: str, error: str, retry_after: float | None = None) -> SendResult:
 def transport_reason(exc: BaseException) -> str:
     """What a transport error says (its type when it says nothing)."""
     return str(exc) or type(exc).__name__
+
+
+def check_refused(status: int, detail: str = "", *, what: str = "the credentials") -> CheckResult:
+    """A check whose call the provider answered with an error status the adapter has no
+    words of its own for: what the status means, the provider's own ``detail`` after it."""
+    if status == 401:
+        why = f"the provider refused {what}"
+    elif status == 403:
+        why = f"the provider refused access with {what}"
+    elif status == 404:
+        why = "nothing answers this call at the account's base URL"
+    elif status == 429:
+        why = "the provider is rate limiting the account; try again in a moment"
+    elif status >= 500:
+        why = "the provider had an error; try again later"
+    else:
+        why = "the provider refused the call"
+    return CheckResult(False, f"{why} (HTTP {status})" + (f": {detail}" if detail else ""))
 
 
 # --- error texts ---------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 """The Mailgun provider: the batch-sending adapter and the webhook.
 
-Not in ``providers.registry`` yet: an adapter is built from a provider account
-(``MailgunProvider(Account(..., domain="mg.example.com"))``) and ``WEBHOOK`` is its webhook,
-for the engine to wire.
+An adapter is built from a provider account
+(``MailgunProvider(Account(..., domain="mg.example.com"))``); ``WEBHOOK`` is its webhook.
 
 Sending: ``POST {base}/v3/{domain}/messages``, ``multipart/form-data``, HTTP basic auth
 ``api:<api key>`` (https://documentation.mailgun.com/docs/mailgun/api-reference/). ``base``
@@ -43,6 +42,13 @@ domain is not on this account or in this region). 429: retryable and throttled
 (``Retry-After`` or ``X-RateLimit-Reset``). 5xx, timeouts and connection errors:
 retryable. Other 4xx: permanent. Error texts never hold an address or the API key.
 
+Credentials check (``check``): ``GET {base}/v3/domains/{domain}`` with the same basic
+auth (https://documentation.mailgun.com/docs/mailgun/api-reference/): 200 ``{"domain":
+{"name", "state", "is_disabled", ...}, ...}`` is ok when the domain's ``state`` is
+``active``; an ``unverified`` or disabled domain sends nothing (not ok); 401 is a refused
+key, 404 ``{"message": "Domain not found"}`` a domain that is not on this account (or in
+this region).
+
 Webhook (https://documentation.mailgun.com/docs/mailgun/user-manual/webhooks/securing-webhooks):
 a JSON body ``{"signature": {"timestamp", "token", "signature"}, "event-data": {...}}``,
 one event per post; ``signature`` is the hex HMAC-SHA256 of ``timestamp + token`` under the
@@ -71,6 +77,7 @@ import orjson
 
 from providers.base import (
     Account,
+    CheckResult,
     Message,
     SendResult,
     Signed,
@@ -80,7 +87,9 @@ from providers.base import (
 )
 from providers.http import (
     TRANSPORT_ERRORS,
+    Answer,
     HttpAdapter,
+    check_refused,
     failed,
     halves,
     loads_webhook,
@@ -135,6 +144,7 @@ class MailgunProvider(HttpAdapter):
         self.base_url = base.rstrip("/")
         self.domain = account.domain
         self._url = f"{self.base_url}/v3/{quote(account.domain, safe='')}/messages"
+        self.check_call = f"GET /v3/domains/{quote(account.domain, safe='')}"
         self._key = key
         token = base64.b64encode(f"api:{key}".encode()).decode()
         self._headers = {"Authorization": f"Basic {token}"}
@@ -142,6 +152,34 @@ class MailgunProvider(HttpAdapter):
 
     def __repr__(self) -> str:
         return f"MailgunProvider({self.base_url!r}, domain={self.domain!r})"
+
+    def _check_request(self) -> tuple[str, Mapping[str, str]]:
+        url = f"{self.base_url}/v3/domains/{quote(self.domain, safe='')}"
+        return url, {**self._headers, "Accept": "application/json"}
+
+    def _checked(self, answer: Answer) -> CheckResult:
+        domain = self.domain
+        if answer.status == 404:
+            return CheckResult(
+                False,
+                f"domain {domain} not found at Mailgun (HTTP 404): it is not on this account, "
+                "or the account is in the other region (US/EU)",
+            )
+        if answer.status != 200:
+            return check_refused(answer.status, _detail(answer.payload), what="the API key")
+        found = (answer.json() or {}).get("domain")
+        state = found.get("state") if isinstance(found, dict) else None
+        if state == "disabled" or (isinstance(found, dict) and found.get("is_disabled") is True):
+            return CheckResult(False, f"the API key works, but domain {domain} is disabled")
+        if state == "unverified":
+            return CheckResult(
+                False,
+                f"the API key works, but domain {domain} is unverified: Mailgun sends nothing "
+                "from it until its DNS records verify",
+            )
+        if state == "active":
+            return CheckResult(True, f"the API key works and domain {domain} is active")
+        return CheckResult(True, f"the API key works and domain {domain} is known (state {state})")
 
     async def send(self, messages: list[Message]) -> list[SendResult]:
         """One result per message, in order; never raises for provider or network failures."""

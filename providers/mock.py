@@ -3,7 +3,8 @@
 The server side lives in ``devkit.mock_provider``. Wire format of ``POST /v1/send``:
 request ``{"messages": [{"ref", "to", "to_name", "from", "from_name", "subject", "html",
 "text", "headers"}]}``, answer ``{"results": [{"ref", "status": "accepted", "id"} |
-{"ref", "status": "rejected", "error", "retryable"}]}`` in request order.
+{"ref", "status": "rejected", "error", "retryable"}]}`` in request order. It has no
+credentials: its check (``check``) is that its server answers ``GET /health``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import orjson
 
 from providers.base import (
     WEBHOOK_EVENTS,
+    CheckResult,
     Message,
     ProviderError,
     ProviderSpec,
@@ -29,7 +31,9 @@ from providers.base import (
 )
 from providers.http import (
     TRANSPORT_ERRORS,
+    Answer,
     HttpAdapter,
+    check_refused,
     loads_webhook,
     parse_retry_after,
     transport_reason,
@@ -46,10 +50,20 @@ class MockProvider(HttpAdapter):
     name = "mock"
     max_per_call = 100  # messages per POST /v1/send: the engine's chunk size too (SPEC)
     connector_limit = 256
+    check_call = "GET /health"
 
     def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
         super().__init__(timeout=timeout)
-        self._url = base_url.rstrip("/") + "/v1/send"
+        self._base_url = base_url.rstrip("/")
+        self._url = self._base_url + "/v1/send"
+
+    def _check_request(self) -> tuple[str, Mapping[str, str]]:
+        return self._base_url + "/health", {"Accept": "application/json"}
+
+    def _checked(self, answer: Answer) -> CheckResult:
+        if answer.status == 200:
+            return CheckResult(True, "the mock provider answers (it needs no credentials)")
+        return check_refused(answer.status, answer.payload[:200].decode("utf-8", "replace"))
 
     async def send(self, messages: list[Message]) -> list[SendResult]:
         """Send one chunk; never raises for provider or network failures."""

@@ -1,6 +1,6 @@
 """Postmark: the batch send adapter, and its webhook's check and parser.
 
-Not in ``providers.registry`` yet (a provider account is what it is built from).
+An adapter is built from a provider account.
 
 Sending: ``POST {base_url}/email/batch`` with ``X-Postmark-Server-Token``, a JSON array of
 at most 500 messages and at most 50 MB (a chunk larger than either is split here, in
@@ -36,6 +36,12 @@ request that had in fact been accepted is sent twice (the engine's cells bound t
 
 Error texts never hold the server token or a recipient address: Postmark's own message
 is included with addresses and quoted values replaced.
+
+Credentials check (``check``): ``GET {base_url}/server`` with the server token and
+``Accept: application/json`` (https://postmarkapp.com/developer/api/server-api): 200 is the
+token's server (its ``Name``; a ``DeliveryType`` of ``Sandbox`` accepts mail but delivers
+none, said in the detail); 401 (``ErrorCode`` 10) is a refused token. The answer also holds
+the server's ``ApiTokens``: nothing of it but the name and delivery type is read.
 
 Webhooks (https://postmarkapp.com/developer/webhooks/webhooks-overview) are not signed.
 A webhook is protected by HTTP basic auth in its URL (``https://user:password@host/...``)
@@ -73,6 +79,7 @@ import orjson
 
 from providers.base import (
     Account,
+    CheckResult,
     Message,
     SendResult,
     Signed,
@@ -84,7 +91,9 @@ from providers.base import (
 )
 from providers.http import (
     TRANSPORT_ERRORS,
+    Answer,
     HttpAdapter,
+    check_refused,
     failed,
     halves,
     json_object,
@@ -144,6 +153,7 @@ class PostmarkProvider(HttpAdapter):
 
     name = "postmark"
     max_per_call = MAX_PER_CALL
+    check_call = "GET /server"
 
     def __init__(
         self,
@@ -157,8 +167,10 @@ class PostmarkProvider(HttpAdapter):
             raise ValueError("a Postmark account needs credentials['server_token']")
         super().__init__(timeout=timeout)
         self._token = token
+        self._secrets = (token,)
         self._stream = account.credentials.get("message_stream") or DEFAULT_MESSAGE_STREAM
-        self._url = (account.base_url or DEFAULT_BASE_URL).rstrip("/") + "/email/batch"
+        self._base_url = (account.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._url = self._base_url + "/email/batch"
         self._headers = {
             TOKEN_HEADER: token,
             "Accept": "application/json",
@@ -172,6 +184,29 @@ class PostmarkProvider(HttpAdapter):
     @property
     def message_stream(self) -> str:
         return self._stream
+
+    def _check_request(self) -> tuple[str, Mapping[str, str]]:
+        return self._base_url + "/server", {
+            TOKEN_HEADER: self._token,
+            "Accept": "application/json",
+        }
+
+    def _checked(self, answer: Answer) -> CheckResult:
+        body = answer.json()
+        if answer.status == 401:
+            return CheckResult(False, "Postmark refused the server token (HTTP 401)")
+        if answer.status == 422 and body is not None and isinstance(body.get("ErrorCode"), int):
+            code = body["ErrorCode"]
+            what = _DESCRIPTIONS.get(code, "error")
+            return CheckResult(False, f"Postmark error {code} {what}{self._detail(body)}")
+        if answer.status != 200:
+            detail = self._detail(body).removeprefix(": ")
+            return check_refused(answer.status, detail, what="the server token")
+        name = (body or {}).get("Name")
+        text = "the server token works" + (f" (server {name!r})" if isinstance(name, str) else "")
+        if (body or {}).get("DeliveryType") == "Sandbox":
+            text += "; it is a Sandbox server: Postmark accepts its mail but delivers none"
+        return CheckResult(True, text)
 
     async def send(self, messages: list[Message]) -> list[SendResult]:
         """Send one chunk: one result per message, in order. Never raises for provider or

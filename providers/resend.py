@@ -1,6 +1,6 @@
 """Resend: the batch send adapter, and its webhook's (Svix) check and parser.
 
-Not in ``providers.registry`` yet (a provider account is what it is built from).
+An adapter is built from a provider account.
 
 Sending: ``POST {base_url}/emails/batch`` with ``Authorization: Bearer <api_key>`` and a
 JSON array of at most 100 emails ``{from, to: [address], subject, html, text, headers,
@@ -42,6 +42,12 @@ domain)
 
 Error texts never hold the API key or a recipient address.
 
+Credentials check (``check``): ``GET {base_url}/domains``
+(https://resend.com/docs/api-reference/domains/list-domains): 200 ``{"object": "list",
+"data": [{"name", "status", ...}]}`` is a full-access key (ok; its verified domains are
+counted); 401 ``restricted_api_key`` is a sending-access key, which works but may only send
+(ok, with that note); 401 ``missing_api_key`` and 403 ``invalid_api_key`` are refused keys.
+
 Webhooks are Svix-signed (https://resend.com/docs/dashboard/webhooks/verify-webhooks-
 requests): ``svix-id``, ``svix-timestamp``, ``svix-signature`` (space-separated
 ``v1,<base64>``, any may match) over ``{id}.{timestamp}.{body}`` with the base64 secret
@@ -68,6 +74,7 @@ from standardwebhooks.webhooks import Webhook as _StandardWebhook
 
 from providers.base import (
     Account,
+    CheckResult,
     Message,
     SendResult,
     Signed,
@@ -79,7 +86,9 @@ from providers.base import (
 )
 from providers.http import (
     TRANSPORT_ERRORS,
+    Answer,
     HttpAdapter,
+    check_refused,
     failed,
     held,
     json_object,
@@ -127,6 +136,7 @@ class ResendProvider(HttpAdapter):
 
     name = "resend"
     max_per_call = MAX_PER_CALL
+    check_call = "GET /domains"
 
     def __init__(self, account: Account, *, timeout: float = 30.0) -> None:
         key = account.credentials.get("api_key") or ""
@@ -134,7 +144,9 @@ class ResendProvider(HttpAdapter):
             raise ValueError("a Resend account needs credentials['api_key']")
         super().__init__(timeout=timeout)
         self._key = key
-        self._url = (account.base_url or DEFAULT_BASE_URL).rstrip("/") + "/emails/batch"
+        self._secrets = (key,)
+        self._base_url = (account.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._url = self._base_url + "/emails/batch"
         self._headers = {
             "Authorization": f"Bearer {key}",
             "Content-Type": "application/json",
@@ -144,6 +156,39 @@ class ResendProvider(HttpAdapter):
 
     def __repr__(self) -> str:
         return f"ResendProvider(url={self._url!r})"
+
+    def _check_request(self) -> tuple[str, Mapping[str, str]]:
+        return self._base_url + "/domains", {
+            "Authorization": self._headers["Authorization"],
+            "Accept": "application/json",
+        }
+
+    def _checked(self, answer: Answer) -> CheckResult:
+        body = answer.json()
+        name = str(body.get("name") or "") if body is not None else ""
+        if answer.status == 401 and name == "restricted_api_key":
+            return CheckResult(
+                True,
+                "the API key works; it has sending access only (it may send, but not list "
+                "the account's domains)",
+            )
+        if answer.status != 200:
+            message = self._detail(body).removeprefix(": ")
+            detail = ": ".join(part for part in (name, message) if part)
+            return check_refused(answer.status, detail, what="the API key")
+        domains = (body or {}).get("data")
+        if not isinstance(domains, list):
+            return CheckResult(True, "the API key works (full access)")
+        verified = [d for d in domains if isinstance(d, dict) and d.get("status") == "verified"]
+        text = (
+            f"the API key works (full access); {len(verified)} of {len(domains)} domains verified"
+        )
+        if not verified:
+            text += (
+                ": without a verified domain Resend sends only test mail to the account's own "
+                "address"
+            )
+        return CheckResult(True, text)
 
     async def send(
         self, messages: list[Message], *, generation: str | None = None

@@ -1,7 +1,7 @@
 """The SendGrid v3 provider: the Mail Send adapter and the Signed Event Webhook.
 
-Not in ``providers.registry`` yet: an adapter is built from a provider account
-(``SendGridProvider(Account(...))``) and ``WEBHOOK`` is its webhook, for the engine to wire.
+An adapter is built from a provider account (``SendGridProvider(Account(...))``);
+``WEBHOOK`` is its webhook.
 
 Sending: ``POST {base}/v3/mail/send`` with ``Authorization: Bearer <api key>`` and a JSON body
 (https://www.twilio.com/docs/sendgrid/api-reference/mail-send/mail-send). ``base`` is
@@ -50,6 +50,12 @@ send); 429: retryable and throttled, ``retry_after`` from ``X-RateLimit-Reset`` 
 seconds) or ``Retry-After``; 5xx, timeouts and connection errors: retryable; any other
 4xx: permanent. Error texts name fields, never an address or the API key.
 
+Credentials check (``check``): ``GET {base}/v3/scopes``, which any API key may call and
+which answers the key's own scopes (``{"scopes": [...]}``,
+https://www.twilio.com/docs/sendgrid/api-reference/api-key-permissions/retrieve-a-list-of-scopes-for-which-this-user-has-access):
+ok when ``mail.send`` is among them; a key without it works but cannot send (not ok); 401
+is a refused key.
+
 Webhook: the Signed Event Webhook
 (https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/getting-started-event-webhook-security-features):
 ``X-Twilio-Email-Event-Webhook-Signature`` is the base64 DER ECDSA P-256/SHA-256
@@ -82,6 +88,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from providers.base import (
     Account,
+    CheckResult,
     Message,
     SendResult,
     Signed,
@@ -92,7 +99,9 @@ from providers.base import (
 )
 from providers.http import (
     TRANSPORT_ERRORS,
+    Answer,
     HttpAdapter,
+    check_refused,
     failed,
     halves,
     loads_webhook,
@@ -107,6 +116,8 @@ from providers.http import (
 US_API = "https://api.sendgrid.com"
 EU_API = "https://api.eu.sendgrid.com"
 SEND_PATH = "/v3/mail/send"
+SCOPES_PATH = "/v3/scopes"  # the credentials check
+SEND_SCOPE = "mail.send"
 MAX_PERSONALIZATIONS = 1000  # per request (and recipients: one per personalization)
 MAX_SUBSTITUTION_BYTES = 10_000  # per personalization, keys and values
 MAX_REQUEST_BYTES = 20_000_000  # a request body, well under SendGrid's 30 MB
@@ -155,6 +166,7 @@ class SendGridProvider(HttpAdapter):
 
     name = "sendgrid"
     max_per_call = 1000  # messages per send() (the chunk size); more are sent in pieces
+    check_call = f"GET {SCOPES_PATH}"
 
     def __init__(self, account: Account, *, timeout: float = 30.0, concurrency: int = 4) -> None:
         key = account.credentials.get("api_key") or ""
@@ -170,6 +182,25 @@ class SendGridProvider(HttpAdapter):
 
     def __repr__(self) -> str:
         return f"SendGridProvider({self.base_url!r})"
+
+    def _check_request(self) -> tuple[str, Mapping[str, str]]:
+        return self.base_url + SCOPES_PATH, {
+            "Authorization": self._headers["Authorization"],
+            "Accept": "application/json",
+        }
+
+    def _checked(self, answer: Answer) -> CheckResult:
+        if answer.status != 200:
+            detail = "; ".join(t for _, t in _errors(answer.payload))
+            return check_refused(answer.status, detail, what="the API key")
+        scopes = (answer.json() or {}).get("scopes")
+        if not isinstance(scopes, list):
+            return CheckResult(True, "the API key works (its scopes could not be read)")
+        if SEND_SCOPE not in scopes:
+            return CheckResult(
+                False, f"the API key works but lacks the {SEND_SCOPE} scope: it cannot send mail"
+            )
+        return CheckResult(True, f"the API key works and may send mail ({SEND_SCOPE})")
 
     async def send(self, messages: list[Message]) -> list[SendResult]:
         """One result per message, in order; never raises for provider or network failures."""

@@ -49,6 +49,16 @@ whose messages share one template), its per-entry ``Status`` would map the same 
 ``CONFIGURATION_SET_SENDING_PAUSED`` pause; ``MESSAGE_REJECTED``, ``INVALID_PARAMETER``,
 ``MAIL_FROM_DOMAIN_NOT_VERIFIED`` and the rest permanent.
 
+Credentials check (``check``): ``GetAccount`` (``GET /v2/email/account``, signed the
+same way): 200 ``{"SendingEnabled", "ProductionAccessEnabled", "EnforcementStatus",
+"SendQuota": {"Max24HourSend", "MaxSendRate", "SentLast24Hours"}}`` is ok while
+``SendingEnabled`` is true (the sandbox and an enforcement status other than ``HEALTHY``
+are said in the detail; ``Max24HourSend`` -1 is no 24-hour limit), not ok when false. An
+error is read as a send's is (``error_code``, ``classify``): credentials or signature
+refused, throttled, SES's own error. ``AccessDeniedException`` means AWS authenticated the
+credentials but they may not call ``ses:GetAccount`` (a send-only IAM policy): ok, with a
+note that their sending permission and quota are unknown.
+
 The ref. Each message carries the engine's ref in the ``X-BatchSender-Ref`` header (the
 engine sets it; this adapter adds it when missing) and in the ``EmailTags`` tag
 ``batchsender-ref`` (tag values allow only ``[A-Za-z0-9_-]``, so the tag holds the ref in
@@ -103,7 +113,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from providers.base import (
     Account,
+    CheckResult,
     Message,
+    Quota,
     SendResult,
     Signed,
     Webhook,
@@ -113,7 +125,9 @@ from providers.base import (
 )
 from providers.http import (
     TRANSPORT_ERRORS,
+    Answer,
     HttpAdapter,
+    check_refused,
     failed,
     held,
     parse_retry_after,
@@ -123,6 +137,7 @@ from providers.http import (
 from providers.http import scrub as scrub_text
 
 SEND_EMAIL_PATH = "/v2/email/outbound-emails"
+ACCOUNT_PATH = "/v2/email/account"  # GetAccount: the credentials check
 REF_HEADER = "X-BatchSender-Ref"
 REF_TAG = "batchsender-ref"
 MAX_HEADERS = 15  # SES v2 MessageHeaderList
@@ -172,6 +187,7 @@ class SesProvider(HttpAdapter):
 
     name = "ses"
     max_per_call = 50  # SES: at most 50 recipients per call; the engine's chunk size too
+    check_call = f"GET {ACCOUNT_PATH}"
 
     def __init__(
         self,
@@ -194,6 +210,8 @@ class SesProvider(HttpAdapter):
         self.connector_limit = max(64, concurrency)
         base = (account.base_url or f"https://email.{region}.amazonaws.com").rstrip("/")
         self._url = base + SEND_EMAIL_PATH
+        self._account_url = base + ACCOUNT_PATH
+        self._region = region
         self._signer = SigV4Auth(
             Credentials(key_id, secret, creds.get("session_token") or None), "ses", region
         )
@@ -237,12 +255,58 @@ class SesProvider(HttpAdapter):
             call.refused(result)
             return result
 
-    def _signed_headers(self, body: bytes) -> dict[str, str]:
-        request = AWSRequest(
-            method="POST", url=self._url, data=body, headers={"Content-Type": _JSON}
-        )
+    def _signed_headers(
+        self, body: bytes, *, method: str = "POST", url: str | None = None
+    ) -> dict[str, str]:
+        """The headers of a request signed with SigV4 (``SendEmail`` unless told)."""
+        headers = {"Content-Type": _JSON} if body else {}
+        request = AWSRequest(method=method, url=url or self._url, data=body, headers=headers)
         self._signer.add_auth(request)
         return dict(request.headers.items())
+
+    def _check_request(self) -> tuple[str, Mapping[str, str]]:
+        return self._account_url, self._signed_headers(b"", method="GET", url=self._account_url)
+
+    def _checked(self, answer: Answer) -> CheckResult:
+        if answer.status != 200:
+            return self._check_refused(answer)
+        body = answer.json() or {}
+        raw = body.get("SendQuota")
+        quota = _quota(raw)
+        notes = [] if quota is None else [_quota_text(quota, raw)]
+        if body.get("ProductionAccessEnabled") is False:
+            notes.append("in the SES sandbox: only verified addresses receive mail")
+        status = body.get("EnforcementStatus")
+        if isinstance(status, str) and status != "HEALTHY":
+            notes.append(f"enforcement status {status}")
+        where = f"in {self._region}"
+        if body.get("SendingEnabled") is False:
+            text = f"the credentials work, but sending is disabled for this SES account {where}"
+            return CheckResult(False, "; ".join([text, *notes]), quota=quota)
+        text = f"the credentials work and sending is enabled {where}"
+        return CheckResult(True, "; ".join([text, *notes]), quota=quota)
+
+    def _check_refused(self, answer: Answer) -> CheckResult:
+        code, detail = error_code(answer.headers, answer.payload)
+        said = f"HTTP {answer.status} {code or 'error'}" + (f": {detail}" if detail else "")
+        if code in ("AccessDeniedException", "AccessDenied"):
+            return CheckResult(
+                True,
+                "AWS accepted the credentials, but they may not call ses:GetAccount, so "
+                f"their permission to send and their quota are unknown ({said})",
+            )
+        kind = classify(answer.status, code, detail)
+        if kind == "pause":
+            if code in _PAUSE:
+                return CheckResult(False, f"{_PAUSE[code]} ({said})")
+            if code in ("SignatureDoesNotMatch", "InvalidSignatureException"):
+                return CheckResult(
+                    False, f"SES refused the signature: is the secret access key right? ({said})"
+                )
+            return CheckResult(False, f"SES refused the credentials ({said})")
+        if kind == "throttled":
+            return CheckResult(False, f"SES is throttling the account; try again shortly ({said})")
+        return check_refused(answer.status, f"{code or 'error'}: {detail}".rstrip(": "))
 
     def _result(
         self, ref: str, status: int, headers: Mapping[str, str], payload: bytes
@@ -281,6 +345,33 @@ class _Call:
             reason = (result.error or "").removeprefix("ses: ")
             error = f"ses: not sent, SES refused an earlier request of the call: {reason}"
             self.stop = replace(result, ok=False, provider_message_id=None, error=error)
+
+
+def _quota(value: Any) -> Quota | None:
+    """``SendQuota`` of a ``GetAccount`` answer (``Max24HourSend`` -1: no 24-hour limit)."""
+    if not isinstance(value, dict):
+        return None
+
+    def number(name: str) -> float | None:
+        item = value.get(name)
+        ok = isinstance(item, int | float) and not isinstance(item, bool) and item >= 0
+        return float(item) if ok else None
+
+    return Quota(number("Max24HourSend"), number("MaxSendRate"), number("SentLast24Hours"))
+
+
+def _quota_text(quota: Quota, raw: Any) -> str:
+    """The quota in words (``raw``: the ``SendQuota`` it was read from)."""
+
+    def count(value: float | None) -> str:
+        return "?" if value is None else f"{value:,.0f}" if value.is_integer() else f"{value:,}"
+
+    if quota.per_day is None and isinstance(raw, dict) and raw.get("Max24HourSend") == -1:
+        day = "no 24-hour limit"
+    else:
+        day = f"{count(quota.per_day)} per 24 h"
+    sent = "" if quota.sent_last_24_hours is None else f" ({count(quota.sent_last_24_hours)} sent)"
+    return f"quota {day}{sent}, {count(quota.per_second)} per second"
 
 
 def request_body(message: Message, configuration_set: str | None = None) -> dict[str, Any]:

@@ -2,6 +2,13 @@
 
 It has no webhook route (``SPEC.webhook`` is None).
 
+``check`` tests an account's login without sending: it opens a connection of its own as a
+send does (TLS from the first byte for ``smtps://``; STARTTLS as configured, or whenever
+the server offers it), authenticates with the account's username and password by the
+mechanisms aiosmtplib knows, in its order (CRAM-MD5, PLAIN, LOGIN; the first the server
+accepts is named), then QUITs. A login over a connection without TLS is still ok, with a
+note that the password crossed the network in clear.
+
 Every header value written passes ``header_safe`` here too (the engine's messages already
 did; this keeps the adapter safe for any caller, at the cost of nothing at SMTP speeds).
 Custom headers with an ASCII value (``List-Unsubscribe``, ``List-Unsubscribe-Post``, ...)
@@ -27,13 +34,25 @@ from urllib.parse import urlsplit
 
 import aiosmtplib
 from aiosmtplib import (
+    SMTPAuthenticationError,
     SMTPException,
     SMTPRecipientsRefused,
     SMTPResponseException,
     SMTPServerDisconnected,
 )
 
-from providers.base import Account, Message, ProviderError, ProviderSpec, SendResult, header_safe
+from providers.base import (
+    CHECK_TIMEOUT,
+    Account,
+    CheckResult,
+    Message,
+    ProviderError,
+    ProviderSpec,
+    SendResult,
+    header_safe,
+    unreachable,
+)
+from providers.http import one_line, scrub
 
 # Headers a caller may not set: they would break the MIME structure or leak recipients.
 _PROTECTED_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version", "bcc"})
@@ -43,6 +62,7 @@ _MESSAGE_ERRORS = (MessageError, ValueError, TypeError, LookupError)
 _SEND_ERRORS = (SMTPException, OSError, TimeoutError, *_MESSAGE_ERRORS)
 _MAX_LINE = 998  # RFC 5322: characters per header line, CRLF excluded
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322: printable ASCII except ":"
+CHECK_CALL = "SMTP EHLO, AUTH, QUIT"  # what the credentials check does
 
 
 class _Verbatim(str):
@@ -158,16 +178,17 @@ class SmtpProvider:
     ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be >= 1")
+        self._where = f"{host}:{port}"
+        self._connection = {
+            "hostname": host,
+            "port": port,
+            "use_tls": use_tls,
+            "start_tls": start_tls,
+            "timeout": timeout,
+        }
+        self._login = (username, password or "") if username else None
         self._clients = [
-            aiosmtplib.SMTP(
-                hostname=host,
-                port=port,
-                username=username,
-                password=password,
-                use_tls=use_tls,
-                start_tls=start_tls,
-                timeout=timeout,
-            )
+            aiosmtplib.SMTP(username=username, password=password, **self._connection)
             for _ in range(pool_size)
         ]
         self._idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
@@ -223,6 +244,50 @@ class SmtpProvider:
         """Quit every open connection."""
         await asyncio.gather(*(_quit(client) for client in self._clients))
 
+    async def check(self) -> CheckResult:
+        """Connect, TLS as a send would, AUTH with the account's login, QUIT (see the
+        module docstring); nothing is sent."""
+        timeout = min(float(self._connection["timeout"] or CHECK_TIMEOUT), CHECK_TIMEOUT)
+        client = aiosmtplib.SMTP(**{**self._connection, "timeout": timeout})
+        try:
+            text, ok = await self._check(client)
+        except BaseException:
+            client.close()  # cancelled (the caller's time bound): no QUIT
+            raise
+        await _quit(client)
+        secrets = [secret for secret in self._login or () if len(secret) >= 4]
+        return CheckResult(ok, one_line(scrub(text, secrets)), call=CHECK_CALL)
+
+    async def _check(self, client: aiosmtplib.SMTP) -> tuple[str, bool]:
+        try:
+            await client.connect()  # the greeting, EHLO, STARTTLS (as a send does)
+            if client.is_ehlo_or_helo_needed:  # again after STARTTLS
+                await client.ehlo()
+        except _SEND_ERRORS as exc:
+            return f"{self._where}: {_check_failure(exc)}", False
+        over = "without TLS" if client.get_transport_info("sslcontext") is None else "over TLS"
+        if self._login is None:
+            return f"connected {over}; the account has no login to test", True
+        if not client.supports_extension("auth"):
+            return f"the server offers no login (AUTH) {over}", False
+        try:
+            mechanism = await _authenticate(client, *self._login)
+        except _SEND_ERRORS as exc:
+            return f"the server refused the login {over}: {_check_failure(exc)}", False
+        text = f"the server accepted the login (AUTH {mechanism.upper()}) {over}"
+        if over == "without TLS":
+            text += ": the password crossed the network in clear"
+        return text, True
+
+
+def _check_failure(exc: BaseException) -> str:
+    """Why a check's step failed: the server's reply, or why there was none."""
+    if isinstance(exc, SMTPResponseException):
+        return f"{exc.code} {exc.message}"
+    if isinstance(exc, OSError | TimeoutError):
+        return unreachable(exc)
+    return str(exc) or type(exc).__name__
+
 
 async def _transmit(client: aiosmtplib.SMTP, email: EmailMessage, message: Message) -> None:
     """Send over ``client``; a reused connection the server dropped is reopened once."""
@@ -249,6 +314,20 @@ async def _connect(client: aiosmtplib.SMTP) -> None:
 
 async def _deliver(client: aiosmtplib.SMTP, email: EmailMessage, message: Message) -> None:
     await client.send_message(email, sender=message.from_email, recipients=[message.to_email])
+
+
+async def _authenticate(client: aiosmtplib.SMTP, username: str, password: str) -> str:
+    """Log in by the first mechanism, in aiosmtplib's order (what ``login`` tries), that
+    the server accepts; its name. Raises the refusal of the last one tried."""
+    refused: SMTPAuthenticationError | None = None
+    for mechanism in client.supported_auth_methods:
+        try:
+            await getattr(client, "auth_" + mechanism.replace("-", ""))(username, password)
+        except SMTPAuthenticationError as exc:
+            refused = exc
+        else:
+            return mechanism
+    raise refused or SMTPException("the server offers no AUTH mechanism aiosmtplib knows")
 
 
 async def _quit(client: aiosmtplib.SMTP) -> None:

@@ -1,6 +1,6 @@
 """What the provider adapter tests share: a closed loopback port, closing an adapter after
-use, the checks that results leak no address or secret and that a fake delivered every
-message exactly once, what engine.webhooks.receive does with a verified post, and posts
+use, the checks that results (and credentials checks) leak no address or secret and that
+a fake delivered every message exactly once, what engine.webhooks.receive does with a verified post, and posts
 signed as SNS (a test key and a self-signed certificate) and Svix (Resend) sign them."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from engine.webhooks import TOLERANCE_SECONDS
-from providers.base import Message, SendResult, Signed
+from providers.base import CheckResult, Message, SendResult, Signed
 
 
 class _Closable(Protocol):
@@ -58,6 +58,18 @@ def assert_no_secrets(
             assert "@" not in text, text
             for secret in secrets:
                 assert secret not in text, text
+
+
+def checked(result: CheckResult, ok: bool, *secrets: str, call: str | None = None) -> str:
+    """``result`` is ``ok`` (or not), names its ``call``, and its detail (returned) holds
+    no address and none of ``secrets``."""
+    assert result.ok is ok, result
+    assert result.detail and "@" not in result.detail, result.detail
+    for secret in secrets:
+        assert secret not in result.detail and secret not in repr(result), result
+    if call is not None:
+        assert result.call == call
+    return result.detail
 
 
 def assert_delivered_exactly(

@@ -18,6 +18,12 @@ after checking:
   instead, so a test that passes proves every request kept its recipients apart.
   Addresses in ``invalid`` get Mailgun's 400 "'to' parameter is not a valid address".
 
+It also answers ``GET /v3/domains/{domain}``, the adapter's credentials check: the same
+basic auth check (401 ``Forbidden``), a domain not of the fake's is 404 ``{"message":
+"Domain not found"}``, else 200 ``{"domain": {...}, "receiving_dns_records": [...],
+"sending_dns_records": [...]}`` with the domain's ``state``: ``active``, or
+``unverified`` for the domains in ``unverified`` (which may not send: 403).
+
 A valid request is answered 200 ``{"id": "<...>", "message": "Queued. Thank you."}``.
 What each recipient would receive (its recipient variables substituted into the subject,
 bodies, ``h:`` headers and ``v:`` variables) is recorded in ``delivered``; every request in
@@ -96,9 +102,11 @@ class FakeMailgun(ServedFake):
         max_bytes: int = MAX_BYTES,
         invalid: frozenset[str] | set[str] = frozenset(),
         forbidden: bool = False,
+        unverified: frozenset[str] | set[str] = frozenset(),
     ) -> None:
         self.api_key = api_key
-        self.domains = set(domains)
+        self.domains = set(domains) | set(unverified)
+        self.unverified = set(unverified)
         self.max_bytes = max_bytes
         self.invalid = {address.lower() for address in invalid}
         self.forbidden = forbidden
@@ -135,7 +143,25 @@ class FakeMailgun(ServedFake):
         except TypeError:  # an aiohttp without that limit
             app = web.Application(client_max_size=size)
         app.router.add_post("/v3/{domain}/messages", self._messages)
+        app.router.add_get("/v3/domains/{domain}", self._domain)
         return app
+
+    async def _domain(self, request: web.Request) -> web.Response:
+        domain = request.match_info["domain"]
+        received = Received(domain, dict(request.headers), [])
+        self.received.append(received)
+        expected = "Basic " + base64.b64encode(f"api:{self.api_key}".encode()).decode()
+        if self._replies:
+            reply = self._replies.popleft()
+            response = _message(reply.status, reply.message or "error", reply.headers)
+        elif request.headers.get("Authorization") != expected:
+            response = web.Response(status=401, text="Forbidden")
+        elif domain not in self.domains:
+            response = _message(404, "Domain not found")
+        else:
+            response = base.json_response(_domain_answer(domain, domain in self.unverified))
+        received.status = response.status
+        return response
 
     async def _messages(self, request: web.Request) -> web.Response:
         domain = request.match_info["domain"]
@@ -159,6 +185,12 @@ class FakeMailgun(ServedFake):
             return _message(403, "Forbidden: this account may not send")
         if domain not in self.domains:
             return _message(404, f"Domain not found: {domain}")
+        if domain in self.unverified:
+            return _message(
+                403,
+                f"Domain {domain} is not allowed to send: The domain is unverified and requires "
+                "DNS configuration. Log in to your control panel to view required DNS records.",
+            )
         if request.content_type != "multipart/form-data":
             return _message(400, "the fake expects multipart/form-data")
         size = sum(len(k) + len(v.encode()) for k, v in received.fields)
@@ -170,6 +202,39 @@ class FakeMailgun(ServedFake):
         message_id = f"{time.strftime('%Y%m%d%H%M%S')}.{secrets.token_hex(8)}@{domain}"
         self.delivered.extend(render(received, message_id))
         return _message(200, "Queued. Thank you.", extra={"id": f"<{message_id}>"})
+
+
+def _domain_answer(domain: str, unverified: bool) -> dict[str, Any]:
+    """A domain as ``GET /v3/domains/{domain}`` answers it."""
+    state = "unverified" if unverified else "active"
+    valid = "unknown" if unverified else "valid"
+    return {
+        "domain": {
+            "created_at": "Tue, 01 Dec 2026 10:00:00 GMT",
+            "id": secrets.token_hex(12),
+            "is_disabled": False,
+            "name": domain,
+            "require_tls": False,
+            "skip_verification": False,
+            "smtp_login": f"postmaster@{domain}",
+            "spam_action": "disabled",
+            "state": state,
+            "type": "custom",
+            "web_prefix": "email",
+            "web_scheme": "https",
+            "wildcard": False,
+        },
+        "receiving_dns_records": [
+            {"cached": [], "priority": "10", "record_type": "MX", "valid": valid,
+             "value": "mxa.mailgun.org"},
+        ],
+        "sending_dns_records": [
+            {"cached": [], "name": domain, "record_type": "TXT", "valid": valid,
+             "value": "v=spf1 include:mailgun.org ~all"},
+            {"cached": [], "name": f"email.{domain}", "record_type": "CNAME", "valid": valid,
+             "value": "mailgun.org"},
+        ],
+    }  # fmt: skip
 
 
 def _message(

@@ -15,6 +15,12 @@ https://postmarkapp.com/developer/api/overview), after checking each request:
   values up to 80 characters), ``MessageStream``. A message that fails gets its own
   result with ErrorCode 300 in the HTTP 200 answer, as Postmark does.
 
+It also answers ``GET /server`` (https://postmarkapp.com/developer/api/server-api), the
+adapter's credentials check: the same token check (HTTP 401, ErrorCode 10) and ``Accept``
+check (HTTP 422, ErrorCode 409), then the token's server as Postmark shows it (``Name``
+``server_name``, ``DeliveryType`` ``delivery_type``: ``Live`` or ``Sandbox``, and, as
+Postmark does, its ``ApiTokens``).
+
 Recipients choose their fate by the local part of their address: ``inactive...``
 → ErrorCode 406 (inactive recipient), ``throttled...`` → 429 (rate limit exceeded),
 ``invalid...`` or no ``@`` → 300 (invalid email request); any other is accepted with a
@@ -51,6 +57,7 @@ from devkit.fakes.base import (
 )
 
 BATCH_PATH = "/email/batch"
+SERVER_PATH = "/server"
 TEST_SERVER_TOKEN = "pm-fake-server-token-0123456789"
 MAX_MESSAGES = 500
 MAX_BYTES = 50_000_000
@@ -99,6 +106,8 @@ class FakePostmark:
     server_token: str = TEST_SERVER_TOKEN
     max_bytes: int = MAX_BYTES
     latency: float = 0.0  # seconds before each answer
+    server_name: str = "BatchSender fake"
+    delivery_type: str = "Live"  # or "Sandbox"
     received: list[Received] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
     _failures: Failures = field(default_factory=Failures)
@@ -184,6 +193,51 @@ def _answer(fake: FakePostmark, request: web.Request, body: bytes) -> web.Respon
     if len(messages) > MAX_MESSAGES:
         return _api_error(422, 410)
     return _json([_process(fake, message) for message in messages])
+
+
+async def _server(request: web.Request) -> web.Response:
+    fake = request.app[FAKE]
+    record = Received(request.method, request.path, dict(request.headers), b"")
+    fake.received.append(record)
+    response = _server_answer(fake, request)
+    record.status = response.status
+    return response
+
+
+def _server_answer(fake: FakePostmark, request: web.Request) -> web.Response:
+    if request.headers.get("X-Postmark-Server-Token") != fake.server_token:
+        return _api_error(401, 10)
+    failure = fake._next_failure()
+    if failure is not None:
+        return _json(failure.body, failure.status, failure.headers)
+    if not _is_json_type(request.headers.get("Accept")):
+        return _api_error(422, 409)
+    return _json(
+        {
+            "ID": 1,
+            "Name": fake.server_name,
+            "ApiTokens": [fake.server_token],
+            "Color": "blue",
+            "SmtpApiActivated": True,
+            "RawEmailEnabled": False,
+            "DeliveryType": fake.delivery_type,
+            "ServerLink": "https://account.postmarkapp.com/servers/1/streams",
+            "InboundAddress": "0123456789abcdef@inbound.postmarkapp.com",
+            "InboundHookUrl": "",
+            "BounceHookUrl": "",
+            "OpenHookUrl": "",
+            "DeliveryHookUrl": "",
+            "PostFirstOpenOnly": False,
+            "InboundDomain": "",
+            "InboundHash": "0123456789abcdef",
+            "InboundSpamThreshold": 0,
+            "TrackOpens": False,
+            "TrackLinks": "None",
+            "IncludeBounceContentInHook": True,
+            "ClickHookUrl": "",
+            "EnableSmtpApiErrorHooks": False,
+        }
+    )
 
 
 def check_message(message: Any) -> str | None:
@@ -278,6 +332,7 @@ def build_app(fake: FakePostmark | None = None) -> web.Application:
     app = web.Application(client_max_size=state.max_bytes + 1024 * 1024)
     app[FAKE] = state
     app.router.add_post(BATCH_PATH, _batch)
+    app.router.add_get(SERVER_PATH, _server)
     add_control_routes(app, FAKE, _fail, "expected {status, error_code?, message?, times?}")
     app.router.add_route("*", "/{tail:.*}", _unknown)
     return app

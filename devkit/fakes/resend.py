@@ -21,6 +21,13 @@ https://resend.com/docs/api-reference/errors), after checking each request:
   sends the others and lists the bad ones in ``errors`` (``{index, message}``)
   (https://resend.com/docs/dashboard/emails/batch-validation-modes).
 
+It also answers ``GET /domains`` (https://resend.com/docs/api-reference/domains/
+list-domains), the adapter's credentials check: the same key check, then 200 ``{"object":
+"list", "has_more": false, "data": [{"id", "name", "status", "created_at", "region"}]}``
+for the fake's ``domains`` (``{name: status}``). A key of
+``restricted_api_keys`` has sending access only: it sends, and ``/domains`` answers it 401
+``restricted_api_key``, as Resend does (https://resend.com/docs/api-reference/errors).
+
 A recipient whose local part starts with ``invalid`` is a bad email. A good request
 gets 200 ``{"data": [{"id"}...]}`` and the rate-limit headers (``ratelimit-limit``,
 ``ratelimit-remaining``, ``ratelimit-reset``); whole requests can be failed with
@@ -58,6 +65,7 @@ from devkit.fakes.base import (
 )
 
 BATCH_PATH = "/emails/batch"
+DOMAINS_PATH = "/domains"
 TEST_API_KEY = "re_fake_0123456789abcdef"
 MAX_EMAILS = 100
 MAX_RECIPIENTS = 50
@@ -109,6 +117,8 @@ class FakeResend:
     """The fake's state: its key, what it received and sent, idempotency keys, failures."""
 
     api_key: str = TEST_API_KEY
+    restricted_api_keys: frozenset[str] = frozenset()  # sending access only
+    domains: dict[str, str] = field(default_factory=lambda: {"example.test": "verified"})
     require_idempotency_key: bool = True
     latency: float = 0.0  # seconds before each answer (lets requests overlap)
     received: list[Received] = field(default_factory=list)
@@ -185,13 +195,47 @@ async def _batch(request: web.Request) -> web.Response:
     return response
 
 
-async def _answer(fake: FakeResend, request: web.Request, body: bytes) -> web.Response:
+def _refused_key(fake: FakeResend, request: web.Request) -> web.Response | None:
+    """The answer to a request without a key the fake knows (None: it has one)."""
     authorization = request.headers.get("Authorization")
     if not authorization:
         return _error(401, "missing_api_key")
     scheme, _, key = authorization.partition(" ")
-    if scheme != "Bearer" or key != fake.api_key:
+    if scheme != "Bearer" or (key != fake.api_key and key not in fake.restricted_api_keys):
         return _error(403, "invalid_api_key")
+    return None
+
+
+async def _domains(request: web.Request) -> web.Response:
+    fake = request.app[FAKE]
+    record = Received(request.method, request.path, dict(request.headers), b"")
+    fake.received.append(record)
+    response = _refused_key(fake, request)
+    if response is None and request.headers["Authorization"].partition(" ")[2] != fake.api_key:
+        response = _error(401, "restricted_api_key")
+    failure = fake._next_failure() if response is None else None
+    if failure is not None:
+        response = _json(failure.body, failure.status, failure.headers)
+    if response is None:
+        data = [
+            {
+                "id": str(uuid.uuid5(uuid.NAMESPACE_DNS, name)),
+                "name": name,
+                "status": status,
+                "created_at": "2026-12-01 10:00:00.000000+00",
+                "region": "us-east-1",
+            }
+            for name, status in fake.domains.items()
+        ]
+        response = _json({"object": "list", "has_more": False, "data": data})
+    record.status = response.status
+    return response
+
+
+async def _answer(fake: FakeResend, request: web.Request, body: bytes) -> web.Response:
+    refused = _refused_key(fake, request)
+    if refused is not None:
+        return refused
     failure = fake._next_failure()
     if failure is not None:
         if fake.latency:
@@ -330,6 +374,7 @@ def build_app(fake: FakeResend | None = None) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[FAKE] = fake or FakeResend()
     app.router.add_post(BATCH_PATH, _batch)
+    app.router.add_get(DOMAINS_PATH, _domains)
     add_control_routes(
         app, FAKE, _fail, "expected {status, name, message?, headers?, times?}", _json
     )

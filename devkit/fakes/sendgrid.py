@@ -17,6 +17,12 @@ https://www.twilio.com/docs/sendgrid/api-reference/mail-send/errors), after chec
   400 ``{"errors": [{"field", "message"}]}``, fields such as
   ``personalizations.3.to.0.email``; addresses in ``invalid`` are refused so.
 
+It also answers ``GET /v3/scopes`` (https://www.twilio.com/docs/sendgrid/api-reference/
+api-key-permissions/retrieve-a-list-of-scopes-for-which-this-user-has-access), the
+adapter's credentials check: the same ``Authorization`` check (401 "authorization
+required"), then 200 ``{"scopes": [...]}``, the key's scopes (``scopes``; without
+``mail.send`` when built with ``forbidden=True``, a key that may not send).
+
 A valid request is answered 202 with an empty body and ``X-Message-Id``. What each
 recipient would receive (substitutions applied to the content and subject) is recorded
 in ``delivered``; every request in ``received``. Whole requests can be failed on demand
@@ -47,6 +53,7 @@ from providers.sendgrid import (
     MAX_PERSONALIZATIONS,
     MAX_SUBSTITUTION_BYTES,
     RESERVED_HEADERS,
+    SCOPES_PATH,
     SEND_PATH,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -55,6 +62,8 @@ from providers.sendgrid import (
 TEST_API_KEY = "SG.fake-key.0123456789abcdefghijklmnopqrstuvwxyz"
 MAX_BYTES = 30_000_000
 MAX_CUSTOM_ARGS_BYTES = 10_000
+# The scopes of a key with "Restricted Access" to mail sending and its statistics.
+SCOPES = ("mail.send", "mail.batch.read", "stats.read", "suppression.read", "user.profile.read")
 
 
 @dataclass(slots=True)
@@ -92,11 +101,13 @@ class FakeSendGrid(ServedFake):
         max_bytes: int = MAX_BYTES,
         invalid: frozenset[str] | set[str] = frozenset(),
         forbidden: bool = False,
+        scopes: tuple[str, ...] = SCOPES,
     ) -> None:
         self.api_key = api_key
         self.max_bytes = max_bytes
         self.invalid = {address.lower() for address in invalid}
         self.forbidden = forbidden
+        self.scopes = tuple(s for s in scopes if not (forbidden and s == "mail.send"))
         self.received: list[Received] = []
         self.delivered: list[Delivered] = []
         self._replies: deque[Reply] = deque()
@@ -135,7 +146,23 @@ class FakeSendGrid(ServedFake):
     def app(self) -> web.Application:
         app = web.Application(client_max_size=max(self.max_bytes, MAX_BYTES) * 2)
         app.router.add_post(SEND_PATH, self._send)
+        app.router.add_get(SCOPES_PATH, self._scopes)
         return app
+
+    async def _scopes(self, request: web.Request) -> web.Response:
+        received = Received(dict(request.headers), b"", None)
+        self.received.append(received)
+        if self._replies:
+            reply = self._replies.popleft()
+            response = _errors(
+                reply.status, reply.errors or [{"field": None, "message": "error"}], reply.headers
+            )
+        elif request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            response = _errors(401, [{"field": None, "message": "authorization required"}])
+        else:
+            response = base.json_response({"scopes": list(self.scopes)})
+        received.status = response.status
+        return response
 
     async def _send(self, request: web.Request) -> web.Response:
         body = await request.read()

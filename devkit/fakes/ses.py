@@ -18,6 +18,17 @@ each request as the SES v2 API reference and the SigV4 documentation describe:
   recipients across To/Cc/Bcc with ASCII local parts, tag names and values of
   ``[A-Za-z0-9_-]`` (400 ``BadRequestException``).
 
+It also answers ``GetAccount`` (``GET /v2/email/account``), the adapter's credentials
+check, after the same signature check: ``{"SendingEnabled", "ProductionAccessEnabled",
+"EnforcementStatus", "SendQuota": {"Max24HourSend", "MaxSendRate", "SentLast24Hours"},
+...}`` from the fake's account (``sending_enabled``, ``production_access``,
+``max_24_hour_send``, ``max_send_rate``; ``SentLast24Hours`` counts what it accepted).
+An account whose sending is disabled or paused (``sending_enabled=False``, ``fail("paused")``)
+says ``SendingEnabled: false`` and refuses ``SendEmail`` with ``SendingPausedException``;
+``fail("suspended")`` also says ``EnforcementStatus: SHUTDOWN``; ``fail`` of
+``throttle``, ``error`` or ``unavailable`` answers ``GetAccount`` so too. Operations in
+``denied`` (``{"GetAccount"}``: a send-only IAM policy) are 403 ``AccessDeniedException``.
+
 A good request gets 200 ``{"MessageId": ...}``; failures are set with ``FakeSes.fail``
 (all requests, or those to one recipient) and answered with SES's status, the code in the
 ``x-amzn-ErrorType`` header and ``{"message": ...}`` (or the code as ``__type`` in the
@@ -51,6 +62,7 @@ from botocore.validate import ParamValidator
 from devkit.fakes.base import arguments, run
 
 SEND_EMAIL = "/v2/email/outbound-emails"
+GET_ACCOUNT = "/v2/email/account"
 TEST_REGION = "eu-west-1"
 # The fake's own test credentials (not AWS ones): what tests build their Account from.
 TEST_CREDENTIALS = {
@@ -119,6 +131,12 @@ class FakeSes:
     latency: float = 0.0  # seconds before each answer
     retry_after: str | None = None  # a Retry-After header on throttling and 5xx answers
     error_style: str = "header"  # "header": x-amzn-ErrorType; "body": __type; "both"
+    # The account GetAccount describes.
+    sending_enabled: bool = True
+    production_access: bool = True
+    max_24_hour_send: float = 50_000.0  # -1: no 24-hour limit
+    max_send_rate: float = 14.0
+    denied: frozenset[str] = frozenset()  # operations the credentials may not call
     received: list[dict[str, Any]] = field(default_factory=list)  # accepted requests
     refused: list[dict[str, Any]] = field(default_factory=list)  # {status, code, message}
     requests: int = 0
@@ -364,8 +382,10 @@ async def _send_email(request: web.Request) -> web.Response:
         check_signature(request, body, fake)
         if request.content_type != "application/json":
             raise Refused(400, "BadRequestException", "Content-Type must be application/json.")
+        if "SendEmail" in fake.denied:
+            raise _denied(fake, "SendEmail")
         data = check_send_email(body)
-        kind = fake.failure_for(data)
+        kind = fake.failure_for(data) or (None if fake.sending_enabled else "paused")
         if kind is not None:
             status, code, text = FAILURES[kind]
             sender = _bare(data.get("FromEmailAddress") or "")
@@ -377,6 +397,44 @@ async def _send_email(request: web.Request) -> web.Response:
     message_id = _new_message_id()
     fake.received.append({"MessageId": message_id, "request": data})
     return _json({"MessageId": message_id})
+
+
+def _denied(fake: FakeSes, operation: str) -> Refused:
+    return Refused(
+        403,
+        "AccessDeniedException",
+        f"User: arn:aws:iam::123456789012:user/batchsender is not authorized to perform: "
+        f"ses:{operation} on resource: arn:aws:ses:{fake.region}:123456789012:*",
+    )
+
+
+async def _get_account(request: web.Request) -> web.Response:
+    fake = request.app[STATE]
+    fake.requests += 1
+    try:
+        check_signature(request, await request.read(), fake)
+        if "GetAccount" in fake.denied:
+            raise _denied(fake, "GetAccount")
+        if fake._fail_all in ("throttle", "error", "unavailable"):
+            status, code, text = FAILURES[fake._fail_all]
+            raise Refused(status, code, text)
+    except Refused as refused:
+        return _error(fake, refused)
+    sending = fake.sending_enabled and fake._fail_all not in ("paused", "suspended")
+    return _json(
+        {
+            "DedicatedIpAutoWarmupEnabled": False,
+            "EnforcementStatus": "SHUTDOWN" if fake._fail_all == "suspended" else "HEALTHY",
+            "ProductionAccessEnabled": fake.production_access,
+            "SendQuota": {
+                "Max24HourSend": fake.max_24_hour_send,
+                "MaxSendRate": fake.max_send_rate,
+                "SentLast24Hours": float(len(fake.received)),
+            },
+            "SendingEnabled": sending,
+            "SuppressionAttributes": {"SuppressedReasons": ["BOUNCE", "COMPLAINT"]},
+        }
+    )
 
 
 async def _unknown(request: web.Request) -> web.Response:
@@ -409,6 +467,7 @@ def build_app(fake: FakeSes | None = None) -> web.Application:
     app = web.Application(client_max_size=40 * 1024 * 1024)  # SES: 40 MB per message
     app[STATE] = fake or FakeSes()
     app.router.add_post(SEND_EMAIL, _send_email)
+    app.router.add_get(GET_ACCOUNT, _get_account)
     app.router.add_get("/_fake/received", _control_received)
     app.router.add_post("/_fake/fail", _control_fail)
     app.router.add_post("/_fake/reset", _control_reset)

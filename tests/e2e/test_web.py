@@ -6,8 +6,10 @@ Performance page.
 Signing in, a CSV of 1,000 recipients uploaded through the New batch form and watched to
 ``completed`` without a reload, pause and resume of another batch, the analytics chart with
 data, a key created and revoked (its session ends), another tenant's batch answering 404,
-a form posted without its CSRF token refused, and axe-core (``axe.min.js`` of the
-axe-playwright-python package) finding no serious or critical violation on any page. A
+a form posted without its CSRF token refused, "Test credentials" of two provider accounts
+(at fake SendGrid and Postmark servers this test runs: one works, one is refused) shown in
+the page's live region, and axe-core (``axe.min.js`` of the axe-playwright-python package)
+finding no serious or critical violation on any page. A
 screenshot of every page is saved in the folder the test prints (``WEB_SCREENSHOTS`` to
 choose it; ``web/screenshots/`` holds the set the README shows).
 """
@@ -29,6 +31,8 @@ import orjson
 import playwright.async_api as playwright_api
 import pytest
 
+from devkit.fakes import postmark
+from devkit.fakes.sendgrid import FakeSendGrid
 from devkit.prometheus import Prometheus
 from devkit.stack import http_ok, wait_until
 from engine import tenants
@@ -41,6 +45,7 @@ HAVE_CHROMIUM = os.path.exists(CHROMIUM)
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
 RATE = "250/25"  # the tenant's send rate: a 1,000 batch takes seconds, so its progress shows
+SENDGRID_KEY = "SG.test-credential-0123456789"  # the seeded account's key, which its fake takes
 SEEN = """() => { window.__kept = 'no reload'; window.__seen = [];
   document.body.addEventListener('htmx:afterSettle', () => {
     const s = document.querySelector('#batch-status'), p = document.querySelector('#summary progress');
@@ -96,8 +101,12 @@ async def dash(stack: Stack, tmp_path_factory) -> AsyncIterator[Dashboard]:
         await asyncio.to_thread(wait_until, lambda: http_ok(f"{url}/health/live"), 30)
         await asyncio.to_thread(prom.wait_ready)
         api, other_api = Client(stack, key), Client(stack, other_key)
-        await _seed(stack, api, tenant)
-        async with playwright_api.async_playwright() as p:
+        async with (
+            FakeSendGrid(SENDGRID_KEY) as sendgrid_fake,
+            postmark.serving() as (postmark_url, _),
+            playwright_api.async_playwright() as p,
+        ):
+            await _seed(stack, api, tenant, sendgrid_fake.url, postmark_url)
             browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             try:
                 yield Dashboard(
@@ -110,18 +119,23 @@ async def dash(stack: Stack, tmp_path_factory) -> AsyncIterator[Dashboard]:
         prom.stop()
 
 
-async def _seed(stack: Stack, api: Client, tenant: str) -> None:
-    """What the pages show besides the batches: suppressions, an account, an endpoint, a
-    dead letter (a batch published to NATS with fields missing)."""
+async def _seed(
+    stack: Stack, api: Client, tenant: str, sendgrid_url: str, postmark_url: str
+) -> None:
+    """What the pages show besides the batches: suppressions, two accounts (at the fakes:
+    one whose credentials work, one whose token the fake refuses), an endpoint, a dead
+    letter (a batch published to NATS with fields missing)."""
     status, _ = await api.post_json(f"{stack.api}/api/suppressions",
                                     {"emails": ["bounced@example.com", "old@example.org"]})  # fmt: skip
     assert status == 201
-    status, _ = await api.post_json(
-        f"{stack.api}/api/provider-accounts",
+    for account in (
         {"name": "sendgrid-eu", "provider": "sendgrid", "rate_per_second": 100,
-         "credentials": {"api_key": "SG.test-credential-0123456789"}, "daily_quota": 50000},
-    )  # fmt: skip
-    assert status == 201
+         "credentials": {"api_key": SENDGRID_KEY}, "daily_quota": 50000, "base_url": sendgrid_url},
+        {"name": "postmark-old", "provider": "postmark", "rate_per_second": 50,
+         "credentials": {"server_token": "pm-revoked-token-0123456789"}, "base_url": postmark_url},
+    ):  # fmt: skip
+        status, _ = await api.post_json(f"{stack.api}/api/provider-accounts", account)
+        assert status == 201
     status, _ = await api.post_json(
         f"{stack.api}/api/webhook-endpoints",
         {"url": "http://127.0.0.1:9/hooks", "event_types": ["delivered", "bounced"],
@@ -406,6 +420,31 @@ async def test_every_page_is_accessible_and_screenshotted(dash: Dashboard) -> No
         assert width <= 400, f"the page scrolls sideways on a phone ({width}px)"
     finally:
         await narrow.close()
+
+
+async def test_test_credentials_shows_the_result_inline(dash: Dashboard) -> None:
+    """After the page tour, so that its screenshot shows a result."""
+    page = await _signed_in(dash)
+    await page.goto(f"{dash.url}/provider-accounts")
+    region = page.locator("#check-result")
+    assert await region.get_attribute("role") == "status"
+    assert await region.get_attribute("aria-live") == "polite"
+    await page.click("button[aria-label='Test credentials of account postmark-old']")
+    refused = region.locator(".alert-error[data-account='postmark-old']")
+    await refused.wait_for()
+    text = await refused.inner_text()
+    assert "postmark-old: the check failed." in text
+    assert "Postmark refused the server token (HTTP 401)" in text
+    assert "pm-revoked-token-0123456789" not in await page.content()
+    await page.click("button[aria-label='Test credentials of account sendgrid-eu']")
+    works = region.locator(".alert-ok[data-account='sendgrid-eu']")
+    await works.wait_for()
+    assert "sendgrid-eu: the credentials work." in await works.inner_text()
+    assert "may send mail (mail.send)" in await works.inner_text()
+    assert page.url.endswith("/provider-accounts")  # no page load
+    problems = await _axe(page, _axe_script(), "10-provider-accounts (tested)")
+    assert not problems, "axe-core: serious or critical violations:\n" + "\n".join(problems)
+    await _shot(dash, page, "10-provider-accounts")
 
 
 async def _axe(page, script: str, name: str) -> list[str]:

@@ -30,7 +30,7 @@ from devkit.fakes.mailgun import (
 from providers.base import Account, Message, SendResult
 from providers.mailgun import EU_API, US_API, MailgunProvider, plan
 from tests.provider_support import assert_delivered_exactly as delivered_exactly
-from tests.provider_support import closed_port, closing
+from tests.provider_support import checked, closed_port, closing
 
 
 def account(fake: FakeMailgun, *, api_key: str | None = None, domain: str = TEST_DOMAIN) -> Account:
@@ -387,3 +387,40 @@ def test_every_plan_is_valid_and_renders_each_message_exactly(messages: list[Mes
             message.html,
             message.headers,
         )
+
+
+# --- the credentials check (GET /v3/domains/{domain}) -------------------------------------
+
+
+async def test_check_a_key_and_an_active_domain() -> None:
+    async with mailgun() as (fake, provider):
+        result = await provider.check()
+        detail = checked(result, True, TEST_API_KEY, call=f"GET /v3/domains/{TEST_DOMAIN}")
+        assert detail == f"the API key works and domain {TEST_DOMAIN} is active"
+        (request,) = fake.received
+        expected = base64.b64encode(f"api:{TEST_API_KEY}".encode()).decode()
+        assert request.headers["Authorization"] == f"Basic {expected}"
+        assert fake.delivered == []
+
+
+async def test_check_a_refused_key() -> None:
+    async with mailgun(client_key="key-wrong-0123456789") as (_, provider):
+        detail = checked(await provider.check(), False, "key-wrong-0123456789")
+    assert detail == "the provider refused the API key (HTTP 401): Forbidden"
+
+
+async def test_check_a_domain_mailgun_does_not_know() -> None:
+    async with mailgun(domain="example.com") as (_, provider):
+        detail = checked(await provider.check(), False, TEST_API_KEY)
+    assert detail.startswith("domain example.com not found at Mailgun (HTTP 404)")
+
+
+async def test_check_an_unverified_domain_which_cannot_send() -> None:
+    async with mailgun(domain="new.example.test", unverified={"new.example.test"}) as (
+        _,
+        provider,
+    ):
+        detail = checked(await provider.check(), False, TEST_API_KEY)
+        assert "domain new.example.test is unverified" in detail
+        (result,) = await provider.send(make(1))
+    assert result.pause_reason and "may not send" in result.pause_reason

@@ -366,3 +366,33 @@ async def test_the_fake_checks_requests() -> None:
         assert fake.sent == []
         async with session.get(base_url + "/email") as resp:
             assert resp.status == 404
+
+
+# --- the credentials check (GET /server) -------------------------------------------------
+
+
+async def test_check_a_server_token_that_works() -> None:
+    async with postmark(FakePostmark(server_name="Production")) as (fake, provider):
+        result = await provider.check()
+        detail = provider_support.checked(result, True, TEST_SERVER_TOKEN, call="GET /server")
+        assert detail == "the server token works (server 'Production')"
+        (request,) = fake.received
+        assert request.headers["X-Postmark-Server-Token"] == TEST_SERVER_TOKEN
+        assert request.headers["Accept"] == "application/json"
+        assert fake.sent == []
+
+
+async def test_check_a_refused_token_and_a_sandbox_server() -> None:
+    async with postmark(credentials={"server_token": "pm-wrong-token-0123"}) as (_, provider):
+        detail = provider_support.checked(await provider.check(), False, "pm-wrong-token-0123")
+    assert detail == "Postmark refused the server token (HTTP 401)"
+    async with postmark(FakePostmark(delivery_type="Sandbox")) as (_, provider):
+        detail = provider_support.checked(await provider.check(), True, TEST_SERVER_TOKEN)
+    assert "Sandbox server" in detail
+
+
+async def test_check_an_unreachable_postmark() -> None:
+    provider = PostmarkProvider(account(f"http://127.0.0.1:{closed_port()}"))
+    async with closing(provider):
+        detail = provider_support.checked(await provider.check(), False, TEST_SERVER_TOKEN)
+    assert detail.endswith("connection refused")

@@ -340,3 +340,44 @@ async def test_the_fake_checks_requests() -> None:
         assert (await post([email], good))[1] == answer  # replayed, not sent again
         assert (await post([email, email], good))[1]["name"] == "invalid_idempotent_request"
         assert len(fake.sent) == 1
+
+
+# --- the credentials check (GET /domains) ------------------------------------------------
+
+
+async def test_check_a_full_access_key() -> None:
+    fake = FakeResend(domains={"example.test": "verified", "new.example.test": "pending"})
+    async with resend(fake) as (fake, provider):
+        result = await provider.check()
+        detail = provider_support.checked(result, True, TEST_API_KEY, call="GET /domains")
+        assert detail == "the API key works (full access); 1 of 2 domains verified"
+        (request,) = fake.received
+        assert request.headers["Authorization"] == f"Bearer {TEST_API_KEY}"
+        assert fake.sent == []
+
+
+async def test_check_a_sending_access_key_is_ok_with_a_note() -> None:
+    fake = FakeResend(api_key="re_full_access_9876543210", restricted_api_keys={TEST_API_KEY})
+    async with resend(fake) as (fake, provider):
+        detail = provider_support.checked(await provider.check(), True, TEST_API_KEY)
+        assert "sending access only" in detail
+        (result,) = await provider.send(make_messages(1))  # and it does send
+        assert result.ok, result.error
+
+
+async def test_check_a_refused_key() -> None:
+    async with resend(FakeResend(api_key="re_another_key_0123456789")) as (_, provider):
+        detail = provider_support.checked(await provider.check(), False, TEST_API_KEY)
+    assert detail == (
+        "the provider refused access with the API key (HTTP 403): invalid_api_key: API key "
+        "is invalid."
+    )
+
+
+async def test_check_an_unreachable_resend() -> None:
+    provider = ResendProvider(
+        Account("resend", {"api_key": TEST_API_KEY}, base_url=f"http://127.0.0.1:{closed_port()}")
+    )
+    async with closing(provider):
+        detail = provider_support.checked(await provider.check(), False, TEST_API_KEY)
+    assert detail.endswith("connection refused")

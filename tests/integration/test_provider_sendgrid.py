@@ -21,7 +21,7 @@ from devkit.fakes.sendgrid import TEST_API_KEY, Delivered, FakeSendGrid, check, 
 from providers.base import Account, Message, SendResult
 from providers.sendgrid import EU_API, MAX_SUBSTITUTION_BYTES, US_API, SendGridProvider, plan
 from tests.provider_support import assert_delivered_exactly as delivered_exactly
-from tests.provider_support import closed_port, closing
+from tests.provider_support import checked, closed_port, closing
 
 
 def account(fake: FakeSendGrid, *, api_key: str | None = None) -> Account:
@@ -434,3 +434,43 @@ def test_every_plan_is_valid_and_renders_each_message_exactly(messages: list[Mes
             message.headers,
         )
         assert (got.text, got.html) == (message.text or None, message.html or None)
+
+
+# --- the credentials check (GET /v3/scopes) ----------------------------------------------
+
+
+async def test_check_a_key_that_may_send() -> None:
+    async with sendgrid() as (fake, provider):
+        result = await provider.check()
+        detail = checked(result, True, TEST_API_KEY, call="GET /v3/scopes")
+        assert "mail.send" in detail
+        (request,) = fake.received
+        assert request.headers["Authorization"] == f"Bearer {TEST_API_KEY}"
+        assert fake.delivered == []  # nothing sent
+
+
+async def test_check_a_refused_key() -> None:
+    async with sendgrid(client_key="SG.wrong-key-0123456789") as (_, provider):
+        result = await provider.check()
+    detail = checked(result, False, "SG.wrong-key-0123456789")
+    assert detail == "the provider refused the API key (HTTP 401): authorization required"
+
+
+async def test_check_a_key_without_mail_send() -> None:
+    async with sendgrid(forbidden=True) as (_, provider):
+        detail = checked(await provider.check(), False, TEST_API_KEY)
+    assert "lacks the mail.send scope" in detail
+
+
+async def test_check_answers_for_an_unreachable_or_failing_sendgrid() -> None:
+    key = "SG.unreachable-key-0123456789"
+    down = SendGridProvider(
+        Account("sendgrid", {"api_key": key}, base_url=f"http://127.0.0.1:{closed_port()}")
+    )
+    async with closing(down):
+        detail = checked(await down.check(), False, key)
+    assert detail.endswith(": connection refused")
+    async with sendgrid() as (fake, provider):
+        fake.fail(503)
+        detail = checked(await provider.check(), False, TEST_API_KEY)
+    assert detail.startswith("the provider had an error; try again later (HTTP 503)")

@@ -28,7 +28,7 @@ from devkit.fakes.ses import (
     FakeSes,
     build_app,
 )
-from providers.base import Account, Message, SendResult
+from providers.base import Account, Message, Quota, SendResult
 from providers.ses import (
     REF_HEADER,
     REF_TAG,
@@ -462,3 +462,81 @@ def test_scrub_removes_addresses_and_keys() -> None:
     text = "identities failed: a.b+c@example.com, <x@y.test>; key AKIAABCDEFGHIJKLMNOP secret s3"
     cleaned = scrub(text, ["s3cr3t-value", "s3"])
     assert "@" not in cleaned and "AKIA" not in cleaned and " s3" not in cleaned
+
+
+# --- the credentials check (GetAccount, GET /v2/email/account) ----------------------------
+
+
+async def test_check_signs_get_account_and_reports_the_quota() -> None:
+    async with provider_for(FakeSes(max_24_hour_send=50_000, max_send_rate=14)) as (
+        provider,
+        fake,
+    ):
+        await provider.send(make_messages(2))
+        result = await provider.check()
+    detail = provider_support.checked(result, True, *SECRETS, call="GET /v2/email/account")
+    assert detail == (
+        f"the credentials work and sending is enabled in {TEST_REGION}; quota 50,000 per 24 h "
+        "(2 sent), 14 per second"
+    )
+    assert result.quota == Quota(per_day=50_000, per_second=14, sent_last_24_hours=2)
+    assert fake.refused == []  # the signature of the GET verified
+
+
+async def test_check_without_a_24_hour_limit() -> None:
+    async with provider_for(FakeSes(max_24_hour_send=-1)) as (provider, _):
+        result = await provider.check()
+    assert "quota no 24-hour limit (0 sent), 14 per second" in result.detail
+    assert result.ok and result.quota == Quota(None, 14, 0)
+
+
+async def test_check_sending_disabled_is_not_ok() -> None:
+    async with provider_for(FakeSes(production_access=False)) as (provider, fake):
+        fake.fail("paused")
+        result = await provider.check()
+        (sent,) = await provider.send(make_messages(1))
+    detail = provider_support.checked(result, False, *SECRETS)
+    assert detail.startswith("the credentials work, but sending is disabled for this SES account")
+    assert "in the SES sandbox" in detail and result.quota is not None
+    assert sent.pause_reason  # and sending is refused so
+    async with provider_for() as (provider, fake):
+        fake.fail("suspended")
+        detail = provider_support.checked(await provider.check(), False, *SECRETS)
+    assert "enforcement status SHUTDOWN" in detail
+
+
+@pytest.mark.parametrize(
+    "credentials, expected",
+    [
+        ({"access_key_id": "AKIAWRONGKEY0000TEST"}, "SES refused the credentials (HTTP 403 "
+         "UnrecognizedClientException: The security token included in the request is invalid.)"),
+        ({"secret_access_key": "another/secret/key+0123456789abcdefghijkl"},
+         "SES refused the signature: is the secret access key right? (HTTP 403 "
+         "InvalidSignatureException"),
+    ],
+)  # fmt: skip
+async def test_check_refused_credentials(credentials: dict[str, str], expected: str) -> None:
+    async with provider_for(credentials=credentials) as (provider, _):
+        result = await provider.check()
+    detail = provider_support.checked(result, False, *SECRETS, *credentials.values())
+    assert detail.startswith(expected) and result.quota is None
+    assert "AKIA" not in detail
+
+
+async def test_check_a_send_only_policy_is_ok_with_a_note() -> None:
+    async with provider_for(FakeSes(denied=frozenset({"GetAccount"}))) as (provider, _):
+        result = await provider.check()
+        (sent,) = await provider.send(make_messages(1))
+    detail = provider_support.checked(result, True, *SECRETS)
+    assert "may not call ses:GetAccount" in detail and "AccessDeniedException" in detail
+    assert sent.ok and result.quota is None
+
+
+async def test_check_a_throttled_or_failing_ses() -> None:
+    async with provider_for() as (provider, fake):
+        fake.fail("error")
+        failing = provider_support.checked(await provider.check(), False, *SECRETS)
+        fake.fail("throttle")
+        throttled = provider_support.checked(await provider.check(), False, *SECRETS)
+    assert failing.startswith("the provider had an error; try again later (HTTP 500)")
+    assert throttled.startswith("SES is throttling the account")

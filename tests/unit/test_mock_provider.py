@@ -453,3 +453,34 @@ _VALID_EVENT = {"event_id": "e", "event": "delivered", "ref": "r", "timestamp": 
 def test_parse_webhook_rejects_malformed_input(body: bytes, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         parse_webhook(body)
+
+
+async def test_check_is_the_servers_health() -> None:
+    async with mock_provider() as (_, provider):
+        result = await provider.check()
+    assert result.ok and result.call == "GET /health", result
+    assert "needs no credentials" in result.detail
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = MockProvider(f"http://127.0.0.1:{port}")
+    try:
+        result = await down.check()
+    finally:
+        await down.close()
+    assert not result.ok and result.detail == f"127.0.0.1:{port}: connection refused"
+
+
+async def test_check_reads_no_more_than_a_mebibyte() -> None:
+    async def huge(_: web.Request) -> web.Response:
+        return web.Response(body=b"x" * (3 << 20))
+
+    app = web.Application()
+    app.router.add_get("/health", huge)
+    async with serving(app) as base_url:
+        provider = MockProvider(base_url)
+        try:
+            result = await provider.check()
+        finally:
+            await provider.close()
+    assert not result.ok and result.detail == "the answer is larger than 1048576 bytes"

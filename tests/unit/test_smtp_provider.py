@@ -1,24 +1,34 @@
-"""SmtpProvider against a real aiosmtpd server on 127.0.0.1."""
+"""SmtpProvider against a real aiosmtpd server on 127.0.0.1: sending, and the credentials
+check (a login, with and without STARTTLS)."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import email.errors
+import ipaddress
 import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from engine.sender import BatchInfo, build_message
 from engine.suppressions import links
 from engine.templates import BatchTemplate
 from providers import smtp
-from providers.base import Message, SendResult
+from providers.base import Account, CheckResult, Message, SendResult
 from providers.smtp import SmtpProvider, build_email
 
 # Raised by Pythons whose email package refuses to write a header it cannot fold safely.
@@ -336,3 +346,167 @@ def test_verbatim_headers_refuse_what_would_break_the_line() -> None:
     message.headers = {"List-Unsubscribe": "<https://u.test/" + "x" * 1000 + ">"}
     with pytest.raises(ValueError, match="too long"):
         build_email(message)
+
+
+# --- the credentials check (connect, TLS, AUTH, QUIT) -------------------------------------
+
+USERNAME, PASSWORD = "mailer@sender.test", "smtp-password-0123456789"
+
+
+class LoginHandler(RecordingHandler):
+    """Records the AUTH attempts (mechanism, login) and the QUITs of each session."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logins: list[tuple[str, str, bool]] = []
+        self.quits = 0
+
+    def authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        good = (data.login, data.password) == (USERNAME.encode(), PASSWORD.encode())
+        self.logins.append((mechanism, data.login.decode(), good))
+        return AuthResult(success=good, handled=False)
+
+    async def handle_QUIT(  # noqa: N802 - aiosmtpd hook name
+        self, server: Any, session: Any, envelope: Any
+    ) -> str:
+        self.quits += 1
+        return "221 Bye"
+
+
+@contextmanager
+def login_server(handler: LoginHandler, **options: Any) -> Iterator[int]:
+    """An aiosmtpd server that takes a login (``options``: aiosmtpd's SMTP settings)."""
+    port = free_port()
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=port, authenticator=handler.authenticate, **options
+    )
+    controller.start()
+    try:
+        yield port
+    finally:
+        controller.stop()
+
+
+def tls_files(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files in ``folder``)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def account_adapter(port: int, password: str = PASSWORD) -> SmtpProvider:
+    return smtp.for_account(
+        Account(
+            "smtp",
+            {"username": USERNAME, "password": password},
+            base_url=f"smtp://127.0.0.1:{port}",
+        )
+    )
+
+
+def assert_clean(result: CheckResult) -> str:
+    assert PASSWORD not in result.detail and USERNAME not in result.detail, result.detail
+    assert result.call == "SMTP EHLO, AUTH, QUIT"
+    return result.detail
+
+
+async def test_check_logs_in_with_auth_login_and_quits() -> None:
+    handler = LoginHandler()
+    with login_server(handler, auth_require_tls=False, auth_exclude_mechanism=["PLAIN"]) as port:
+        provider = account_adapter(port)
+        try:
+            result = await provider.check()
+        finally:
+            await provider.close()
+    assert result.ok, result
+    assert assert_clean(result) == (
+        "the server accepted the login (AUTH LOGIN) without TLS: the password crossed the "
+        "network in clear"
+    )
+    assert handler.logins == [("LOGIN", USERNAME, True)]
+    assert handler.quits == 1 and handler.delivered == []  # nothing sent
+
+
+async def test_check_a_refused_password() -> None:
+    handler = LoginHandler()
+    with login_server(handler, auth_require_tls=False) as port:
+        provider = account_adapter(port, password="not-the-password")
+        try:
+            result = await provider.check()
+        finally:
+            await provider.close()
+    assert not result.ok
+    detail = assert_clean(result)
+    assert detail.startswith("the server refused the login without TLS: 535 ")
+    assert "not-the-password" not in detail
+    assert handler.quits == 1
+
+
+async def test_check_over_starttls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STARTTLS when the server offers it, as a send does (and AUTH only after it, as
+    aiosmtpd requires by default): a certificate the client does not trust fails with that
+    reason; once trusted, the login is checked over TLS."""
+    cert_file, key_file = tls_files(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    handler = LoginHandler()
+    with login_server(handler, tls_context=context) as port:
+        provider = account_adapter(port)
+        try:
+            untrusted = await provider.check()
+            monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))  # read when a context is made
+            trusted = await provider.check()
+        finally:
+            await provider.close()
+    assert not untrusted.ok
+    assert "TLS certificate is not trusted" in assert_clean(untrusted)
+    assert trusted.ok, trusted
+    assert assert_clean(trusted) == "the server accepted the login (AUTH PLAIN) over TLS"
+    assert handler.logins == [("PLAIN", USERNAME, True)]
+
+
+async def test_check_without_auth_or_a_server() -> None:
+    handler = LoginHandler()
+    with login_server(handler) as port:  # AUTH only over TLS, and it offers no STARTTLS
+        provider = account_adapter(port)
+        try:
+            result = await provider.check()
+        finally:
+            await provider.close()
+    assert not result.ok
+    assert assert_clean(result) == "the server offers no login (AUTH) without TLS"
+    port = free_port()
+    provider = account_adapter(port)
+    try:
+        result = await provider.check()
+    finally:
+        await provider.close()
+    assert not result.ok
+    assert assert_clean(result) == f"127.0.0.1:{port}: connection refused"

@@ -1,11 +1,12 @@
 """Provider accounts: the tenant's accounts (credentials only as masked hints), add one,
-delete one (``engine.accounts``, as ``/api/provider-accounts``).
+delete one, test one's credentials (``engine.accounts``, as ``/api/provider-accounts``).
 
-"Test the credentials" is not offered: no provider adapter has a call that checks
-credentials without sending a message (each provider's would be its own request: SES
-GetAccount, SendGrid scopes, Mailgun domains, Postmark server, Resend domains), and adding
-those is ``providers/``' work. What an add does check is what the API checks: the fields,
-and that the provider's adapter accepts the account (SES a region, Mailgun a domain, ...).
+An add checks what the API checks: the fields, and that the provider's adapter accepts the
+account (SES a region, Mailgun a domain, ...). "Test credentials" is
+``engine.accounts.check`` (``POST /api/provider-accounts/{ref}/check``): the provider's
+cheapest authenticated read call, nothing sent; with htmx its answer replaces the page's
+result region (a polite live region, so it is read out), without it the page comes back
+with the answer as its message.
 """
 
 from __future__ import annotations
@@ -133,7 +134,28 @@ async def remove(request: web.Request) -> web.Response:
     return await render.flash_redirect(request, "/provider-accounts", "Account deleted.")
 
 
+async def check(request: web.Request) -> web.Response:
+    settings = request.app[context.SETTINGS]
+    result = await accounts.check(  # another tenant's account: 404, as in the API
+        context.services(request).pool,
+        accounts.Sealer(settings.credentials_keys),
+        context.tenant(request),
+        request.match_info["id"],
+    )
+    detail = (result["detail"][:1].upper() + result["detail"][1:]).rstrip(".")
+    if not context.is_htmx(request):
+        verdict = "the credentials work" if result["ok"] else "the check failed"
+        text = f"{result['account']}: {verdict}. {detail}."
+        return await render.flash_redirect(
+            request, "/provider-accounts", text, "ok" if result["ok"] else "error"
+        )
+    return await render.page(
+        request, "accounts.html", fragment="_accounts_check.html", check=result, detail=detail
+    )
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/provider-accounts", page)
     app.router.add_post("/provider-accounts", create)
     app.router.add_post(r"/provider-accounts/{id:[0-9a-fA-F-]{36}}/delete", remove)
+    app.router.add_post(r"/provider-accounts/{id:[0-9a-fA-F-]{36}}/check", check)
