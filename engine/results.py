@@ -174,13 +174,16 @@ async def publish(
 
 
 def _arrays(columns: Columns) -> list[list[Any]]:
+    attempts = columns.attempts  # an int2 column: clamped, in the rare flush that needs it
+    if attempts and max(attempts) > 32767:
+        attempts = [min(a, 32767) for a in attempts]
     return [
         columns.batch_id,
         columns.seq,
         columns.status,
         columns.provider_message_id,
         columns.error,
-        [min(a, 32767) for a in columns.attempts],
+        attempts,
     ]
 
 

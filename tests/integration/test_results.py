@@ -121,6 +121,18 @@ async def test_applying_the_same_results_twice_counts_once(
     assert (state["status"], state["final_count"]) == ("completed", 4)
 
 
+async def test_attempts_beyond_the_column_are_stored_as_its_largest_value(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    """``attempts`` is a smallint: a count past it is clamped, not refused."""
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 2)
+    await apply(services, [ResultRow(batch_id, 1, "failed", None, "gave up", 100_000),
+                           ResultRow(batch_id, 2, "sent", "pm-2", None, 2)])  # fmt: skip
+    assert (await recipient(services, batch_id, 1))["attempts"] == 32767
+    assert (await recipient(services, batch_id, 2))["attempts"] == 2
+
+
 async def test_a_later_result_does_not_replace_a_final_one(
     services: Services, tenant: tuple[str, str]
 ) -> None:
