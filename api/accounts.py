@@ -16,6 +16,7 @@ async def create(request: web.Request) -> web.Response:
         accounts.Sealer(settings.credentials_keys),
         request[context.TENANT],
         body,
+        allow_private=settings.provider_allow_private_urls,
     )
     return context.json_response(created, status=201)
 
@@ -29,6 +30,7 @@ async def replace(request: web.Request) -> web.Response:
         request[context.TENANT],
         request.match_info["ref"],
         body,
+        allow_private=settings.provider_allow_private_urls,
     )
     return context.json_response(replaced)
 
@@ -58,6 +60,7 @@ async def check(request: web.Request) -> web.Response:
         accounts.Sealer(settings.credentials_keys),
         request[context.TENANT],
         request.match_info["ref"],
+        allow_private=settings.provider_allow_private_urls,
     )
     return context.json_response(result)
 

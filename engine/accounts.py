@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from engine.config import Rate
 from engine.errors import Conflict, NotFound, ValidationError
 from engine.lifecycle import FINISHED
+from engine.outbound import PublicResolver, check_host
 from providers.base import Account, CheckResult
 from providers.http import scrub
 from providers.registry import CREDENTIALS, PROVIDERS
@@ -146,14 +147,20 @@ def _credentials(provider: str, value: Any) -> dict[str, str]:
     return {name: value[name] for name in wanted}
 
 
-def _base_url(body: dict[str, Any], provider: str) -> str | None:
+def _base_url(body: dict[str, Any], provider: str, allow_private: bool) -> str | None:
+    """The account's base URL: the provider's form, no credentials in it and, unless
+    ``allow_private``, https (or SMTP) to a host that is no loopback, private or
+    link-local address (``engine.outbound``)."""
     url = _text(body, "base_url")
     if url is None:
         if provider == "smtp":
             raise _invalid("base_url", "required: smtp://host:port or smtps://host:port")
         return None
     parts = urlsplit(url)
-    schemes = ("smtp", "smtps") if provider == "smtp" else ("https", "http")
+    if provider == "smtp":
+        schemes: tuple[str, ...] = ("smtp", "smtps")
+    else:
+        schemes = ("https", "http") if allow_private else ("https",)
     try:
         port = parts.port
     except ValueError:
@@ -164,14 +171,22 @@ def _base_url(body: dict[str, Any], provider: str) -> str | None:
         or parts.username
         or (provider == "smtp" and (port is None or parts.path not in ("", "/")))
     ):
-        form = "smtp://host:port or smtps://host:port" if provider == "smtp" else "an http(s) URL"
+        if provider == "smtp":
+            form = "smtp://host:port or smtps://host:port"
+        else:
+            form = "an http(s) URL" if allow_private else "an https URL"
         raise _invalid("base_url", f"must be {form} without credentials")
+    if not allow_private:
+        try:
+            check_host(parts.hostname)
+        except ValueError as exc:
+            raise _invalid("base_url", str(exc)) from None
     return url.rstrip("/")
 
 
-def validate(body: Any) -> dict[str, Any]:
+def validate(body: Any, *, allow_private: bool = False) -> dict[str, Any]:
     """The columns of a new account from a request body, or ``ValidationError`` naming the
-    field (never echoing a credential)."""
+    field (never echoing a credential). ``allow_private``: ``PROVIDER_ALLOW_PRIVATE_URLS``."""
     if not isinstance(body, dict):
         raise ValidationError("the body must be a JSON object", code="invalid_account")
     unknown = sorted(set(body) - _FIELDS)
@@ -196,7 +211,7 @@ def validate(body: Any) -> dict[str, Any]:
         "provider": provider,
         "credentials": credentials,
         "webhook_secret": secret,
-        "base_url": _base_url(body, provider),
+        "base_url": _base_url(body, provider, allow_private),
         "region": _text(body, "region", _REGION),
         "domain": _text(body, "domain", _DOMAIN),
         "rate_per_second": float(rate),
@@ -236,11 +251,13 @@ def _view(row: asyncpg.Record) -> dict[str, Any]:
     return view
 
 
-async def create(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, body: Any) -> dict[str, Any]:
+async def create(
+    pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, body: Any, *, allow_private: bool = False
+) -> dict[str, Any]:
     row = await _write(
         pool,
         sealer,
-        body,
+        validate(body, allow_private=allow_private),
         f"""INSERT INTO provider_accounts (id, tenant_id, name, provider, credentials, hints,
                 webhook_secret, base_url, region, domain, rate_per_second, burst, daily_quota)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
@@ -252,7 +269,13 @@ async def create(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, body: Any) 
 
 
 async def replace(
-    pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, ref: str, body: Any
+    pool: asyncpg.Pool,
+    sealer: Sealer,
+    tenant_id: str,
+    ref: str,
+    body: Any,
+    *,
+    allow_private: bool = False,
 ) -> dict[str, Any]:
     """Replace an account's settings with a whole new body (``PUT``: credentials given
     again in full, as at create; the provider stays the same). The workers use the new
@@ -262,7 +285,7 @@ async def replace(
     row = await _write(
         pool,
         sealer,
-        body,
+        validate(body, allow_private=allow_private),
         f"""UPDATE provider_accounts
                SET name = $3, credentials = $5, hints = $6, webhook_secret = $7,
                    base_url = $8, region = $9, domain = $10, rate_per_second = $11,
@@ -279,12 +302,11 @@ async def replace(
 
 
 async def _write(
-    pool: asyncpg.Pool, sealer: Sealer, body: Any, sql: str, first: Any, second: Any
+    pool: asyncpg.Pool, sealer: Sealer, fields: dict[str, Any], sql: str, first: Any, second: Any
 ) -> asyncpg.Record | None:
-    """Run ``sql`` with ``first``, ``second`` and then the validated, sealed columns of
-    ``body`` ($3 name, $4 provider, $5 credentials, $6 hints, $7 webhook secret, $8 base
-    URL, $9 region, $10 domain, $11 rate, $12 burst, $13 daily quota)."""
-    fields = validate(body)
+    """Run ``sql`` with ``first``, ``second`` and then the sealed columns of ``fields``
+    (``validate``: $3 name, $4 provider, $5 credentials, $6 hints, $7 webhook secret, $8
+    base URL, $9 region, $10 domain, $11 rate, $12 burst, $13 daily quota)."""
     credentials, secret = fields["credentials"], fields["webhook_secret"]
     try:
         return await pool.fetchrow(
@@ -403,8 +425,10 @@ class Sending:
     daily_quota: int | None
 
 
-async def sending(pool: asyncpg.Pool, sealer: Sealer, account_id: str) -> Sending | None:
-    """The account a batch sends through (None: it was deleted)."""
+async def sending(
+    pool: asyncpg.Pool, sealer: Sealer, account_id: str, *, allow_private: bool = False
+) -> Sending | None:
+    """The account a batch sends through (None: it was deleted); see ``_opened``."""
     row = await pool.fetchrow(
         """SELECT provider, credentials, base_url, region, domain, rate_per_second, burst,
                   daily_quota FROM provider_accounts WHERE id = $1""",
@@ -413,13 +437,7 @@ async def sending(pool: asyncpg.Pool, sealer: Sealer, account_id: str) -> Sendin
     if row is None:
         return None
     return Sending(
-        Account(
-            provider=row["provider"],
-            credentials=sealer.open(row["credentials"]),
-            base_url=row["base_url"],
-            region=row["region"],
-            domain=row["domain"],
-        ),
+        _opened(sealer, row, allow_private=allow_private),
         Rate(row["rate_per_second"], row["burst"]),
         row["daily_quota"],
     )
@@ -465,19 +483,23 @@ async def _sealed(pool: asyncpg.Pool, tenant_id: str, ref: str) -> asyncpg.Recor
     return row
 
 
-def _opened(sealer: Sealer, row: asyncpg.Record) -> Account:
+def _opened(sealer: Sealer, row: asyncpg.Record, *, allow_private: bool) -> Account:
+    """The account of ``row`` with its credentials opened; unless ``allow_private``, its
+    adapter connects only to public addresses (``engine.outbound.PublicResolver``)."""
     return Account(
         provider=row["provider"],
         credentials=sealer.open(row["credentials"]),
         base_url=row["base_url"],
         region=row["region"],
         domain=row["domain"],
+        resolver=None if allow_private else PublicResolver(),
     )
 
 
 async def account(pool: asyncpg.Pool, sealer: Sealer, tenant_id: str, ref: str) -> Account:
-    """The opened account, for an adapter (``providers.base.Account``)."""
-    return _opened(sealer, await _sealed(pool, tenant_id, ref))
+    """The opened account (``providers.base.Account``), its connections unguarded: to read,
+    not to send through (``sending`` is)."""
+    return _opened(sealer, await _sealed(pool, tenant_id, ref), allow_private=True)
 
 
 async def check(
@@ -486,6 +508,7 @@ async def check(
     tenant_id: str,
     ref: str,
     *,
+    allow_private: bool = False,
     within: float = CHECK_SECONDS,
 ) -> dict[str, Any]:
     """Ask the provider whether the tenant's account ``ref`` (id or name; another
@@ -498,7 +521,7 @@ async def check(
     started = time.monotonic()
     secrets: list[str] = []
     try:
-        opened = _opened(sealer, row)
+        opened = _opened(sealer, row, allow_private=allow_private)
     except ValueError:
         result = CheckResult(
             False, "the credentials are sealed under none of CREDENTIALS_KEYS: enter them again"

@@ -273,6 +273,10 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], _Default]] = {
     # Customers' event webhooks (engine.webhook_endpoints) may target plain http and
     # loopback, private or link-local addresses: for development only (SSRF otherwise).
     "WEBHOOK_ALLOW_PRIVATE_URLS": (_bool, _not_in_prod),
+    # Provider accounts' base URLs may be plain http and loopback, private or link-local
+    # addresses (engine.outbound): development servers, or a provider that is an internal
+    # relay of the deployment.
+    "PROVIDER_ALLOW_PRIVATE_URLS": (_bool, _not_in_prod),
     "AUTH_FAILURE_LIMIT": (_int(1, 1_000_000), "20"),  # failed keys per client address ...
     "AUTH_FAILURE_WINDOW_SECONDS": (_int(1, 86400), "60"),  # ... in this window, then 429
     "TRUSTED_PROXIES": (_networks, ""),  # whose X-Forwarded-For names the client
@@ -337,6 +341,7 @@ class Settings:
     unsubscribe_secret: str
     credentials_keys: tuple[str, ...]
     webhook_allow_private_urls: bool
+    provider_allow_private_urls: bool
     auth_failure_limit: int
     auth_failure_window_seconds: int
     trusted_proxies: tuple[Network, ...]

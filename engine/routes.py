@@ -114,7 +114,12 @@ class Routes:
         if cached is not None and now - cached.loaded_at < TTL:
             self._accounts.move_to_end(account_id)
             return cached.route
-        sending = await accounts.sending(self.services.pool, self._get_sealer(), account_id)
+        sending = await accounts.sending(
+            self.services.pool,
+            self._get_sealer(),
+            account_id,
+            allow_private=self.services.settings.provider_allow_private_urls,
+        )
         if sending is None:
             self._drop(account_id)
             return None

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import socket
 import time
 import uuid
 from collections import Counter
@@ -42,12 +41,12 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-from aiohttp.abc import AbstractResolver, ResolveResult
 from standardwebhooks.webhooks import Webhook
 
 from engine import metrics
 from engine.accounts import Sealer
 from engine.errors import Conflict, NotFound, ValidationError
+from engine.outbound import PublicResolver
 from engine.services import Services
 from engine.topology import REDELIVERY, Redelivery
 from engine.webhook_endpoints import (
@@ -56,7 +55,6 @@ from engine.webhook_endpoints import (
     decode_cursor,
     endpoint_uuid,
     page_of,
-    public_address,
 )
 from engine.webhook_outbox import BATCHING, Batching, Fetch, Outbox
 
@@ -134,26 +132,6 @@ async def _chores(
 async def _sleep(stopping: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stopping.wait(), seconds)
-
-
-class PublicResolver(AbstractResolver):
-    """aiohttp's resolver that refuses a host name with any address that is not public
-    (``engine.webhook_endpoints.public_address``): checked on the addresses connected to,
-    so a name that resolves inside after the endpoint was created is refused then."""
-
-    def __init__(self) -> None:
-        self._resolver = aiohttp.DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await self._resolver.resolve(host, port, family)
-        if not found or not all(public_address(item["host"]) for item in found):
-            raise OSError(f"{host} resolves to an address that is not public")
-        return found
-
-    async def close(self) -> None:
-        await self._resolver.close()
 
 
 @dataclass(slots=True)

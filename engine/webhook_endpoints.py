@@ -14,7 +14,7 @@ keys' procedure) and shown afterwards as a masked hint.
 Which URLs (``check_url``): https only, no credentials in them, no fragment, and no host
 that is a loopback, private, link-local or otherwise non-public address (SSRF: the
 workers would post from inside the cluster). A host name is checked again each time it is
-resolved for a post (``engine.webhook_deliveries.PublicResolver``), so a name that later
+resolved for a post (``engine.outbound.PublicResolver``), so a name that later
 resolves inside is refused then. ``WEBHOOK_ALLOW_PRIVATE_URLS`` (on outside prod) lifts
 both rules, for receivers on a developer's machine (http://127.0.0.1:...).
 """
@@ -22,8 +22,6 @@ both rules, for receivers on a developer's machine (http://127.0.0.1:...).
 from __future__ import annotations
 
 import base64
-import ipaddress
-import re
 import secrets
 import uuid
 from collections.abc import Callable
@@ -37,6 +35,7 @@ import orjson
 from engine.accounts import Sealer, hint
 from engine.errors import Conflict, NotFound, ValidationError
 from engine.lifecycle import PROVIDER_EVENTS
+from engine.outbound import check_host
 
 BATCH_COMPLETED = "batch.completed"
 # The results stream's events under the names the stream uses: the workers' own results
@@ -49,7 +48,6 @@ MAX_PAGE = 100
 MAX_URL_CHARS = 2048
 MAX_DESCRIPTION_CHARS = 500
 _FIELDS = {"url", "event_types", "description"}
-_NUMERIC_HOST = re.compile(r"[0-9.]+|0x[0-9a-f.x]*", re.IGNORECASE)
 _COLUMNS = (
     "id, url, event_types, description, secret_hint, disabled_at, disabled_reason, created_at"
 )
@@ -60,17 +58,6 @@ def new_secret() -> str:
 
 
 # --- which URLs -------------------------------------------------------------------------
-
-
-def public_address(address: str) -> bool:
-    """Whether an IP address is one a customer's server can have: globally routable,
-    not multicast (an IPv4 address inside IPv6 is judged as itself)."""
-    ip = ipaddress.ip_address(address.partition("%")[0])  # without an IPv6 zone
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is not None:
-            ip = embedded
-    return ip.is_global and not ip.is_multicast
 
 
 def check_url(url: Any, allow_private: bool) -> str:
@@ -101,20 +88,7 @@ def check_url(url: Any, allow_private: bool) -> str:
     except UnicodeError:
         raise ValueError("has a host name that is not valid") from None
     if not allow_private:
-        host = host.rstrip(".")  # "localhost." is localhost
-        try:
-            public = public_address(host)
-        except ValueError:  # a name: checked when it is resolved
-            if host == "localhost" or host.endswith(".localhost"):
-                public = False
-            elif _NUMERIC_HOST.fullmatch(host):
-                raise ValueError(
-                    "has a host that is neither a canonical IP address nor a name"
-                ) from None
-            else:
-                public = True
-        if not public:
-            raise ValueError("must not point to a loopback, private or link-local address")
+        check_host(host)
     return url
 
 

@@ -178,6 +178,10 @@ class Account:
     base_url: str | None = None  # the provider's API base (its EU/region URL, a test server)
     region: str | None = None  # where the provider has regions (SES: "eu-west-1")
     domain: str | None = None  # where the provider sends per domain (Mailgun)
+    # How the adapter resolves the provider's host name for its connections (an aiohttp
+    # ``AbstractResolver``; None: the system's). The engine gives one that refuses
+    # non-public addresses when a tenant's account may not reach inside the deployment.
+    resolver: Any = field(default=None, repr=False, compare=False)
 
 
 # Seconds a check's own provider call (or SMTP command) may take; the engine bounds the

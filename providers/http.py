@@ -57,15 +57,17 @@ class Answer:
 class HttpAdapter:
     """The pooled session of an HTTP adapter: ``_get_session()`` opens it when there is
     none (or it was closed), ``close()`` closes it. ``connector_limit`` bounds the
-    connections it keeps open at once. ``_secrets`` are what ``_clean`` keeps out of a
-    text (the adapter's credentials)."""
+    connections it keeps open at once; ``resolver`` (``Account.resolver``) resolves the
+    provider's host for them. ``_secrets`` are what ``_clean`` keeps out of a text (the
+    adapter's credentials)."""
 
     connector_limit = 64
     check_call = ""  # the credentials check's request, e.g. "GET /v3/scopes"
     _secrets: tuple[str, ...] = ()
 
-    def __init__(self, *, timeout: float) -> None:
+    def __init__(self, *, timeout: float, resolver: Any = None) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
 
     async def check(self) -> CheckResult:
@@ -104,7 +106,7 @@ class HttpAdapter:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.connector_limit),
+                connector=aiohttp.TCPConnector(limit=self.connector_limit, resolver=self._resolver),
                 timeout=self._timeout,
             )
         return self._session

@@ -139,7 +139,7 @@ class MailgunProvider(HttpAdapter):
             raise ValueError("mailgun: the account has no api_key")
         if not account.domain:
             raise ValueError("mailgun: the account has no sending domain")
-        super().__init__(timeout=timeout)
+        super().__init__(timeout=timeout, resolver=account.resolver)
         base = account.base_url or (EU_API if (account.region or "").lower() == "eu" else US_API)
         self.base_url = base.rstrip("/")
         self.domain = account.domain

@@ -165,7 +165,7 @@ class PostmarkProvider(HttpAdapter):
         token = account.credentials.get("server_token") or ""
         if not token:
             raise ValueError("a Postmark account needs credentials['server_token']")
-        super().__init__(timeout=timeout)
+        super().__init__(timeout=timeout, resolver=account.resolver)
         self._token = token
         self._secrets = (token,)
         self._stream = account.credentials.get("message_stream") or DEFAULT_MESSAGE_STREAM

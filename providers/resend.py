@@ -142,7 +142,7 @@ class ResendProvider(HttpAdapter):
         key = account.credentials.get("api_key") or ""
         if not key:
             raise ValueError("a Resend account needs credentials['api_key']")
-        super().__init__(timeout=timeout)
+        super().__init__(timeout=timeout, resolver=account.resolver)
         self._key = key
         self._secrets = (key,)
         self._base_url = (account.base_url or DEFAULT_BASE_URL).rstrip("/")

@@ -172,7 +172,7 @@ class SendGridProvider(HttpAdapter):
         key = account.credentials.get("api_key") or ""
         if not key:
             raise ValueError("sendgrid: the account has no api_key")
-        super().__init__(timeout=timeout)
+        super().__init__(timeout=timeout, resolver=account.resolver)
         base = account.base_url or (EU_API if (account.region or "").lower() == "eu" else US_API)
         self.base_url = base.rstrip("/")
         self._url = self.base_url + SEND_PATH

@@ -206,7 +206,7 @@ class SesProvider(HttpAdapter):
             raise ValueError("ses: the account needs a region such as 'eu-west-1'")
         if concurrency < 1:
             raise ValueError("ses: concurrency must be at least 1")
-        super().__init__(timeout=timeout)
+        super().__init__(timeout=timeout, resolver=account.resolver)
         self.connector_limit = max(64, concurrency)
         base = (account.base_url or f"https://email.{region}.amazonaws.com").rstrip("/")
         self._url = base + SEND_EMAIL_PATH

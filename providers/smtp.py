@@ -29,7 +29,7 @@ from email.errors import MessageError
 from email.message import EmailMessage
 from email.policy import Policy
 from email.utils import formataddr, formatdate, make_msgid
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import aiosmtplib
@@ -175,6 +175,7 @@ class SmtpProvider:
         start_tls: bool | None = None,
         timeout: float = 30.0,
         pool_size: int = 4,
+        resolver: Any = None,
     ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be >= 1")
@@ -187,6 +188,7 @@ class SmtpProvider:
             "timeout": timeout,
         }
         self._login = (username, password or "") if username else None
+        self._resolver = resolver  # Account.resolver: the host is checked before each connect
         self._clients = [
             aiosmtplib.SMTP(username=username, password=password, **self._connection)
             for _ in range(pool_size)
@@ -232,7 +234,7 @@ class SmtpProvider:
         try:
             # The message is written before the SMTP transaction starts, so an email
             # package error there leaves the connection usable.
-            await _transmit(client, email, message)
+            await _transmit(client, email, message, self._resolver)
         except _SEND_ERRORS as exc:
             if isinstance(exc, OSError | TimeoutError):  # the session state is unknown
                 client.close()
@@ -260,6 +262,7 @@ class SmtpProvider:
 
     async def _check(self, client: aiosmtplib.SMTP) -> tuple[str, bool]:
         try:
+            await _resolvable(client, self._resolver)
             await client.connect()  # the greeting, EHLO, STARTTLS (as a send does)
             if client.is_ehlo_or_helo_needed:  # again after STARTTLS
                 await client.ehlo()
@@ -289,23 +292,34 @@ def _check_failure(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _transmit(client: aiosmtplib.SMTP, email: EmailMessage, message: Message) -> None:
+async def _transmit(
+    client: aiosmtplib.SMTP, email: EmailMessage, message: Message, resolver: Any
+) -> None:
     """Send over ``client``; a reused connection the server dropped is reopened once."""
     reused = client.is_connected
     if not reused:
-        await _connect(client)
+        await _connect(client, resolver)
     try:
         await _deliver(client, email, message)
     except SMTPServerDisconnected:
         if not reused:
             raise
         client.close()
-        await _connect(client)
+        await _connect(client, resolver)
         await _deliver(client, email, message)
 
 
-async def _connect(client: aiosmtplib.SMTP) -> None:
+async def _resolvable(client: aiosmtplib.SMTP, resolver: Any) -> None:
+    """``OSError`` when ``resolver`` refuses the server's host (it resolves to an address
+    the account may not reach). The client resolves the name again as it connects: a name
+    that changes its answer in between is not caught here, unlike an HTTP adapter's."""
+    if resolver is not None and client.hostname is not None:
+        await resolver.resolve(client.hostname, client.port or 0)
+
+
+async def _connect(client: aiosmtplib.SMTP, resolver: Any) -> None:
     try:
+        await _resolvable(client, resolver)
         await client.connect()
     except _SEND_ERRORS as exc:
         error, retryable = classify(exc)
@@ -377,6 +391,7 @@ def for_account(account: Account) -> SmtpProvider:
         username=creds.get("username") or None,
         password=creds.get("password") or None,
         use_tls=parts.scheme == "smtps",
+        resolver=account.resolver,
     )
 
 

@@ -117,7 +117,9 @@ async def new_account(
 ) -> dict[str, Any]:
     body = {"name": f"{provider}-main", "provider": provider, "rate_per_second": 5000,
             "burst": 2000, **fake.account, **fields}  # fmt: skip
-    return await accounts.create(services.pool, sealer(services), tenant_id, body)
+    return await accounts.create(
+        services.pool, sealer(services), tenant_id, body, allow_private=True
+    )
 
 
 def sealer(services: Services) -> Sealer:
@@ -335,7 +337,9 @@ async def test_a_route_follows_its_account(
             assert await table.account(account["id"]) is first  # unchanged: the same adapter
             body = {"name": account["name"], "provider": "postmark", "rate_per_second": 7,
                     **fake.account}  # fmt: skip
-            await accounts.replace(own.pool, sealer(own), tenant_id, account["id"], body)
+            await accounts.replace(
+                own.pool, sealer(own), tenant_id, account["id"], body, allow_private=True
+            )
             second = await table.account(account["id"])
             assert second is not None and second is not first and second.rate.per_second == 7
             await accounts.delete(own.pool, tenant_id, account["id"])

@@ -212,7 +212,8 @@ async def new_account(
     }
     body |= ACCOUNT_FIELDS.get(provider, {})
     sealer = accounts.Sealer(settings.credentials_keys)
-    return (await accounts.create(services.pool, sealer, tenant_id, body))["id"]
+    created = await accounts.create(services.pool, sealer, tenant_id, body, allow_private=True)
+    return created["id"]
 
 
 async def account_batch(

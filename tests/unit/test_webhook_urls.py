@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.webhook_deliveries import Policy, PublicResolver
-from engine.webhook_endpoints import EVENT_TYPES, check_url, new_secret, public_address
+from engine.outbound import PublicResolver, public_address
+from engine.webhook_deliveries import Policy
+from engine.webhook_endpoints import EVENT_TYPES, check_url, new_secret
 
 
 @pytest.mark.parametrize(

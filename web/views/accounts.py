@@ -108,6 +108,7 @@ async def create(request: web.Request) -> web.Response:
             accounts.Sealer(settings.credentials_keys),
             context.tenant(request),
             body,
+            allow_private=settings.provider_allow_private_urls,
         )
     except BatchSenderError as exc:
         found, _ = render.field_errors(exc)
@@ -141,6 +142,7 @@ async def check(request: web.Request) -> web.Response:
         accounts.Sealer(settings.credentials_keys),
         context.tenant(request),
         request.match_info["id"],
+        allow_private=settings.provider_allow_private_urls,
     )
     detail = (result["detail"][:1].upper() + result["detail"][1:]).rstrip(".")
     if not context.is_htmx(request):
