@@ -144,7 +144,8 @@ class MailgunProvider(HttpAdapter):
         self.base_url = base.rstrip("/")
         self.domain = account.domain
         self._url = f"{self.base_url}/v3/{quote(account.domain, safe='')}/messages"
-        self.check_call = f"GET /v3/domains/{quote(account.domain, safe='')}"
+        self._check_path = f"/v3/domains/{quote(account.domain, safe='')}"
+        self.check_call = f"GET {self._check_path}"
         self._key = key
         token = base64.b64encode(f"api:{key}".encode()).decode()
         self._headers = {"Authorization": f"Basic {token}"}
@@ -154,8 +155,7 @@ class MailgunProvider(HttpAdapter):
         return f"MailgunProvider({self.base_url!r}, domain={self.domain!r})"
 
     def _check_request(self) -> tuple[str, Mapping[str, str]]:
-        url = f"{self.base_url}/v3/domains/{quote(self.domain, safe='')}"
-        return url, {**self._headers, "Accept": "application/json"}
+        return self.base_url + self._check_path, {**self._headers, "Accept": "application/json"}
 
     def _checked(self, answer: Answer) -> CheckResult:
         domain = self.domain
