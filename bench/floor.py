@@ -517,7 +517,9 @@ async def measure_nats(services: Services, meter: Meter, shape: Shape, sent: lis
 
 
 async def _count(services: Services, status: str) -> int:
-    return await services.pool.fetchval("SELECT count(*) FROM recipients WHERE status = $1", status)
+    return await services.pool.fetchval(
+        "SELECT count(*) FROM recipient_statuses WHERE status = $1", status
+    )
 
 
 async def measure_postgres(
@@ -567,7 +569,10 @@ async def measure_postgres(
         if state != "completed" or counts != {"delivered": n}:
             raise RuntimeError(f"after every result the batch is {state!r}, counts {counts}")
     finally:
-        await pool.execute("TRUNCATE recipients, batches, suppressions, api_keys, tenants CASCADE")
+        await pool.execute(
+            "TRUNCATE recipients, recipient_finals, recipient_sends, batches, suppressions,"
+            " api_keys, tenants CASCADE"
+        )
 
 
 # --- 3. ClickHouse -----------------------------------------------------------------------

@@ -558,7 +558,7 @@ class Watcher:
         batch = uuid.UUID(self.batch_id)
         async with self._lock:
             recipients = await self._conn.fetchval(
-                "SELECT count(*) FROM recipients WHERE batch_id = $1 AND status = 'delivered'",
+                "SELECT count(*) FROM recipient_statuses WHERE batch_id = $1 AND status = 'delivered'",
                 batch,
             )
         pg, ch = await self.counts()

@@ -195,7 +195,7 @@ async def list_recipients(
     after = _seq_cursor(cursor)
     rows = await pool.fetch(
         """SELECT seq, email, name, status, provider_message_id, error, attempts, updated_at
-             FROM recipients
+             FROM recipient_statuses
             WHERE batch_id = $1 AND seq > $2 AND ($3::text IS NULL OR status = $3)
             ORDER BY seq LIMIT $4""",
         bid,

@@ -169,7 +169,7 @@ async def queue_unfinished(services: Services, batch_id: uuid.UUID, tag: str) ->
         "SELECT provider, tenant_id, chunk_size, generation FROM batches WHERE id = $1", batch_id
     )
     firsts = await services.pool.fetch(
-        """SELECT DISTINCT (seq - 1) / $2 * $2 + 1 AS first FROM recipients
+        """SELECT DISTINCT (seq - 1) / $2 * $2 + 1 AS first FROM recipient_statuses
             WHERE batch_id = $1 AND status = 'queued'""",
         batch_id,
         batch["chunk_size"],

@@ -165,7 +165,7 @@ async def settle_cancelled(services: Services, cells: Cells) -> int:
         size, after = batch["chunk_size"], 1
         while after:
             rows = await services.pool.fetch(
-                """SELECT seq, email FROM recipients
+                """SELECT seq, email FROM recipient_statuses
                     WHERE batch_id = $1 AND status = 'queued' AND seq >= $2
                     ORDER BY seq LIMIT $3""",
                 batch["id"],

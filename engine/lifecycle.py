@@ -28,6 +28,13 @@ exactly when that count reaches ``total_recipients`` (a paused batch stays pause
 cancelled one cancelled). ``batch_counts`` holds the recipients per status, moved in the
 same statement as the recipients themselves, so it is always exact.
 
+Where a status is kept: a final transition sets the recipient's bit in
+``recipient_finals`` (a bit already set: it was final already — the exactly-once guard);
+one to ``sent`` writes only that bit and one ``recipient_sends`` row per block and flush
+(provider message ids, attempts), the recipient's own row keeping ``queued``; every other
+status is written into the recipient's row. The view ``recipient_statuses`` (migration 011)
+puts the two together: read a recipient's status there, never from ``recipients``.
+
 Every ``UPDATE batches`` and every write of ``batch_counts`` is here; the modules that
 act on batches (intake, control, results, the leader, dead-letter replay) call these.
 """
@@ -253,6 +260,8 @@ async def start(pool: asyncpg.Pool, batch_id: uuid.UUID, from_status: str) -> di
             batch_id,
         )
         await conn.execute("DELETE FROM batch_counts WHERE batch_id = $1", batch_id)
+        for table in ("recipient_finals", "recipient_sends"):  # a stray event's bits
+            await conn.execute(f"DELETE FROM {table} WHERE batch_id = $1", batch_id)
         status = await conn.fetchval(_RECOUNT, batch_id)
     return {**dict(batch), "status": status}
 
@@ -356,22 +365,41 @@ async def cancel(pool: asyncpg.Pool, tenant_id: str, batch_id: uuid.UUID) -> str
 
 _FINAL_TRANSITION = """
 WITH v AS (  -- per recipient only its first result of this flush can be the final transition
-    SELECT DISTINCT ON (batch_id, seq) batch_id, seq, status, pmid, error, attempts
+    SELECT DISTINCT ON (batch_id, seq) batch_id, seq, status, pmid, error, attempts,
+           (seq - 1) >> 10 AS block, (seq - 1) & 1023 AS bit
       FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::int2[])
            WITH ORDINALITY AS v(batch_id, seq, status, pmid, error, attempts, position)
      ORDER BY batch_id, seq, position
-), u AS (
+), f AS (  -- their final bits, block by block in key order: writers lock blocks in one order
+    INSERT INTO recipient_finals AS f (batch_id, block, bits, before)
+    SELECT batch_id, block, bit_or(B'1'::bit(1024) >> bit), B'0'::bit(1024)
+      FROM v GROUP BY batch_id, block ORDER BY batch_id, block
+    ON CONFLICT (batch_id, block) DO UPDATE SET before = f.bits, bits = f.bits | excluded.bits
+ RETURNING f.batch_id, f.block, f.bits & ~f.before AS new
+), n AS (  -- the recipients whose bit this flush set: their final transition is this one
+    SELECT v.* FROM v JOIN f USING (batch_id, block) WHERE get_bit(f.new, v.bit) = 1
+), sent AS (  -- the sent ones: one row per block, their recipients' rows stay as they are
+    INSERT INTO recipient_sends (batch_id, block, first_seq, mask, pmids, attempts)
+    SELECT batch_id, block, min(seq), bit_or(B'1'::bit(1024) >> bit),
+           array_agg(pmid ORDER BY seq), array_agg(attempts ORDER BY seq)
+      FROM n WHERE status = 'sent' GROUP BY batch_id, block
+), u AS (  -- the others (failed, cancelled, a provider event that came first): their rows
     UPDATE recipients r
-       SET status = v.status,
-           provider_message_id = coalesce(v.pmid, r.provider_message_id),
-           error = v.error,
-           attempts = greatest(r.attempts, v.attempts),
+       SET status = n.status,
+           provider_message_id = coalesce(n.pmid, r.provider_message_id),
+           error = n.error,
+           attempts = greatest(r.attempts, n.attempts),
            updated_at = now()
-      FROM v
-     WHERE r.batch_id = v.batch_id AND r.seq = v.seq AND r.status = 'queued'
+      FROM n
+     WHERE n.status <> 'sent' AND r.batch_id = n.batch_id AND r.seq = n.seq
+       AND r.status = 'queued'
  RETURNING r.batch_id, r.status
 ), c AS (
-    SELECT batch_id, status, count(*)::int AS n FROM u GROUP BY batch_id, status
+    SELECT batch_id, status, count(*)::int AS n FROM (
+        SELECT batch_id, status FROM u
+         UNION ALL
+        SELECT batch_id, status FROM n WHERE status = 'sent'
+    ) finals GROUP BY batch_id, status
 ), counted AS (
     INSERT INTO batch_counts (batch_id, status, n)
     SELECT batch_id, status, n FROM c
@@ -399,23 +427,41 @@ UPDATE batches b
 RETURNING b.id, b.status
 """
 
+# The recipients of seqs [$2, $3) of batch $1 still to send: ``queued`` in
+# ``recipient_statuses``, the range's one or two blocks of final bits read once.
+TO_SEND = """
+WITH f AS MATERIALIZED (
+    SELECT block, bits FROM recipient_finals
+     WHERE batch_id = $1 AND block BETWEEN ($2 - 1) >> 10 AND ($3 - 2) >> 10
+)
+SELECT r.seq, r.email, r.name, r.vars
+  FROM recipients r LEFT JOIN f ON f.block = (r.seq - 1) >> 10
+ WHERE r.batch_id = $1 AND r.seq >= $2 AND r.seq < $3 AND r.status = 'queued'
+   AND (f.bits IS NULL OR get_bit(f.bits, (r.seq - 1) & 1023) = 0)
+ ORDER BY r.seq
+"""
+
 # One write per event: the rank check and the SET read the row's latest version (after a
 # concurrent writer, PostgreSQL re-checks it), and ``previous_status`` keeps the status it
-# had, which RETURNING hands back for the counts.
+# had, which RETURNING hands back for the counts. Only final recipients move (their bit is
+# set: ``record_final`` ran first in the same transaction and holds their blocks' rows, so
+# the bits read here do not change under it); a final row still ``queued`` is ``sent``.
 _AFTER_SEND_TRANSITION = """
 WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[])
-                  AS v(batch_id, seq, status, pmid, error)
+    SELECT *, (seq - 1) >> 10 AS block, (seq - 1) & 1023 AS bit
+      FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[])
+           AS v(batch_id, seq, status, pmid, error)
 ), u AS (
     UPDATE recipients r
-       SET previous_status = r.status,
+       SET previous_status = CASE WHEN r.status = 'queued' THEN 'sent' ELSE r.status END,
            status = v.status,
            provider_message_id = coalesce(r.provider_message_id, v.pmid),
            error = coalesce(v.error, r.error),
            updated_at = now()
-      FROM v
-     WHERE r.batch_id = v.batch_id AND r.seq = v.seq
-       AND array_position($6::text[], r.status) < array_position($6::text[], v.status)
+      FROM v JOIN recipient_finals f USING (batch_id, block)
+     WHERE r.batch_id = v.batch_id AND r.seq = v.seq AND get_bit(f.bits, v.bit) = 1
+       AND array_position($6::text[], CASE WHEN r.status = 'queued' THEN 'sent' ELSE r.status END)
+           < array_position($6::text[], v.status)
  RETURNING r.batch_id, r.previous_status AS old_status, r.status AS new_status
 ), moves AS (
     SELECT batch_id, old_status, new_status, count(*)::int AS n FROM u GROUP BY 1, 2, 3
@@ -486,6 +532,15 @@ async def revive_stalled(pool: asyncpg.Pool, stall_seconds: float) -> list[async
     )
 
 
+# Recipients that are queued again lose their final bits (``_FINAL_TRANSITION``).
+_NOT_FINAL = """
+UPDATE recipient_finals f SET before = f.bits, bits = f.bits & ~m.mask
+  FROM (SELECT (seq - 1) >> 10 AS block, bit_or(B'1'::bit(1024) >> ((seq - 1) & 1023)) AS mask
+          FROM unnest($2::int[]) AS seq GROUP BY 1) m
+ WHERE f.batch_id = $1 AND f.block = m.block
+"""
+
+
 async def reopen_failed(
     pool: asyncpg.Pool, batch_id: uuid.UUID, seqs: list[int]
 ) -> tuple[list[int], int]:
@@ -494,6 +549,7 @@ async def reopen_failed(
     moved and the batch's chunk size."""
     async with pool.acquire() as conn, conn.transaction():
         moved = await move_recipients(conn, batch_id, "failed", "queued", seqs, clear_error=True)
+        await conn.execute(_NOT_FINAL, batch_id, moved)
         chunk_size = await conn.fetchval(
             """UPDATE batches SET final_count = final_count - $2,
                       status = CASE WHEN status = 'completed' AND $2 > 0 THEN 'processing'

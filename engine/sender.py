@@ -162,9 +162,7 @@ class Sender:
             return
         try:
             rows = await self.services.pool.fetch(
-                """SELECT seq, email, name, vars FROM recipients
-                    WHERE batch_id = $1 AND seq >= $2 AND seq < $3 AND status = 'queued'
-                    ORDER BY seq""",
+                lifecycle.TO_SEND,
                 uuid.UUID(batch_id),
                 first,
                 first + count,
@@ -200,8 +198,7 @@ class Sender:
         published: list[int] = []
         try:
             rows = await self.services.pool.fetch(
-                """SELECT seq, email FROM recipients
-                    WHERE batch_id = $1 AND seq >= $2 AND seq < $3 AND status = 'queued'""",
+                lifecycle.TO_SEND,
                 uuid.UUID(batch_id),
                 first,
                 first + count,

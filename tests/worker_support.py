@@ -79,7 +79,7 @@ async def batch_status(services: Services, batch_id: str) -> str:
 
 async def recipients(services: Services, batch_id: str) -> dict[str, dict[str, Any]]:
     rows = await services.pool.fetch(
-        "SELECT seq, email, status, error FROM recipients WHERE batch_id = $1",
+        "SELECT seq, email, status, error FROM recipient_statuses WHERE batch_id = $1",
         uuid.UUID(batch_id),
     )
     return {r["email"]: dict(r) for r in rows}

@@ -170,7 +170,8 @@ async def test_a_batch_goes_through_the_account_to_the_provider_exactly_once(
     stored = await recipients(own, batch_id)
     assert {r["status"] for r in stored.values()} == {"sent"}
     ids = await own.pool.fetch(
-        "SELECT provider_message_id FROM recipients WHERE batch_id = $1", uuid.UUID(batch_id)
+        "SELECT provider_message_id FROM recipient_statuses WHERE batch_id = $1",
+        uuid.UUID(batch_id),
     )
     assert all(r["provider_message_id"] for r in ids)  # for matching its webhooks
     # The account's own bucket paced it (shared by every worker and pod through Dragonfly).

@@ -154,3 +154,78 @@ def test_clickhouse_schema_on_current_clickhouse() -> None:
     ]
     assert parsed == EXPECTED_MINUTES
     assert {"events", "events_per_minute"} <= set(tables)
+
+
+async def test_recipients_final_before_migration_011_stay_final_once(settings: Settings) -> None:
+    """A batch sent under the schema before 011 (each recipient's status in its row): after
+    the migration a redelivered send and a late delivered event count nothing again."""
+    from engine import lifecycle
+    from engine.migrate import migrate_postgres
+
+    name = f"{settings.database_url.rsplit('/', 1)[1]}_m011"
+    url = f"{settings.database_url.rsplit('/', 1)[0]}/{name}"
+    admin = await asyncpg.connect(url.rsplit("/", 1)[0] + "/postgres")
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                "CREATE TABLE schema_migrations (version text PRIMARY KEY,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for path in sorted((MIGRATIONS / "postgres").glob("*.sql")):  # the old schema
+                if path.stem < "011":
+                    await conn.execute(path.read_text())
+                    await conn.execute("INSERT INTO schema_migrations VALUES ($1)", path.stem)
+            batch = uuid.uuid4()
+            await conn.execute("INSERT INTO tenants (id, name) VALUES ('old', 'old')")
+            await conn.execute(
+                """INSERT INTO batches (id, tenant_id, name, from_email, subject, provider,
+                       status, chunk_size, total_recipients, final_count)
+                   VALUES ($1, 'old', 'old', 'a@b.example', 's', 'mock', 'processing', 1000,
+                           3, 2)""",
+                batch,
+            )
+            await conn.execute(
+                """INSERT INTO recipients (batch_id, seq, email, status, provider_message_id)
+                   VALUES ($1, 1, 'a@x.example', 'sent', 'pm-1'),
+                          ($1, 2, 'b@x.example', 'failed', NULL),
+                          ($1, 1500, 'c@x.example', 'queued', NULL)""",
+                batch,
+            )
+            await conn.execute(
+                """INSERT INTO batch_counts VALUES ($1, 'sent', 1), ($1, 'failed', 1),
+                   ($1, 'queued', 1)""",
+                batch,
+            )
+        finally:
+            await conn.close()
+        files = sorted((MIGRATIONS / "postgres").glob("*.sql"))
+        assert await migrate_postgres(url) == [p.stem for p in files if p.stem >= "011"]
+        conn = await asyncpg.connect(url)
+        try:
+            b = str(batch)
+            async with conn.transaction():
+                await lifecycle.record_final(
+                    conn, [b] * 3, [1, 2, 1500], ["sent", "sent", "sent"], ["pm-1", None, "pm-3"],
+                    [None] * 3, [1] * 3,
+                )  # fmt: skip
+                await lifecycle.record_after_send(conn, [b], [1], ["delivered"], ["pm-1"], [None])
+            final = await conn.fetchval("SELECT final_count FROM batches WHERE id = $1", batch)
+            counts = dict(
+                await conn.fetch("SELECT status, n FROM batch_counts WHERE batch_id = $1", batch)
+            )
+            statuses = dict(
+                await conn.fetch(
+                    "SELECT seq, status FROM recipient_statuses WHERE batch_id = $1", batch
+                )
+            )
+        finally:
+            await conn.close()
+        assert final == 3  # only seq 1500 became final now
+        assert statuses == {1: "delivered", 2: "failed", 1500: "sent"}
+        assert counts == {"sent": 1, "failed": 1, "queued": 0, "delivered": 1}
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.close()

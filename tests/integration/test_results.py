@@ -43,7 +43,7 @@ async def batch_state(services: Services, batch_id: str) -> dict[str, Any]:
 
 async def recipient(services: Services, batch_id: str, seq: int) -> dict[str, Any]:
     row = await services.pool.fetchrow(
-        "SELECT status, provider_message_id, error, attempts FROM recipients"
+        "SELECT status, provider_message_id, error, attempts FROM recipient_statuses"
         " WHERE batch_id = $1 AND seq = $2",
         uuid.UUID(batch_id),
         seq,
@@ -54,7 +54,7 @@ async def recipient(services: Services, batch_id: str, seq: int) -> dict[str, An
 async def counted(services: Services, batch_id: str) -> dict[str, int]:
     """The batch's recipients per status, counted afresh."""
     rows = await services.pool.fetch(
-        "SELECT status, count(*)::int AS n FROM recipients WHERE batch_id = $1 GROUP BY status",
+        "SELECT status, count(*)::int AS n FROM recipient_statuses WHERE batch_id = $1 GROUP BY status",
         uuid.UUID(batch_id),
     )
     return {r["status"]: r["n"] for r in rows}
@@ -302,3 +302,87 @@ async def test_counts_stay_exact_when_two_writers_move_the_same_recipients(
     counts = (await get_batch(services.pool, tenant_id, batch_id))["counts"]
     assert truth == {"bounced": 20, "delivered": 20}
     assert {k: v for k, v in counts.items() if v} == truth
+
+
+async def _hold_then_apply(
+    services: Services, held: list[ResultRow], waiting_rows: list[ResultRow]
+) -> None:
+    """``held`` applied in an open transaction, ``waiting_rows`` by a second writer at
+    once (it waits for the first), then the first commits."""
+    import asyncio
+
+    first, second = await services.pool.acquire(), await services.pool.acquire()
+    try:
+        holding = first.transaction()
+        await holding.start()
+        await apply_results(first, Columns.from_rows(held))
+        waiting = asyncio.create_task(apply_results(second, Columns.from_rows(waiting_rows)))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # the recipients' block is held by the first writer
+        await holding.commit()
+        await waiting
+    finally:
+        await services.pool.release(first)
+        await services.pool.release(second)
+
+
+async def test_a_send_and_an_event_that_came_first_at_once_are_final_once(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    """One writer applies the sends of 40 recipients while another applies a delivered for
+    each (the provider's webhook came first): each recipient is final exactly once, in
+    either order, and ends ``delivered``."""
+    from engine.batches import get_batch
+
+    tenant_id, _ = tenant
+    for sends_first in (True, False):
+        batch_id = await new_batch(services, tenant_id, 40)
+        sends = [sent(batch_id, seq) for seq in range(1, 41)]
+        events = [ResultRow(batch_id, seq, "delivered", f"pm-{seq}") for seq in range(1, 41)]
+        held, waiting = (sends, events) if sends_first else (events, sends)
+        await _hold_then_apply(services, held, waiting)
+        state = await batch_state(services, batch_id)
+        assert (state["final_count"], state["status"]) == (40, "completed")
+        truth = await counted(services, batch_id)
+        counts = (await get_batch(services.pool, tenant_id, batch_id))["counts"]
+        assert truth == {"delivered": 40}
+        assert {k: v for k, v in counts.items() if v} == truth
+        assert (await recipient(services, batch_id, 7))["provider_message_id"] == "pm-7"
+
+
+async def test_sent_recipients_are_listed_and_filtered_with_their_sends(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    """A sent recipient's row keeps ``queued``; the listing shows it ``sent`` with its
+    provider message id and attempts, and filters and pages by that status."""
+    from engine.batches import list_recipients
+
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 2500)  # three blocks of final bits
+    await apply(services, [sent(batch_id, s, attempts=2) for s in range(1, 2501, 2)])
+    await apply(services, [ResultRow(batch_id, 1025, "failed", None, "550 no such user", 1)])
+    await apply(services, [ResultRow(batch_id, 3, "delivered")])
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = await list_recipients(
+            services.pool, tenant_id, batch_id, status="sent", limit=500, cursor=cursor
+        )
+        seen.extend(page["data"])
+        if not (cursor := page["next_cursor"]):
+            break
+    assert [r["seq"] for r in seen] == [s for s in range(1, 2501, 2) if s != 3]
+    assert {(r["provider_message_id"], r["attempts"]) for r in seen if r["seq"] == 2499} == {
+        ("pm-2499", 2)
+    }
+    assert all(r["updated_at"] for r in seen)
+    queued = await list_recipients(services.pool, tenant_id, batch_id, status="queued", limit=5)
+    assert [r["seq"] for r in queued["data"]] == [2, 4, 6, 8, 10]
+    other = (await list_recipients(services.pool, tenant_id, batch_id, limit=3))["data"]
+    assert [(r["seq"], r["status"], r["provider_message_id"]) for r in other] == [
+        (1, "sent", "pm-1"),
+        (2, "queued", None),
+        (3, "delivered", "pm-3"),
+    ]
+    assert (await recipient(services, batch_id, 1025))["status"] == "sent"  # final already
+    assert await counted(services, batch_id) == {"sent": 1249, "delivered": 1, "queued": 1250}

@@ -35,7 +35,7 @@ async def test_a_cell_of_many_calls_publishes_every_call_on_its_own(
     done = await own.redis.bitcount(own.key("done", batch_id))
     assert done == cell + 30
     sent = await own.pool.fetchval(
-        "SELECT count(*) FROM recipients WHERE batch_id = $1 AND status = 'sent'",
+        "SELECT count(*) FROM recipient_statuses WHERE batch_id = $1 AND status = 'sent'",
         uuid.UUID(batch_id),
     )
     assert sent == cell + 30

@@ -196,7 +196,7 @@ async def delivery_log(client: TestClient, key: str, endpoint_id: str) -> list[d
 
 async def recipient_statuses(services: Services, batch_id: str) -> dict[int, str]:
     rows = await services.pool.fetch(
-        "SELECT seq, status FROM recipients WHERE batch_id = $1", uuid.UUID(batch_id)
+        "SELECT seq, status FROM recipient_statuses WHERE batch_id = $1", uuid.UUID(batch_id)
     )
     return {r["seq"]: r["status"] for r in rows}
 
