@@ -376,8 +376,12 @@ WITH v AS (  -- per recipient only its first result of this flush can be the fin
       FROM v GROUP BY batch_id, block ORDER BY batch_id, block
     ON CONFLICT (batch_id, block) DO UPDATE SET before = f.bits, bits = f.bits | excluded.bits
  RETURNING f.batch_id, f.block, f.bits & ~f.before AS new
+), news AS (  -- the bits this flush set, in the blocks' key order (no join: see apply_results)
+    SELECT array_agg(new ORDER BY batch_id, block) AS new FROM f
 ), n AS (  -- the recipients whose bit this flush set: their final transition is this one
-    SELECT v.* FROM v JOIN f USING (batch_id, block) WHERE get_bit(f.new, v.bit) = 1
+    SELECT ranked.* FROM (
+        SELECT v.*, dense_rank() OVER (ORDER BY batch_id, block) AS k FROM v
+    ) ranked, news WHERE get_bit(news.new[ranked.k], ranked.bit) = 1
 ), sent AS (  -- the sent ones: one row per block, their recipients' rows stay as they are
     INSERT INTO recipient_sends (batch_id, block, first_seq, mask, pmids, attempts)
     SELECT batch_id, block, min(seq), bit_or(B'1'::bit(1024) >> bit),
@@ -443,14 +447,13 @@ SELECT r.seq, r.email, r.name, r.vars
 
 # One write per event: the rank check and the SET read the row's latest version (after a
 # concurrent writer, PostgreSQL re-checks it), and ``previous_status`` keeps the status it
-# had, which RETURNING hands back for the counts. Only final recipients move (their bit is
-# set: ``record_final`` ran first in the same transaction and holds their blocks' rows, so
-# the bits read here do not change under it); a final row still ``queued`` is ``sent``.
+# had, which RETURNING hands back for the counts. ``record_final`` of the same events ran
+# first in the same transaction, so every recipient here is final (its bit is set, and its
+# block's row held until COMMIT): a row still ``queued`` is ``sent``.
 _AFTER_SEND_TRANSITION = """
 WITH v AS (
-    SELECT *, (seq - 1) >> 10 AS block, (seq - 1) & 1023 AS bit
-      FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[])
-           AS v(batch_id, seq, status, pmid, error)
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[])
+                  AS v(batch_id, seq, status, pmid, error)
 ), u AS (
     UPDATE recipients r
        SET previous_status = CASE WHEN r.status = 'queued' THEN 'sent' ELSE r.status END,
@@ -458,8 +461,8 @@ WITH v AS (
            provider_message_id = coalesce(r.provider_message_id, v.pmid),
            error = coalesce(v.error, r.error),
            updated_at = now()
-      FROM v JOIN recipient_finals f USING (batch_id, block)
-     WHERE r.batch_id = v.batch_id AND r.seq = v.seq AND get_bit(f.bits, v.bit) = 1
+      FROM v
+     WHERE r.batch_id = v.batch_id AND r.seq = v.seq
        AND array_position($6::text[], CASE WHEN r.status = 'queued' THEN 'sent' ELSE r.status END)
            < array_position($6::text[], v.status)
  RETURNING r.batch_id, r.previous_status AS old_status, r.status AS new_status
@@ -503,7 +506,7 @@ async def record_after_send(
 ) -> None:
     """The statuses of provider events (one per recipient) move recipients forward by rank
     (``AFTER_SEND``), never back; an event's error (why the provider dropped it) replaces
-    the recipient's."""
+    the recipient's. ``record_final`` of these events comes first, in the same transaction."""
     await conn.execute(
         _AFTER_SEND_TRANSITION,
         batch_ids,

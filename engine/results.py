@@ -260,7 +260,11 @@ async def apply_results(conn: asyncpg.Connection, columns: Columns) -> list[tupl
         # Every statement here looks up given (batch_id, seq) keys: one primary-key probe per
         # result is always right. Left to itself the planner may hash-join a large flush
         # against the whole table (a full scan of a 1,000,000-recipient batch per flush).
-        await conn.execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+        # A flush's sorts (its results by recipient, by block) in memory, not on disk.
+        await conn.execute(
+            "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;"
+            " SET LOCAL work_mem = '64MB'"
+        )
         touched = await lifecycle.record_final(conn, *_arrays(final))
         if events:
             await _after_send(conn, columns, events)
