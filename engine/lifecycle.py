@@ -383,10 +383,10 @@ WITH v AS (  -- per recipient only its first result of this flush can be the fin
         SELECT v.*, dense_rank() OVER (ORDER BY batch_id, block) AS k FROM v
     ) ranked, news WHERE get_bit(news.new[ranked.k], ranked.bit) = 1
 ), sent AS (  -- the sent ones: one row per block, their recipients' rows stay as they are
-    INSERT INTO recipient_sends (batch_id, block, first_seq, mask, pmids, attempts)
-    SELECT batch_id, block, min(seq), bit_or(B'1'::bit(1024) >> bit),
-           array_agg(pmid ORDER BY seq), array_agg(attempts ORDER BY seq)
-      FROM n WHERE status = 'sent' GROUP BY batch_id, block
+    INSERT INTO recipient_sends (batch_id, block, first_seq, seqs, pmids, attempts)
+    SELECT batch_id, block, min(seq), array_agg(seq), array_agg(pmid), array_agg(attempts)
+      FROM (SELECT * FROM n WHERE status = 'sent' ORDER BY batch_id, block, seq) AS in_order
+     GROUP BY batch_id, block
 ), u AS (  -- the others (failed, cancelled, a provider event that came first): their rows
     UPDATE recipients r
        SET status = n.status,
