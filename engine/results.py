@@ -144,6 +144,17 @@ def encode(tenant_id: str | None, provider: str, columns: Columns) -> bytes:
     return orjson.dumps(body)
 
 
+def tenant_of(data: bytes) -> str | None:
+    """The tenant a results message names, read from its first bytes without decoding it
+    (``encode`` writes it first, and a tenant id has no characters JSON escapes); None when
+    it names none (provider events) or does not begin as ``encode`` begins it."""
+    if data.startswith(b'{"t":"'):
+        end = data.find(b'"', 6)
+        if end > 6:
+            return data[6:end].decode()
+    return None
+
+
 def decode(data: bytes) -> ResultMessage:
     """Parse a results message; ``ValueError`` when it is not one."""
     try:

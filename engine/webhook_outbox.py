@@ -51,7 +51,7 @@ from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.deadletters import retry_or_give_up
-from engine.results import ResultMessage, decode
+from engine.results import ResultMessage, decode, tenant_of
 from engine.services import Services
 from engine.topology import REDELIVERY, Redelivery
 from engine.webhook_endpoints import BATCH_COMPLETED
@@ -153,8 +153,14 @@ class Outbox:
     async def add(self, msgs: list[Msg]) -> None:
         """Buffer the events of these results messages for the endpoints that take them;
         acknowledge the messages that concern none."""
+        named = [tenant_of(msg.data) for msg in msgs]
+        asked = {tenant for tenant in named if tenant is not None}
+        endpoints = await self._endpoints(asked) if asked else {}
         decoded: list[tuple[Msg, ResultMessage]] = []
-        for msg in msgs:
+        for msg, tenant in zip(msgs, named, strict=True):
+            if tenant is not None and tenant not in endpoints:
+                await msg.ack()  # a tenant without endpoints: not even decoded
+                continue
             try:
                 decoded.append((msg, decode(msg.data)))
             except ValueError as exc:
@@ -167,7 +173,8 @@ class Outbox:
         await self._load_tenants(untold)
         tenants = {m.tenant_id for _, m in decoded if isinstance(m.tenant_id, str)}
         tenants.update(self._tenants[b] for b in untold if b in self._tenants)
-        endpoints = await self._endpoints(tenants) if tenants else {}
+        if tenants - asked:
+            endpoints.update(await self._endpoints(tenants - asked))
         for msg, message in decoded:
             picks = self._pick(message, endpoints)
             if not picks:

@@ -8,7 +8,7 @@ import uuid
 import orjson
 import pytest
 
-from engine.results import Columns, ResultRow, decode, encode
+from engine.results import Columns, ResultRow, decode, encode, tenant_of
 
 
 def test_round_trip() -> None:
@@ -54,6 +54,17 @@ def test_tenant_is_optional_in_the_message() -> None:
     assert message.tenant_id is None
     assert message.ts == 1.5
     assert message.rows == [ResultRow("b", 1, "sent")]
+
+
+def test_the_tenant_is_read_from_the_first_bytes_as_decode_reads_it() -> None:
+    rows = Columns.from_rows([ResultRow("b", 1, "sent")])
+    for tenant in ("tenant-a", "t", "a_b-0", None):
+        data = encode(tenant, "mock", rows)
+        assert tenant_of(data) == decode(data).tenant_id == tenant
+    # Not as encode begins a message: decode it to know (None here).
+    assert tenant_of(b'{"p": "mock", "t": "x"}') is None
+    assert tenant_of(b'{"t":""}') is None
+    assert tenant_of(b"") is None
 
 
 _GOOD = {"p": "mock", "ts": 1, "b": "b", "s": [1], "st": ["sent"], "pm": [None], "er": [None],
