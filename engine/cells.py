@@ -10,7 +10,8 @@ recovery. Two things make it safe to have several messages for one cell at once:
   heartbeat) and gives it back when done; a dead holder's lease expires after
   ``LEASE_SECONDS``;
 - a **done bitmap** per batch (``done:{batch}``, one bit per seq), set once a recipient's
-  result is durable in NATS. PostgreSQL learns of results a little later (the results-pg
+  result is durable in NATS (by the holder's next call to Dragonfly, which is its next
+  token reservation, a ``mark`` before a backoff, or ``finish``). PostgreSQL learns of results a little later (the results-pg
   writer's flush); the bitmap covers that gap, so a cell picked up again right after a pause
   or a crash skips recipients whose result is on its way.
 
@@ -28,6 +29,7 @@ import logging
 import uuid
 from collections.abc import Iterable
 
+from engine.ratelimit import Bits
 from engine.services import Services
 
 log = logging.getLogger(__name__)
@@ -93,11 +95,12 @@ def _ranges(seqs: list[int]) -> list[int]:
 class Claim:
     """A held cell: its lease and which of its recipients already have a result."""
 
-    __slots__ = ("batch_id", "first", "token", "_done", "_first_byte")
+    __slots__ = ("batch_id", "first", "token", "_done", "_first_byte", "unmarked")
 
     def __init__(self, batch_id: str, first: int, token: str, done: bytes, first_byte: int):
         self.batch_id, self.first, self.token = batch_id, first, token
         self._done, self._first_byte = done, first_byte
+        self.unmarked: list[int] = []  # published results whose bits are still to set
 
     def done(self, seq: int) -> bool:
         index = seq // 8 - self._first_byte
@@ -146,21 +149,41 @@ class Cells:
             return Claim(batch_id, first, token, done or b"", first_byte)
 
     async def finish(self, claim: Claim, done_seqs: list[int]) -> None:
-        """Mark recipients whose results are now in NATS, and give the lease back."""
+        """Mark recipients whose results are now in NATS (and those ``published`` and not
+        marked yet), and give the lease back."""
         lease = self._lease_key(claim.batch_id, claim.first)
         if self.held.get(lease) == claim.token:
             del self.held[lease]
+        seqs, claim.unmarked = claim.unmarked + done_seqs, []
         await self._finish(
             keys=[self._done_key(claim.batch_id), lease],
-            args=[claim.token, DONE_TTL_SECONDS, *_ranges(done_seqs)],
+            args=[claim.token, DONE_TTL_SECONDS, *_ranges(seqs)],
         )
 
-    async def mark(self, claim: Claim, done_seqs: list[int]) -> None:
-        """Mark recipients whose results are now in NATS, keeping the lease (more of the
-        cell is still to send)."""
+    def published(self, claim: Claim, done_seqs: list[int]) -> None:
+        """Recipients whose results are now in NATS, their bits set by the holder's next
+        call to Dragonfly: its next token reservation (``take_bits``), ``mark`` before it
+        waits, or ``finish``. Only the holder sends the cell, so until it gives the lease
+        back nobody else needs the bits; a holder killed in between leaves the results of
+        its last call unmarked (as it would have a moment later without this)."""
+        claim.unmarked += done_seqs
+
+    def take_bits(self, claim: Claim) -> Bits | None:
+        """The bits ``published`` and not set yet, to set with a token reservation."""
+        if not claim.unmarked:
+            return None
+        seqs, claim.unmarked = claim.unmarked, []
+        return Bits(self._done_key(claim.batch_id), DONE_TTL_SECONDS, _ranges(seqs))
+
+    async def mark(self, claim: Claim) -> None:
+        """Set the bits ``published`` and not set yet now, keeping the lease (the holder is
+        about to wait: a retry's backoff)."""
+        if not claim.unmarked:
+            return
+        seqs, claim.unmarked = claim.unmarked, []
         await self._finish(
             keys=[self._done_key(claim.batch_id), self._lease_key(claim.batch_id, claim.first)],
-            args=["", DONE_TTL_SECONDS, *_ranges(done_seqs)],  # no token: the lease stays
+            args=["", DONE_TTL_SECONDS, *_ranges(seqs)],  # no token: the lease stays
         )
 
     async def renew(self) -> int:

@@ -6,6 +6,8 @@ how long the caller must wait before sending (tokens may go below zero, by at mo
 ``max_wait`` seconds' worth). Sends are therefore spaced exactly at the configured rate
 across all processes and pods, nobody starves, and one round trip serves a whole chunk.
 When the wait would exceed ``max_wait`` nothing is taken and the caller retries later.
+A reservation can carry bits to set in a bitmap (``Bits``: the sender's done bits of its
+previous provider call, ``engine.cells``), so that they cost no round trip of their own.
 ``max_wait`` is short (100 ms): a process that is descheduled after reserving can only be
 late by that much, so late sends cannot pile up on top of punctual ones at the provider.
 All keys are passed as KEYS (Dragonfly requires declared keys); the clock is the server's.
@@ -20,17 +22,33 @@ import redis.asyncio as aioredis
 
 from engine.config import Rate
 
+# KEYS: the buckets, then (when ARGV[3] > 0) the bitmap; ARGV: n, max_wait, how many
+# (first, last) seq-range numbers follow, the bitmap's TTL, those numbers, (rate, burst)
+# per bucket.
 _SCRIPT = """
 local n = tonumber(ARGV[1])
 local max_wait = tonumber(ARGV[2])
+local ranges = tonumber(ARGV[3])
+local buckets = #KEYS
+if ranges > 0 then
+  buckets = buckets - 1
+  for i = 5, 4 + ranges, 2 do
+    for seq = tonumber(ARGV[i]), tonumber(ARGV[i + 1]) do
+      redis.call('SETBIT', KEYS[#KEYS], seq, 1)
+    end
+  end
+  redis.call('EXPIRE', KEYS[#KEYS], ARGV[4])
+end
+local base = 2 + ranges
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local wait = 0
 local held = 0
 local level = {}
-for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[1 + 2 * i])
-  local burst = tonumber(ARGV[2 + 2 * i])
+for i = 1, buckets do
+  local key = KEYS[i]
+  local rate = tonumber(ARGV[base + 1 + 2 * i])
+  local burst = tonumber(ARGV[base + 2 + 2 * i])
   local state = redis.call('HMGET', key, 'tokens', 'ts')
   local tokens = tonumber(state[1])
   local ts = tonumber(state[2])
@@ -48,9 +66,10 @@ end
 if wait > max_wait then
   return {0, tostring(wait), held}
 end
-for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[1 + 2 * i])
-  local burst = tonumber(ARGV[2 + 2 * i])
+for i = 1, buckets do
+  local key = KEYS[i]
+  local rate = tonumber(ARGV[base + 1 + 2 * i])
+  local burst = tonumber(ARGV[base + 2 + 2 * i])
   redis.call('HSET', key, 'tokens', tostring(level[i]), 'ts', tostring(now))
   redis.call('PEXPIRE', key, math.ceil((burst / rate + max_wait) * 1000) + 60000)
 end
@@ -82,6 +101,16 @@ return tostring(tokens)
 
 
 @dataclass(frozen=True, slots=True)
+class Bits:
+    """Bits to set in a bitmap ``key`` (expiring ``ttl`` seconds later): ``ranges`` are
+    flat (first, last) pairs of bit offsets."""
+
+    key: str
+    ttl: int
+    ranges: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     granted: bool
     wait: float  # seconds to wait before sending (granted) or before asking again
@@ -99,12 +128,20 @@ class TokenBuckets:
         long): every process that reserves from it waits, not only the one told."""
         await self._hold(keys=[key], args=[rate.per_second, rate.burst, seconds])
 
-    async def reserve(self, n: int, buckets: list[tuple[str, Rate]]) -> Reservation:
-        """Take ``n`` tokens from every (key, rate) bucket, or none when the wait is too long."""
-        args: list[float | int] = [n, self.max_wait]
+    async def reserve(
+        self, n: int, buckets: list[tuple[str, Rate]], bits: Bits | None = None
+    ) -> Reservation:
+        """Take ``n`` tokens from every (key, rate) bucket, or none when the wait is too long.
+        ``bits`` are set in the same call whether tokens are taken or not (one round trip
+        for the caller's bookkeeping and its next reservation)."""
+        keys = [key for key, _ in buckets]
+        args: list[float | int] = [n, self.max_wait, 0, 0]
+        if bits is not None and bits.ranges:
+            keys.append(bits.key)
+            args = [n, self.max_wait, len(bits.ranges), bits.ttl, *bits.ranges]
         for _, rate in buckets:
             args += [rate.per_second, rate.burst]
-        granted, wait, held = await self._script(keys=[key for key, _ in buckets], args=args)
+        granted, wait, held = await self._script(keys=keys, args=args)
         return Reservation(bool(granted), float(wait), held - 1 if held else None)
 
 

@@ -4,7 +4,8 @@ record results.
 A chunk message names one cell of a batch (``engine.cells``). The worker that holds the
 cell's lease reads the recipients still ``queued`` whose result is not already on its way
 (the done bitmap), so a chunk redelivered or published again sends nothing twice. Results
-are published to NATS, then marked done, then the message is acknowledged.
+are published to NATS, then marked done (with the next token reservation, in the same
+Dragonfly call), then the message is acknowledged.
 
 Batch control: the batch's status is re-read at most a second old before every provider
 call. ``paused``: the chunk stops there (results so far are published; the rest stays
@@ -265,7 +266,7 @@ class Sender:
                 part, messages = self._messages(info, pending[start : start + step], attempt, box)
                 if not part:
                     continue
-                if not await self._take_tokens(info, len(part), route.bucket, rate, msg):
+                if not await self._take_tokens(info, len(part), route.bucket, rate, box, msg):
                     self._stopped(info, box.out, part + pending[start + step :] + retry)
                     return
                 if route.daily_quota is not None:
@@ -314,6 +315,8 @@ class Sender:
                 return
             if retry:
                 _count_retries(info.provider, len(retry), throttled)
+            if retry:
+                await self.cells.mark(box.claim)  # the bits of what is published, before waiting
             if retry and not await self._backoff(info, attempt, retry_after, msg):
                 self._stopped(info, box.out, retry)
                 return
@@ -407,11 +410,12 @@ class Sender:
         return info.tenant_rate or self.settings.tenant_rate
 
     async def _take_tokens(
-        self, info: BatchInfo, n: int, bucket: str, rate: Rate, msg: Msg
+        self, info: BatchInfo, n: int, bucket: str, rate: Rate, box: Outbox, msg: Msg
     ) -> bool:
         """Reserve ``n`` tokens in all three buckets (``bucket``: the provider account's),
         keeping the chunk alive while waiting; False (nothing taken) once the batch is no
-        longer sending."""
+        longer sending. The first reservation also sets the done bits of the results the
+        chunk published since its last one (``Cells.published``)."""
         key = self.services.key
         buckets = [  # in the order of BUCKETS
             (key("rl", "system"), self.settings.system_rate),
@@ -421,7 +425,7 @@ class Sender:
         waited = 0.0
         held_by = None
         while await self._still_sending(info):
-            reservation = await self.buckets.reserve(n, buckets)
+            reservation = await self.buckets.reserve(n, buckets, self.cells.take_bits(box.claim))
             if reservation.held_by is not None:
                 held_by = reservation.held_by
             if reservation.granted:
@@ -488,7 +492,8 @@ def build_message(info: BatchInfo, row: Mapping[str, Any], links: UnsubscribeLin
 
 class Outbox:
     """A chunk's results on their way out, flushed after every provider call: dead letters
-    first, then the results published to NATS, then their done bits set. A worker killed
+    first, then the results published to NATS, then their done bits set (by the next
+    Dragonfly call: ``Cells.published``). A worker killed
     mid-chunk can so send again at most the recipients of the call it was making; a cell
     may hold many calls (``engine.chunks.cell_size``)."""
 
@@ -511,7 +516,7 @@ class Outbox:
                 sender.services, info.id, info.tenant_id, info.provider, reason, entries
             )
         await results.publish(sender.services, info.tenant_id, info.provider, out)
-        await sender.cells.mark(self.claim, out.seq)
+        sender.cells.published(self.claim, out.seq)
         if count:
             sender._count(info, out)
         self.out, self.dead = Columns(), {}

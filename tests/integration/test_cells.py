@@ -55,6 +55,42 @@ async def test_recipients_with_published_results_are_done_for_the_next_holder(ce
     await cells.finish(claim, [])
 
 
+async def test_published_results_are_marked_by_the_next_reservation_a_mark_or_finish(
+    services: Services, cells: Cells
+):
+    """The bits of published results are set by the holder's next Dragonfly call: a token
+    reservation (granted or not), ``mark``, or ``finish``; each sets them once."""
+    from engine.config import Rate
+    from engine.ratelimit import TokenBuckets
+
+    batch = str(uuid.uuid4())
+    buckets = TokenBuckets(services.redis)
+    bucket = [(services.key("rl", "cells-test", batch), Rate(1.0, 1))]
+
+    async def done_for_the_next_holder() -> list[int]:
+        bits = await services.redis.get(services.key("done", batch)) or b""
+        return [s for s in range(1, 101) if s // 8 < len(bits) and bits[s // 8] >> (7 - s % 8) & 1]
+
+    claim = await cells.claim(batch, 1, 100)
+    cells.published(claim, [1, 2, 3])
+    assert await done_for_the_next_holder() == []  # not yet: no call to Dragonfly since
+    assert (await buckets.reserve(1, bucket, cells.take_bits(claim))).granted
+    assert await done_for_the_next_holder() == [1, 2, 3]
+    assert cells.take_bits(claim) is None  # set once
+    cells.published(claim, [10, 11])
+    refused = await buckets.reserve(5, bucket, cells.take_bits(claim))  # a wait too long
+    assert not refused.granted
+    assert await done_for_the_next_holder() == [1, 2, 3, 10, 11]
+    cells.published(claim, [20])
+    await cells.mark(claim)
+    cells.published(claim, [30])
+    await cells.finish(claim, [31])
+    assert await done_for_the_next_holder() == [1, 2, 3, 10, 11, 20, 30, 31]
+    again = await cells.claim(batch, 1, 100)  # the lease was given back
+    assert again is not None and again.done(30) and not again.done(32)
+    await cells.finish(again, [])
+
+
 async def test_runs_of_seqs_in_any_order_are_all_marked_done(cells: Cells):
     """finish() sends seqs as runs (first, last): unordered, gapped and whole-cell lists all
     land bit for bit."""
