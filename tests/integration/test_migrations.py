@@ -156,28 +156,95 @@ def test_clickhouse_schema_on_current_clickhouse() -> None:
     assert {"events", "events_per_minute"} <= set(tables)
 
 
+async def _database_at(settings: Settings, suffix: str, before: str) -> str:
+    """A fresh database with the PostgreSQL migrations before ``before`` applied; its URL."""
+    name = f"{settings.database_url.rsplit('/', 1)[1]}_{suffix}"
+    url = f"{settings.database_url.rsplit('/', 1)[0]}/{name}"
+    admin = await asyncpg.connect(url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version text PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for path in sorted((MIGRATIONS / "postgres").glob("*.sql")):  # the old schema
+            if path.stem < before:
+                await conn.execute(path.read_text())
+                await conn.execute("INSERT INTO schema_migrations VALUES ($1)", path.stem)
+    finally:
+        await conn.close()
+    return url
+
+
+async def _drop(url: str) -> None:
+    admin = await asyncpg.connect(url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}"')
+    finally:
+        await admin.close()
+
+
+async def test_sends_of_the_011_shape_are_read_after_012(settings: Settings) -> None:
+    """recipient_sends rows written under 011 (recipients named by bits) keep their provider
+    message ids and attempts after 012 (recipients named by seqs)."""
+    from engine.migrate import migrate_postgres
+
+    url = await _database_at(settings, "m012", "012")
+    try:
+        conn = await asyncpg.connect(url)
+        try:
+            batch = uuid.uuid4()
+            await conn.execute(
+                """INSERT INTO recipients (batch_id, seq, email, status)
+                   SELECT $1, seq, 'r' || seq || '@x.example', 'queued'
+                     FROM generate_series(1025, 1030) AS seq""",
+                batch,
+            )
+            bits = asyncpg.BitString("".join("1" if i in (0, 3) else "0" for i in range(1024)))
+            await conn.execute(
+                "INSERT INTO recipient_finals VALUES ($1, 1, $2, $2)", batch, bits
+            )  # seqs 1025 and 1028 final, and sent:
+            await conn.execute(
+                """INSERT INTO recipient_sends (batch_id, block, first_seq, mask, pmids, attempts)
+                   VALUES ($1, 1, 1025, $2, '{pm-a,pm-b}', '{1,3}')""",
+                batch,
+                bits,
+            )
+        finally:
+            await conn.close()
+        assert await migrate_postgres(url) == ["012_recipient_sends_seqs"]
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch(
+                """SELECT seq, status, provider_message_id, attempts FROM recipient_statuses
+                    WHERE batch_id = $1 ORDER BY seq""",
+                batch,
+            )
+        finally:
+            await conn.close()
+        assert [tuple(r) for r in rows] == [
+            (1025, "sent", "pm-a", 1), (1026, "queued", None, 0), (1027, "queued", None, 0),
+            (1028, "sent", "pm-b", 3), (1029, "queued", None, 0), (1030, "queued", None, 0),
+        ]  # fmt: skip
+    finally:
+        await _drop(url)
+
+
 async def test_recipients_final_before_migration_011_stay_final_once(settings: Settings) -> None:
     """A batch sent under the schema before 011 (each recipient's status in its row): after
     the migration a redelivered send and a late delivered event count nothing again."""
     from engine import lifecycle
     from engine.migrate import migrate_postgres
 
-    name = f"{settings.database_url.rsplit('/', 1)[1]}_m011"
-    url = f"{settings.database_url.rsplit('/', 1)[0]}/{name}"
-    admin = await asyncpg.connect(url.rsplit("/", 1)[0] + "/postgres")
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = await _database_at(settings, "m011", "011")
     try:
         conn = await asyncpg.connect(url)
         try:
-            await conn.execute(
-                "CREATE TABLE schema_migrations (version text PRIMARY KEY,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for path in sorted((MIGRATIONS / "postgres").glob("*.sql")):  # the old schema
-                if path.stem < "011":
-                    await conn.execute(path.read_text())
-                    await conn.execute("INSERT INTO schema_migrations VALUES ($1)", path.stem)
             batch = uuid.uuid4()
             await conn.execute("INSERT INTO tenants (id, name) VALUES ('old', 'old')")
             await conn.execute(
@@ -227,5 +294,4 @@ async def test_recipients_final_before_migration_011_stay_final_once(settings: S
         assert statuses == {1: "delivered", 2: "failed", 1500: "sent"}
         assert counts == {"sent": 1, "failed": 1, "queued": 0, "delivered": 1}
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await admin.close()
+        await _drop(url)

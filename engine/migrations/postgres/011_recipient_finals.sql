@@ -17,14 +17,14 @@ CREATE TABLE IF NOT EXISTS recipient_finals (
     PRIMARY KEY (batch_id, block)
 );
 
--- `recipient_sends`: the recipients of one block that one status write made `sent` (`seqs`,
--- ascending) and their provider message ids and attempts (the same places). A recipient is
--- in at most one row.
+-- `recipient_sends`: the recipients of one block that one status write made `sent`: `mask`
+-- (the block's bits, as above) and their provider message ids and attempts, in seq order
+-- (the n-th set bit is the n-th element). A recipient is in at most one row.
 CREATE TABLE IF NOT EXISTS recipient_sends (
     batch_id   uuid NOT NULL,
     block      integer NOT NULL,
     first_seq  integer NOT NULL,
-    seqs       integer[] NOT NULL,
+    mask       bit varying(1024) NOT NULL,
     pmids      text[] NOT NULL,
     attempts   smallint[] NOT NULL,
     sent_at    timestamptz NOT NULL DEFAULT now(),
@@ -52,19 +52,19 @@ SELECT r.batch_id, r.seq, r.email, r.name, r.vars,
             WHERE f.batch_id = r.batch_id AND f.block = (r.seq - 1) >> 10) = 1
             THEN 'sent' ELSE r.status END AS status,
        coalesce((
-           SELECT s.pmids[array_position(s.seqs, r.seq)]
+           SELECT s.pmids[bit_count(substring(s.mask FROM 1 FOR (r.seq - 1) & 1023)) + 1]
              FROM recipient_sends s
             WHERE s.batch_id = r.batch_id AND s.block = (r.seq - 1) >> 10
-              AND r.seq = ANY(s.seqs)), r.provider_message_id)
+              AND get_bit(s.mask, (r.seq - 1) & 1023) = 1), r.provider_message_id)
            AS provider_message_id,
        r.error,
        greatest(r.attempts, (
-           SELECT s.attempts[array_position(s.seqs, r.seq)]
+           SELECT s.attempts[bit_count(substring(s.mask FROM 1 FOR (r.seq - 1) & 1023)) + 1]
              FROM recipient_sends s
             WHERE s.batch_id = r.batch_id AND s.block = (r.seq - 1) >> 10
-              AND r.seq = ANY(s.seqs))) AS attempts,
+              AND get_bit(s.mask, (r.seq - 1) & 1023) = 1)) AS attempts,
        coalesce(r.updated_at, (
            SELECT s.sent_at FROM recipient_sends s
             WHERE s.batch_id = r.batch_id AND s.block = (r.seq - 1) >> 10
-              AND r.seq = ANY(s.seqs))) AS updated_at
+              AND get_bit(s.mask, (r.seq - 1) & 1023) = 1)) AS updated_at
   FROM recipients r;
