@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from engine import lifecycle
 from engine.errors import NotFound, ValidationError
 from engine.lifecycle import BATCH_STATUSES, RECIPIENT_STATUSES
 
@@ -186,22 +187,29 @@ async def list_recipients(
             f"status: one of {', '.join(RECIPIENT_STATUSES)}", {"field": "status"}
         )
     bid = batch_uuid(batch_id)
-    if not await pool.fetchval(
-        "SELECT 1 FROM batches WHERE id = $1 AND tenant_id = $2 AND status <> 'creating'",
+    batch = await pool.fetchrow(
+        """SELECT (SELECT n FROM batch_counts WHERE batch_id = b.id AND status = $3) AS n
+             FROM batches b WHERE id = $1 AND tenant_id = $2 AND status <> 'creating'""",
         bid,
         tenant_id,
-    ):
+        status,
+    )
+    if batch is None:
         raise NotFound(f"batch {batch_id!r} not found")
     after = _seq_cursor(cursor)
+    if status is not None and not batch["n"]:  # the counts are exact: nobody has it now
+        return {"data": [], "next_cursor": None}
     rows = await pool.fetch(
         """SELECT seq, email, name, status, provider_message_id, error, attempts, updated_at
              FROM recipient_statuses
-            WHERE batch_id = $1 AND seq > $2 AND ($3::text IS NULL OR status = $3)
+            WHERE batch_id = $1 AND seq > $2
+              AND ($3::text IS NULL OR (stored_status = ANY($5::text[]) AND status = $3))
             ORDER BY seq LIMIT $4""",
         bid,
         after,
         status,
         size + 1,
+        lifecycle.stored_as(status) if status else None,
     )
     page = rows[:size]
     data = [

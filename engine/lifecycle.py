@@ -96,6 +96,13 @@ PROVIDER_EVENTS: dict[str, str | None] = {
 EVENT_ONLY = frozenset(name for name, status in PROVIDER_EVENTS.items() if status is None)
 
 
+def stored_as(status: str) -> list[str]:
+    """The statuses a recipient's own row can hold while ``recipient_statuses`` shows
+    ``status``: a ``sent`` row keeps ``queued`` (``sent`` before migration 011); every
+    other status is its row's. A filter on them reads the final bits of no other row."""
+    return ["queued", "sent"] if status == "sent" else [status]
+
+
 # --- recipient counts --------------------------------------------------------------
 
 

@@ -217,7 +217,8 @@ async def test_sends_of_the_011_shape_are_read_after_012(settings: Settings) -> 
             )
         finally:
             await conn.close()
-        assert await migrate_postgres(url) == ["012_recipient_sends_seqs"]
+        files = sorted((MIGRATIONS / "postgres").glob("*.sql"))
+        assert await migrate_postgres(url) == [p.stem for p in files if p.stem >= "012"]
         conn = await asyncpg.connect(url)
         try:
             rows = await conn.fetch(

@@ -385,4 +385,10 @@ async def test_sent_recipients_are_listed_and_filtered_with_their_sends(
         (3, "delivered", "pm-3"),
     ]
     assert (await recipient(services, batch_id, 1025))["status"] == "sent"  # final already
+    for status, seqs in (("delivered", [3]), ("failed", []), ("bounced", [])):
+        page = await list_recipients(services.pool, tenant_id, batch_id, status=status)
+        assert [r["seq"] for r in page["data"]] == seqs
+        assert [(r["status"], r["provider_message_id"]) for r in page["data"]] == [
+            ("delivered", "pm-3")
+        ] * len(seqs)
     assert await counted(services, batch_id) == {"sent": 1249, "delivered": 1, "queued": 1250}
