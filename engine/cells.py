@@ -10,10 +10,11 @@ recovery. Two things make it safe to have several messages for one cell at once:
   heartbeat) and gives it back when done; a dead holder's lease expires after
   ``LEASE_SECONDS``;
 - a **done bitmap** per batch (``done:{batch}``, one bit per seq), set once a recipient's
-  result is durable in NATS (by the holder's next call to Dragonfly, which is its next
-  token reservation, a ``mark`` before a backoff, or ``finish``). PostgreSQL learns of results a little later (the results-pg
-  writer's flush); the bitmap covers that gap, so a cell picked up again right after a pause
-  or a crash skips recipients whose result is on its way.
+  result is durable in NATS (by the holder's next call to Dragonfly: its next token
+  reservation, a ``mark`` before a backoff, or ``finish``). PostgreSQL learns of results a
+  little later (the results-pg writer's flush); the bitmap covers that gap, so a cell
+  picked up again right after a pause or a crash skips recipients whose result is on its
+  way.
 
 The remaining window for a duplicate: recipients whose provider call had started but whose
 results were not yet published when their worker died (at most ``WORKER_CONCURRENCY``

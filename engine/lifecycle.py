@@ -32,8 +32,8 @@ Where a status is kept: a final transition sets the recipient's bit in
 ``recipient_finals`` (a bit already set: it was final already — the exactly-once guard);
 one to ``sent`` writes only that bit and one ``recipient_sends`` row per block and flush
 (provider message ids, attempts), the recipient's own row keeping ``queued``; every other
-status is written into the recipient's row. The view ``recipient_statuses`` (migration 011)
-puts the two together: read a recipient's status there, never from ``recipients``.
+status is written into the recipient's row. The view ``recipient_statuses`` (migrations
+011-013) puts the two together: read a recipient's status there, never from ``recipients``.
 
 Every ``UPDATE batches`` and every write of ``batch_counts`` is here; the modules that
 act on batches (intake, control, results, the leader, dead-letter replay) call these.
@@ -267,8 +267,9 @@ async def start(pool: asyncpg.Pool, batch_id: uuid.UUID, from_status: str) -> di
             batch_id,
         )
         await conn.execute("DELETE FROM batch_counts WHERE batch_id = $1", batch_id)
-        for table in ("recipient_finals", "recipient_sends"):  # a stray event's bits
-            await conn.execute(f"DELETE FROM {table} WHERE batch_id = $1", batch_id)
+        # Nothing was sent yet: final bits here are a stray event's.
+        await conn.execute("DELETE FROM recipient_finals WHERE batch_id = $1", batch_id)
+        await conn.execute("DELETE FROM recipient_sends WHERE batch_id = $1", batch_id)
         status = await conn.fetchval(_RECOUNT, batch_id)
     return {**dict(batch), "status": status}
 

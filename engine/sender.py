@@ -315,7 +315,6 @@ class Sender:
                 return
             if retry:
                 _count_retries(info.provider, len(retry), throttled)
-            if retry:
                 await self.cells.mark(box.claim)  # the bits of what is published, before waiting
             if retry and not await self._backoff(info, attempt, retry_after, msg):
                 self._stopped(info, box.out, retry)
