@@ -6,8 +6,10 @@
 The data is written straight into a throw-away deployment's databases, for speed: the
 batches with one multi-row INSERT, the recipients with one COPY (statuses spread as a
 finished batch's would be: mostly delivered, some bounced and failed, the last few
-complained), their counts, and the events with one ClickHouse ``INSERT ... SELECT`` from
-``numbers()``. Then the dashboard (``web.app``, in this process, on the deployment's own
+complained), stored as the engine stores them (a ``sent`` recipient's row says ``queued``;
+every recipient's final bit, and a ``recipient_sends`` row per block of every recipient
+sent: ``engine.lifecycle``), their counts, and the events with one ClickHouse
+``INSERT ... SELECT`` from ``numbers()``. Then the dashboard (``web.app``, in this process, on the deployment's own
 services) is signed in to and each page is asked ``--requests`` times in a row; the figure
 is the server's own time, from the ``Server-Timing: app;dur=`` header every answer carries
 (median, p95, max), and the answer's size. Prints a Markdown table.
@@ -41,6 +43,20 @@ TIMING = re.compile(r"app;dur=([0-9.]+)")
 TENANT = "bench"
 
 
+# Every recipient of the batch final; every one but the failed sent (its provider message id
+# and attempts in recipient_sends, one row per block).
+_FINAL_BITS = (
+    """INSERT INTO recipient_finals (batch_id, block, bits, before)
+SELECT batch_id, (seq - 1) >> 10, bit_or(B'1'::bit(1024) >> ((seq - 1) & 1023)), B'0'::bit(1024)
+  FROM recipients WHERE batch_id = $1 GROUP BY 1, 2""",
+    """INSERT INTO recipient_sends (batch_id, block, first_seq, seqs, pmids, attempts)
+SELECT batch_id, (seq - 1) >> 10, min(seq), array_agg(seq ORDER BY seq),
+       array_agg('<' || seq || '.bench@mock.example>' ORDER BY seq),
+       array_agg(1::smallint ORDER BY seq)
+  FROM recipients WHERE batch_id = $1 AND status <> 'failed' GROUP BY 1, 2""",
+)
+
+
 async def seed(settings, batches: int, recipients: int) -> str:
     """The tenant's batches and the big one's recipients; the big batch's id."""
     pool = await create_pool(settings, max_size=2)
@@ -72,15 +88,21 @@ async def seed(settings, batches: int, recipients: int) -> str:
         def status_of(seq: int) -> str:
             return "complained" if seq > recipients - 10 else statuses[seq % 100]
 
+        def stored(seq: int) -> str:  # what the recipient's own row holds
+            status = status_of(seq)
+            return "queued" if status == "sent" else status
+
         async with pool.acquire() as conn:
             await conn.copy_records_to_table(
                 "recipients",
                 columns=["batch_id", "seq", "email", "name", "status", "attempts", "updated_at"],
                 records=(
-                    (big, seq, f"reader{seq}@example.com", f"Reader {seq}", status_of(seq), 1, now)
+                    (big, seq, f"reader{seq}@example.com", f"Reader {seq}", stored(seq), 1, now)
                     for seq in range(1, recipients + 1)
                 ),
             )
+            for statement in _FINAL_BITS:
+                await conn.execute(statement, big)
             counts: dict[str, int] = {}
             for seq in range(1, recipients + 1):
                 counts[status_of(seq)] = counts.get(status_of(seq), 0) + 1
@@ -186,6 +208,11 @@ async def main() -> None:
                 (
                     "batch: recipients, status complained (last 10)",
                     f"/batches/{big}/recipients?status=complained#htmx",
+                ),
+                ("batch: recipients, status sent", f"/batches/{big}/recipients?status=sent#htmx"),
+                (
+                    "batch: recipients, status queued (none left)",
+                    f"/batches/{big}/recipients?status=queued#htmx",
                 ),
                 ("batch: chart and latency (ClickHouse)", f"/batches/{big}/analytics.json"),
                 ("new batch form", "/batches/new"),
