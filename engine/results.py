@@ -268,10 +268,12 @@ async def apply_results(conn: asyncpg.Connection, columns: Columns) -> list[tupl
     events = [i for i, name in enumerate(columns.status) if name in PROVIDER_EVENTS]
     final = _as_statuses(columns) if events else columns
     async with conn.transaction():
-        # Every statement here looks up given (batch_id, seq) keys: one primary-key probe per
-        # result is always right. Left to itself the planner may hash-join a large flush
-        # against the whole table (a full scan of a 1,000,000-recipient batch per flush).
-        # A flush's sorts (its results by recipient, by block) in memory, not on disk.
+        # Every recipient row written here is found by its given (batch_id, seq) key: one
+        # primary-key probe per row is always right. Left to itself the planner may hash-join
+        # a large flush against the whole table (a full scan of a 1,000,000-recipient batch
+        # per flush). With joins so limited, the final transition finds each block's new bits
+        # by its rank, not by a join (``lifecycle._FINAL_TRANSITION``). A flush's sorts (its
+        # results by recipient, by block) in memory, not on disk.
         await conn.execute(
             "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;"
             " SET LOCAL work_mem = '64MB'"
