@@ -570,8 +570,8 @@ async def measure_postgres(
             raise RuntimeError(f"after every result the batch is {state!r}, counts {counts}")
     finally:
         await pool.execute(
-            "TRUNCATE recipients, recipient_finals, recipient_sends, batches, suppressions,"
-            " api_keys, tenants CASCADE"
+            "TRUNCATE recipients, recipient_finals, recipient_sends, recipient_deliveries, batches,"
+            " suppressions, api_keys, tenants CASCADE"
         )
 
 

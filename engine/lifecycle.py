@@ -32,8 +32,11 @@ Where a status is kept: a final transition sets the recipient's bit in
 ``recipient_finals`` (a bit already set: it was final already — the exactly-once guard);
 one to ``sent`` writes only that bit and one ``recipient_sends`` row per block and flush
 (provider message ids, attempts), the recipient's own row keeping ``queued``; every other
-status is written into the recipient's row. The view ``recipient_statuses`` (migrations
-011-013) puts the two together: read a recipient's status there, never from ``recipients``.
+status is written into the recipient's row, and its ``stored`` bit set. A delivered event of
+a sent recipient in turn sets only its ``delivered`` bit (already set: delivered already) and
+one ``recipient_deliveries`` row per block and flush; the other events write the row. The
+view ``recipient_statuses`` (migrations 011-014) puts these together: read a recipient's
+status there, never from ``recipients``.
 
 Every ``UPDATE batches`` and every write of ``batch_counts`` is here; the modules that
 act on batches (intake, control, results, the leader, dead-letter replay) call these.
@@ -98,9 +101,10 @@ EVENT_ONLY = frozenset(name for name, status in PROVIDER_EVENTS.items() if statu
 
 def stored_as(status: str) -> list[str]:
     """The statuses a recipient's own row can hold while ``recipient_statuses`` shows
-    ``status``: a ``sent`` row keeps ``queued`` (``sent`` before migration 011); every
-    other status is its row's. A filter on them reads the final bits of no other row."""
-    return ["queued", "sent"] if status == "sent" else [status]
+    ``status``: a ``sent`` or ``delivered`` recipient's row may keep ``queued`` (migrations
+    011 and 014); every other status is its row's. A filter on them reads the final bits of
+    no other row."""
+    return ["queued", status] if status in ("sent", "delivered") else [status]
 
 
 # --- recipient counts --------------------------------------------------------------
@@ -270,6 +274,7 @@ async def start(pool: asyncpg.Pool, batch_id: uuid.UUID, from_status: str) -> di
         # Nothing was sent yet: final bits here are a stray event's.
         await conn.execute("DELETE FROM recipient_finals WHERE batch_id = $1", batch_id)
         await conn.execute("DELETE FROM recipient_sends WHERE batch_id = $1", batch_id)
+        await conn.execute("DELETE FROM recipient_deliveries WHERE batch_id = $1", batch_id)
         status = await conn.fetchval(_RECOUNT, batch_id)
     return {**dict(batch), "status": status}
 
@@ -378,11 +383,16 @@ WITH v AS (  -- per recipient only its first result of this flush can be the fin
       FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::int2[])
            WITH ORDINALITY AS v(batch_id, seq, status, pmid, error, attempts, position)
      ORDER BY batch_id, seq, position
-), f AS (  -- their final bits, block by block in key order: writers lock blocks in one order
-    INSERT INTO recipient_finals AS f (batch_id, block, bits, before)
-    SELECT batch_id, block, bit_or(B'1'::bit(1024) >> bit), B'0'::bit(1024)
+), f AS (  -- their final bits, block by block in key order: writers lock blocks in one order;
+    -- the bits of those not sent (their rows take their status) also in ``stored``
+    INSERT INTO recipient_finals AS f (batch_id, block, bits, before, stored)
+    SELECT batch_id, block, bit_or(B'1'::bit(1024) >> bit), B'0'::bit(1024),
+           coalesce(bit_or(B'1'::bit(1024) >> bit) FILTER (WHERE status <> 'sent'),
+                    B'0'::bit(1024))
       FROM v GROUP BY batch_id, block ORDER BY batch_id, block
-    ON CONFLICT (batch_id, block) DO UPDATE SET before = f.bits, bits = f.bits | excluded.bits
+    ON CONFLICT (batch_id, block) DO UPDATE
+       SET before = f.bits, bits = f.bits | excluded.bits,
+           stored = f.stored | (excluded.stored & ~f.bits)
  RETURNING f.batch_id, f.block, f.bits & ~f.before AS new
 ), news AS (  -- the bits this flush set, in the blocks' key order (no join: see apply_results)
     SELECT array_agg(new ORDER BY batch_id, block) AS new FROM f
@@ -453,27 +463,80 @@ SELECT r.seq, r.email, r.name, r.vars
  ORDER BY r.seq
 """
 
-# One write per event: the rank check and the SET read the row's latest version (after a
-# concurrent writer, PostgreSQL re-checks it), and ``previous_status`` keeps the status it
-# had, which RETURNING hands back for the counts. ``record_final`` of the same events ran
-# first in the same transaction, so every recipient here is final (its bit is set, and its
-# block's row held until COMMIT): a row still ``queued`` is ``sent``.
+# ``record_final`` of the same events ran first in the same transaction, so every recipient
+# here is final (its bit is set), and its block's row of final bits is held until COMMIT.
+#
+# A delivered event of a sent recipient (final, not ``stored``): its ``delivered`` bit, one
+# ``recipient_deliveries`` row per block. Returns the positions (from 1) of the events that
+# are not of a sent recipient: their rows decide (``_AFTER_SEND_TRANSITION``).
+_DELIVERED_TRANSITION = """
+WITH v AS (
+    SELECT DISTINCT ON (batch_id, seq) batch_id, seq, position,
+           (seq - 1) >> 10 AS block, (seq - 1) & 1023 AS bit
+      FROM unnest($1::uuid[], $2::int[]) WITH ORDINALITY AS v(batch_id, seq, position)
+     ORDER BY batch_id, seq, position
+), f AS (  -- ``before`` brings the events' bits to a row that is not there (it becomes one
+    -- with no final recipient) and takes the delivered bits as they were
+    INSERT INTO recipient_finals AS f (batch_id, block, bits, before)
+    SELECT batch_id, block, B'0'::bit(1024), bit_or(B'1'::bit(1024) >> bit)
+      FROM v GROUP BY batch_id, block ORDER BY batch_id, block
+    ON CONFLICT (batch_id, block) DO UPDATE
+       SET before = f.delivered, delivered = f.delivered | (excluded.before & f.bits & ~f.stored)
+ RETURNING f.batch_id, f.block, f.delivered & ~f.before AS new, f.bits & ~f.stored AS sent
+), blocks AS (  -- in the blocks' key order (no join: see engine.results.apply_results)
+    SELECT array_agg(new ORDER BY batch_id, block) AS new,
+           array_agg(sent ORDER BY batch_id, block) AS sent FROM f
+), n AS (
+    SELECT ranked.batch_id, ranked.block, ranked.seq, ranked.position,
+           get_bit(blocks.new[ranked.k], ranked.bit) = 1 AS new,
+           get_bit(blocks.sent[ranked.k], ranked.bit) = 1 AS sent
+      FROM (SELECT v.*, dense_rank() OVER (ORDER BY batch_id, block) AS k FROM v) ranked, blocks
+), deliveries AS (
+    INSERT INTO recipient_deliveries (batch_id, block, first_seq, seqs)
+    SELECT batch_id, block, min(seq), array_agg(seq ORDER BY seq)
+      FROM n WHERE new GROUP BY batch_id, block
+), counted AS (
+    INSERT INTO batch_counts (batch_id, status, n)
+    SELECT c.batch_id, m.status, m.n
+      FROM (SELECT batch_id, count(*)::int AS n FROM n WHERE new GROUP BY batch_id) c,
+           LATERAL (VALUES ('sent', -c.n), ('delivered', c.n)) AS m(status, n)
+    ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
+)
+SELECT position FROM n WHERE NOT sent ORDER BY position
+"""
+
+# The other events: one write per event. The rank check and the SET read the row's latest
+# version (after a concurrent writer, PostgreSQL re-checks it), and ``previous_status`` keeps
+# the status it had, which RETURNING hands back for the counts. A row still ``queued`` is a
+# sent recipient: ``sent``, or ``delivered`` by its bit. Every row moved holds its status
+# now: its ``stored`` bit is set.
 _AFTER_SEND_TRANSITION = """
 WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[])
-                  AS v(batch_id, seq, status, pmid, error)
+    SELECT v.*, CASE WHEN (
+               SELECT get_bit(f.delivered, (v.seq - 1) & 1023) FROM recipient_finals f
+                WHERE f.batch_id = v.batch_id AND f.block = (v.seq - 1) >> 10) = 1
+               THEN 'delivered' ELSE 'sent' END AS sent_as
+      FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[])
+           AS v(batch_id, seq, status, pmid, error)
 ), u AS (
     UPDATE recipients r
-       SET previous_status = CASE WHEN r.status = 'queued' THEN 'sent' ELSE r.status END,
+       SET previous_status = CASE WHEN r.status = 'queued' THEN v.sent_as ELSE r.status END,
            status = v.status,
            provider_message_id = coalesce(r.provider_message_id, v.pmid),
            error = coalesce(v.error, r.error),
            updated_at = now()
       FROM v
      WHERE r.batch_id = v.batch_id AND r.seq = v.seq
-       AND array_position($6::text[], CASE WHEN r.status = 'queued' THEN 'sent' ELSE r.status END)
+       AND array_position($6::text[],
+                          CASE WHEN r.status = 'queued' THEN v.sent_as ELSE r.status END)
            < array_position($6::text[], v.status)
- RETURNING r.batch_id, r.previous_status AS old_status, r.status AS new_status
+ RETURNING r.batch_id, r.seq, r.previous_status AS old_status, r.status AS new_status
+), stored AS (
+    UPDATE recipient_finals f SET stored = f.stored | m.mask
+      FROM (SELECT batch_id, (seq - 1) >> 10 AS block,
+                   bit_or(B'1'::bit(1024) >> ((seq - 1) & 1023)) AS mask
+              FROM u GROUP BY 1, 2) m
+     WHERE f.batch_id = m.batch_id AND f.block = m.block
 ), moves AS (
     SELECT batch_id, old_status, new_status, count(*)::int AS n FROM u GROUP BY 1, 2, 3
 )
@@ -514,7 +577,23 @@ async def record_after_send(
 ) -> None:
     """The statuses of provider events (one per recipient) move recipients forward by rank
     (``AFTER_SEND``), never back; an event's error (why the provider dropped it) replaces
-    the recipient's. ``record_final`` of these events comes first, in the same transaction."""
+    the recipient's. ``record_final`` of these events comes first, in the same transaction.
+    A delivered event without an error sets its recipient's bit when it is a sent one; the
+    others (and those) go through the recipients' rows."""
+    delivered = [i for i, s in enumerate(statuses) if s == "delivered" and errors[i] is None]
+    if delivered:
+        rows = await conn.fetch(
+            _DELIVERED_TRANSITION, [batch_ids[i] for i in delivered], [seqs[i] for i in delivered]
+        )
+        done = set(delivered).difference(delivered[r["position"] - 1] for r in rows)
+        if len(done) == len(statuses):
+            return
+        if done:
+            keep = [i for i in range(len(statuses)) if i not in done]
+            batch_ids, seqs, statuses, provider_message_ids, errors = (
+                [values[i] for i in keep]
+                for values in (batch_ids, seqs, statuses, provider_message_ids, errors)
+            )
     await conn.execute(
         _AFTER_SEND_TRANSITION,
         batch_ids,
@@ -545,7 +624,8 @@ async def revive_stalled(pool: asyncpg.Pool, stall_seconds: float) -> list[async
 
 # Recipients that are queued again lose their final bits (``_FINAL_TRANSITION``).
 _NOT_FINAL = """
-UPDATE recipient_finals f SET before = f.bits, bits = f.bits & ~m.mask
+UPDATE recipient_finals f
+   SET before = f.bits, bits = f.bits & ~m.mask, stored = f.stored & ~m.mask
   FROM (SELECT (seq - 1) >> 10 AS block, bit_or(B'1'::bit(1024) >> ((seq - 1) & 1023)) AS mask
           FROM unnest($2::int[]) AS seq GROUP BY 1) m
  WHERE f.batch_id = $1 AND f.block = m.block

@@ -296,3 +296,82 @@ async def test_recipients_final_before_migration_011_stay_final_once(settings: S
         assert counts == {"sent": 1, "failed": 1, "queued": 0, "delivered": 1}
     finally:
         await _drop(url)
+
+
+async def test_statuses_of_the_013_shape_move_on_once_after_014(settings: Settings) -> None:
+    """Recipients written under 013 (a delivered event wrote the row): after 014 a sent one
+    is delivered by its bit, and one delivered, failed or sent before 011 counts nothing
+    again."""
+    from engine import lifecycle
+    from engine.migrate import migrate_postgres
+
+    url = await _database_at(settings, "m014", "014")
+    try:
+        conn = await asyncpg.connect(url)
+        try:
+            batch = uuid.uuid4()
+            await conn.execute("INSERT INTO tenants (id, name) VALUES ('old', 'old')")
+            await conn.execute(
+                """INSERT INTO batches (id, tenant_id, name, from_email, subject, provider,
+                       status, chunk_size, total_recipients, final_count)
+                   VALUES ($1, 'old', 'old', 'a@b.example', 's', 'mock', 'processing', 1000,
+                           5, 4)""",
+                batch,
+            )
+            await conn.execute(  # 1 sent, 2 sent then delivered, 3 failed, 4 sent before 011
+                """INSERT INTO recipients (batch_id, seq, email, status, provider_message_id)
+                   VALUES ($1, 1, 'a@x.example', 'queued', NULL),
+                          ($1, 2, 'b@x.example', 'delivered', NULL),
+                          ($1, 3, 'c@x.example', 'failed', NULL),
+                          ($1, 4, 'd@x.example', 'sent', 'pm-4'),
+                          ($1, 5, 'e@x.example', 'queued', NULL)""",
+                batch,
+            )
+            bits = asyncpg.BitString("1111" + "0" * 1020)
+            await conn.execute("INSERT INTO recipient_finals VALUES ($1, 0, $2, $2)", batch, bits)
+            await conn.execute(
+                """INSERT INTO recipient_sends (batch_id, block, first_seq, seqs, pmids, attempts)
+                   VALUES ($1, 0, 1, '{1,2}', '{pm-1,pm-2}', '{1,1}')""",
+                batch,
+            )
+            await conn.execute(
+                """INSERT INTO batch_counts VALUES ($1, 'sent', 2), ($1, 'delivered', 1),
+                   ($1, 'failed', 1), ($1, 'queued', 1)""",
+                batch,
+            )
+        finally:
+            await conn.close()
+        files = sorted((MIGRATIONS / "postgres").glob("*.sql"))
+        assert await migrate_postgres(url) == [p.stem for p in files if p.stem >= "014"]
+        conn = await asyncpg.connect(url)
+        try:
+            b, seqs = str(batch), [1, 2, 3, 4, 5]
+            for _ in range(2):  # and the same webhooks once more
+                async with conn.transaction():
+                    await lifecycle.record_final(
+                        conn, [b] * 5, seqs, ["delivered"] * 5, [None] * 5, [None] * 5, [1] * 5
+                    )
+                    await lifecycle.record_after_send(
+                        conn, [b] * 5, seqs, ["delivered"] * 5, [None] * 5, [None] * 5
+                    )
+            final = await conn.fetchval("SELECT final_count FROM batches WHERE id = $1", batch)
+            counts = dict(
+                await conn.fetch(
+                    "SELECT status, n FROM batch_counts WHERE batch_id = $1 AND n <> 0", batch
+                )
+            )
+            statuses = await conn.fetch(
+                """SELECT seq, status, provider_message_id FROM recipient_statuses
+                    WHERE batch_id = $1 ORDER BY seq""",
+                batch,
+            )
+        finally:
+            await conn.close()
+        assert final == 5  # only seq 5 became final now
+        assert [tuple(r) for r in statuses] == [
+            (1, "delivered", "pm-1"), (2, "delivered", "pm-2"), (3, "failed", None),
+            (4, "delivered", "pm-4"), (5, "delivered", None),
+        ]  # fmt: skip
+        assert counts == {"delivered": 4, "failed": 1}
+    finally:
+        await _drop(url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from engine.intake.decoders import list_rows
@@ -392,3 +393,60 @@ async def test_sent_recipients_are_listed_and_filtered_with_their_sends(
             ("delivered", "pm-3")
         ] * len(seqs)
     assert await counted(services, batch_id) == {"sent": 1249, "delivered": 1, "queued": 1250}
+
+
+async def test_delivered_recipients_are_listed_with_their_delivery_and_counted_once(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    """A sent recipient's delivered event sets only its bit (the row keeps ``queued``): it
+    is listed ``delivered`` at the time of its delivery, filtered and paged by that status,
+    and counted once however often the event comes; after a bounce a delivered changes
+    nothing, and a recipient sent again after a dead-letter replay is delivered again."""
+    from engine import lifecycle
+    from engine.batches import get_batch, list_recipients
+
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 2100)  # three blocks of final bits
+    odd = list(range(1, 2101, 2))
+    await apply(services, [sent(batch_id, s) for s in odd])
+    await apply(services, [ResultRow(batch_id, 9, "bounced", None, "550 gone", 1)])
+    await apply(services, [ResultRow(batch_id, 4, "failed", None, "451 later", 1)])
+    between = await services.pool.fetchval("SELECT clock_timestamp()")
+    delivered = [ResultRow(batch_id, s, "delivered") for s in odd]
+    await apply(services, delivered)
+    await apply(services, delivered[:700])  # redelivered webhooks
+    stored = await services.pool.fetchval(
+        "SELECT count(*) FROM recipients WHERE batch_id = $1 AND status = 'delivered'",
+        uuid.UUID(batch_id),
+    )
+    assert stored == 0  # all in the bits
+
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = await list_recipients(
+            services.pool, tenant_id, batch_id, status="delivered", limit=400, cursor=cursor
+        )
+        seen.extend(page["data"])
+        if not (cursor := page["next_cursor"]):
+            break
+    assert [r["seq"] for r in seen] == [s for s in odd if s != 9]
+    assert {r["provider_message_id"] for r in seen if r["seq"] == 2099} == {"pm-2099"}
+    assert all(datetime.fromisoformat(r["updated_at"]) > between for r in seen)
+    sent_page = await list_recipients(services.pool, tenant_id, batch_id, status="sent")
+    assert sent_page["data"] == []
+    assert (await recipient(services, batch_id, 9))["status"] == "bounced"
+
+    # The failed one is replayed, sent again and delivered: its bit, not its row.
+    moved, _ = await lifecycle.reopen_failed(services.pool, uuid.UUID(batch_id), [4])
+    assert moved == [4]
+    await apply(services, [sent(batch_id, 4), ResultRow(batch_id, 4, "delivered")])
+    assert (await recipient(services, batch_id, 4))["status"] == "delivered"
+    await apply(
+        services, [ResultRow(batch_id, 9, "delivered"), ResultRow(batch_id, 4, "delivered")]
+    )
+
+    truth = await counted(services, batch_id)
+    counts = (await get_batch(services.pool, tenant_id, batch_id))["counts"]
+    assert truth == {"delivered": 1050, "bounced": 1, "queued": 1049}
+    assert {k: v for k, v in counts.items() if v} == truth
