@@ -463,12 +463,16 @@ SELECT r.seq, r.email, r.name, r.vars
  ORDER BY r.seq
 """
 
-# ``record_final`` of the same events ran first in the same transaction, so every recipient
-# here is final (its bit is set), and its block's row of final bits is held until COMMIT.
-#
+_LOCK_BLOCKS = """
+INSERT INTO recipient_finals AS f (batch_id, block, bits, before)
+SELECT DISTINCT batch_id, block, B'0'::bit(1024), B'0'::bit(1024)
+  FROM unnest($1::uuid[], $2::int[]) AS l(batch_id, block) ORDER BY batch_id, block
+ON CONFLICT (batch_id, block) DO UPDATE SET before = f.before
+"""
+
 # A delivered event of a sent recipient (final, not ``stored``): its ``delivered`` bit, one
 # ``recipient_deliveries`` row per block. Returns the positions (from 1) of the events that
-# are not of a sent recipient: their rows decide (``_AFTER_SEND_TRANSITION``).
+# are not of a sent recipient: ``record_final`` or their rows decide.
 _DELIVERED_TRANSITION = """
 WITH v AS (
     SELECT DISTINCT ON (batch_id, seq) batch_id, seq, position,
@@ -505,7 +509,9 @@ WITH v AS (
 SELECT position FROM n WHERE NOT sent ORDER BY position
 """
 
-# The other events: one write per event. The rank check and the SET read the row's latest
+# The other events: one write per event (``record_final`` of them ran first in the same
+# transaction, so every recipient here is final: its bit is set, and its block's row of
+# final bits is held until COMMIT). The rank check and the SET read the row's latest
 # version (after a concurrent writer, PostgreSQL re-checks it), and ``previous_status`` keeps
 # the status it had, which RETURNING hands back for the counts. A row still ``queued`` is a
 # sent recipient: ``sent``, or ``delivered`` by its bit. Every row moved holds its status
@@ -567,6 +573,23 @@ async def record_final(
     )
 
 
+async def lock_blocks(conn: asyncpg.Connection, batch_ids: list[str], blocks: list[int]) -> None:
+    """Take the rows of final bits of these blocks (made where missing) in key order, the
+    order every writer takes them in: for a transaction whose statements each take some of
+    them (two writers taking the same blocks in two orders would deadlock)."""
+    await conn.execute(_LOCK_BLOCKS, batch_ids, blocks)
+
+
+async def record_delivered(
+    conn: asyncpg.Connection, batch_ids: list[str], seqs: list[int]
+) -> list[int]:
+    """Delivered events (without an error) of sent recipients: their recipients become
+    ``delivered``, counted once. Returns the positions (from 0) of the events that are not
+    of a sent recipient (not final yet, or their status is in their row)."""
+    rows = await conn.fetch(_DELIVERED_TRANSITION, batch_ids, seqs)
+    return [r["position"] - 1 for r in rows]
+
+
 async def record_after_send(
     conn: asyncpg.Connection,
     batch_ids: list[str],
@@ -576,24 +599,9 @@ async def record_after_send(
     errors: list[str | None],
 ) -> None:
     """The statuses of provider events (one per recipient) move recipients forward by rank
-    (``AFTER_SEND``), never back; an event's error (why the provider dropped it) replaces
-    the recipient's. ``record_final`` of these events comes first, in the same transaction.
-    A delivered event without an error sets its recipient's bit when it is a sent one; the
-    others (and those) go through the recipients' rows."""
-    delivered = [i for i, s in enumerate(statuses) if s == "delivered" and errors[i] is None]
-    if delivered:
-        rows = await conn.fetch(
-            _DELIVERED_TRANSITION, [batch_ids[i] for i in delivered], [seqs[i] for i in delivered]
-        )
-        done = set(delivered).difference(delivered[r["position"] - 1] for r in rows)
-        if len(done) == len(statuses):
-            return
-        if done:
-            keep = [i for i in range(len(statuses)) if i not in done]
-            batch_ids, seqs, statuses, provider_message_ids, errors = (
-                [values[i] for i in keep]
-                for values in (batch_ids, seqs, statuses, provider_message_ids, errors)
-            )
+    (``AFTER_SEND``), never back, through their rows; an event's error (why the provider
+    dropped it) replaces the recipient's. ``record_final`` of these events comes first, in
+    the same transaction (and ``record_delivered`` of a sent recipient's delivered)."""
     await conn.execute(
         _AFTER_SEND_TRANSITION,
         batch_ids,

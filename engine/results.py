@@ -261,12 +261,12 @@ async def apply_results(conn: asyncpg.Connection, columns: Columns) -> list[tupl
     are statuses only where they change one, as the status they give; the others change
     no recipient. Per recipient only the first status of this flush can be its final
     transition (so a delivered that came before its send's result is final, an opened
-    never); events after the send are applied after that, the highest-ranked per
-    recipient, so a ``sent`` and a ``delivered`` of one recipient in the same flush both
-    land. A flush without provider events (the worker's) pays one set lookup per row.
+    never), but for a delivered whose send's result is in the same flush: that send is.
+    Events after the send are applied after that, the highest-ranked per recipient, so a
+    ``sent`` and a ``delivered`` of one recipient in the same flush both land. A flush
+    without provider events (the worker's) pays one set lookup per row.
     """
     events = [i for i, name in enumerate(columns.status) if name in PROVIDER_EVENTS]
-    final = _as_statuses(columns) if events else columns
     async with conn.transaction():
         # Every recipient row written here is found by its given (batch_id, seq) key: one
         # primary-key probe per row is always right. Left to itself the planner may hash-join
@@ -278,22 +278,62 @@ async def apply_results(conn: asyncpg.Connection, columns: Columns) -> list[tupl
             "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;"
             " SET LOCAL work_mem = '64MB'"
         )
-        touched = await lifecycle.record_final(conn, *_arrays(final))
-        if events:
-            await _after_send(conn, columns, events)
+        if not events:
+            touched = await lifecycle.record_final(conn, *_arrays(columns))
+        else:
+            touched = await _apply_with_events(conn, columns, events)
     return [(str(r["id"]), r["status"]) for r in touched]
 
 
-def _as_statuses(columns: Columns) -> Columns:
-    """The results that are statuses, each provider event as the status it gives."""
-    final = columns.select([i for i, name in enumerate(columns.status) if name not in EVENT_ONLY])
+async def _apply_with_events(
+    conn: asyncpg.Connection, columns: Columns, events: list[int]
+) -> list[asyncpg.Record]:
+    """``apply_results`` of a flush with provider events (at ``events``).
+
+    The final transitions come first, but for the delivered events: most of those are of a
+    recipient already sent (the webhook follows the send, in this flush or an earlier one)
+    and go only to ``lifecycle.record_delivered``. The few it does not take (their
+    recipient not final yet, or its status in its row) are final transitions after all, or
+    go through the rows with the other events.
+    """
+    delivered = [i for i in events if columns.status[i] == "delivered" and columns.error[i] is None]
+    if delivered and len(delivered) < len(columns):  # two statements take blocks: all first
+        blocks = {(b, (s - 1) >> 10) for b, s in zip(columns.batch_id, columns.seq, strict=True)}
+        await lifecycle.lock_blocks(conn, *map(list, zip(*blocks, strict=True)))
+    touched: list[asyncpg.Record] = []
+    if final := _as_statuses(columns, set(delivered)):
+        touched = await lifecycle.record_final(conn, *_arrays(final))
+    done: set[int] = set()
+    if delivered:
+        done = await _delivered(conn, columns, delivered)
+        if len(done) < len(delivered):  # the event came first, or the row decides
+            first = _as_statuses(columns.select([i for i in delivered if i not in done]))
+            touched += await lifecycle.record_final(conn, *_arrays(first))
+    await _after_send(conn, columns, [i for i in events if i not in done])
+    return touched
+
+
+async def _delivered(conn: asyncpg.Connection, columns: Columns, events: list[int]) -> set[int]:
+    """``lifecycle.record_delivered`` of the delivered events at ``events``: those applied."""
+    given = columns if len(events) == len(columns) else columns.select(events)
+    not_sent = await lifecycle.record_delivered(conn, given.batch_id, given.seq)
+    return set(events).difference(events[i] for i in not_sent)
+
+
+def _as_statuses(columns: Columns, skip: set[int] | frozenset[int] = frozenset()) -> Columns:
+    """The results that are statuses (but those at ``skip``), each provider event as the
+    status it gives."""
+    final = columns.select(
+        [i for i, name in enumerate(columns.status) if name not in EVENT_ONLY and i not in skip]
+    )
     final.status = [_STATUS_OF.get(name, name) for name in final.status]
     return final
 
 
 async def _after_send(conn: asyncpg.Connection, columns: Columns, events: list[int]) -> None:
-    """Apply the provider events at ``events``: per recipient the highest-ranked status over
-    whatever it has now, and the addresses they suppress onto their tenants' lists."""
+    """Apply the provider events at ``events`` through the recipients' rows: per recipient
+    the highest-ranked status over whatever it has now, and the addresses they suppress
+    onto their tenants' lists."""
     best: dict[tuple[str, int], int] = {}
     suppress: dict[tuple[str, int], int] = {}
     for i in events:

@@ -302,8 +302,8 @@ async def test_statuses_of_the_013_shape_move_on_once_after_014(settings: Settin
     """Recipients written under 013 (a delivered event wrote the row): after 014 a sent one
     is delivered by its bit, and one delivered, failed or sent before 011 counts nothing
     again."""
-    from engine import lifecycle
     from engine.migrate import migrate_postgres
+    from engine.results import Columns, apply_results
 
     url = await _database_at(settings, "m014", "014")
     try:
@@ -345,15 +345,11 @@ async def test_statuses_of_the_013_shape_move_on_once_after_014(settings: Settin
         assert await migrate_postgres(url) == [p.stem for p in files if p.stem >= "014"]
         conn = await asyncpg.connect(url)
         try:
-            b, seqs = str(batch), [1, 2, 3, 4, 5]
-            for _ in range(2):  # and the same webhooks once more
-                async with conn.transaction():
-                    await lifecycle.record_final(
-                        conn, [b] * 5, seqs, ["delivered"] * 5, [None] * 5, [None] * 5, [1] * 5
-                    )
-                    await lifecycle.record_after_send(
-                        conn, [b] * 5, seqs, ["delivered"] * 5, [None] * 5, [None] * 5
-                    )
+            events = Columns()
+            for seq in (1, 2, 3, 4, 5):
+                events.append(str(batch), seq, "delivered")
+            await apply_results(conn, events)
+            await apply_results(conn, events)  # the same webhooks once more
             final = await conn.fetchval("SELECT final_count FROM batches WHERE id = $1", batch)
             counts = dict(
                 await conn.fetch(

@@ -171,23 +171,38 @@ async def test_delivered_before_sent_is_final_and_sent_does_not_overwrite_it(
 async def test_sent_then_delivered_in_one_call_both_land(
     services: Services, tenant: tuple[str, str]
 ) -> None:
+    """A send and its delivered in one flush, in either order: the send is the final
+    transition (its provider message id), the delivered follows in the final bits; a
+    delivered without a send in the flush is final itself, in the row."""
     tenant_id, _ = tenant
-    batch_id = await new_batch(services, tenant_id, 3)
+    batch_id = await new_batch(services, tenant_id, 4)
     await apply(
         services,
         [
             sent(batch_id, 1, pmid="pm-a"),
-            ResultRow(batch_id, 2, "delivered", "pm-b"),  # event first, send after
+            ResultRow(batch_id, 2, "delivered", "pm-b"),  # the webhook before the send
             ResultRow(batch_id, 1, "delivered", None),
-            sent(batch_id, 2, pmid="ignored"),
+            sent(batch_id, 2, pmid="pm-b2"),
+            ResultRow(batch_id, 3, "delivered", "pm-c"),  # its send comes later
         ],
     )
-    one = await recipient(services, batch_id, 1)
-    assert (one["status"], one["provider_message_id"]) == ("delivered", "pm-a")
-    two = await recipient(services, batch_id, 2)
-    assert (two["status"], two["provider_message_id"]) == ("delivered", "pm-b")
+    await apply(services, [sent(batch_id, 3, pmid="ignored")])
+    found = [await recipient(services, batch_id, seq) for seq in (1, 2, 3)]
+    assert [(r["status"], r["provider_message_id"]) for r in found] == [
+        ("delivered", "pm-a"), ("delivered", "pm-b2"), ("delivered", "pm-c"),
+    ]  # fmt: skip
+    rows = await services.pool.fetch(
+        "SELECT seq, status FROM recipients WHERE batch_id = $1 ORDER BY seq", uuid.UUID(batch_id)
+    )  # 1 and 2 sent and delivered in their bits, 3 delivered first: in its row
+    assert [tuple(r) for r in rows] == [
+        (1, "queued"),
+        (2, "queued"),
+        (3, "delivered"),
+        (4, "queued"),
+    ]
     state = await batch_state(services, batch_id)
-    assert (state["status"], state["final_count"]) == ("processing", 2)  # each counted once
+    assert (state["status"], state["final_count"]) == ("processing", 3)  # each counted once
+    assert await counted(services, batch_id) == {"delivered": 3, "queued": 1}
 
 
 async def test_events_move_forward_by_rank_only(
