@@ -6,9 +6,10 @@
 The data is written straight into a throw-away deployment's databases, for speed: the
 batches with one multi-row INSERT, the recipients with one COPY (statuses spread as a
 finished batch's would be: mostly delivered, some bounced and failed, the last few
-complained), stored as the engine stores them (a ``sent`` recipient's row says ``queued``;
-every recipient's final bit, and a ``recipient_sends`` row per block of every recipient
-sent: ``engine.lifecycle``), their counts, and the events with one ClickHouse
+complained, ten still queued), stored as the engine stores them (a ``sent`` or
+``delivered`` recipient's row says ``queued``; every final recipient's bit, a
+``recipient_sends`` row per block of every recipient sent, the delivered bits and a
+``recipient_deliveries`` row per block: ``engine.lifecycle``), their counts, and the events with one ClickHouse
 ``INSERT ... SELECT`` from ``numbers()``. Then the dashboard (``web.app``, in this process, on the deployment's own
 services) is signed in to and each page is asked ``--requests`` times in a row; the figure
 is the server's own time, from the ``Server-Timing: app;dur=`` header every answer carries
@@ -43,17 +44,28 @@ TIMING = re.compile(r"app;dur=([0-9.]+)")
 TENANT = "bench"
 
 
-# Every recipient of the batch final; every one but the failed sent (its provider message id
-# and attempts in recipient_sends, one row per block).
+# Every recipient of the batch ($1, $2 recipients) final but the ten still queued (seqs
+# $2 - 19 .. $2 - 10); every final one but the failed sent (its provider message id and
+# attempts in recipient_sends, one row per block); the delivered ones (a row saying
+# `queued`, seq % 100 below 90) by their delivered bits and a recipient_deliveries row per
+# block; the others' statuses in their rows (their stored bits).
+_FINAL = "batch_id = $1 AND seq NOT BETWEEN $2 - 19 AND $2 - 10"
 _FINAL_BITS = (
-    """INSERT INTO recipient_finals (batch_id, block, bits, before)
-SELECT batch_id, (seq - 1) >> 10, bit_or(B'1'::bit(1024) >> ((seq - 1) & 1023)), B'0'::bit(1024)
-  FROM recipients WHERE batch_id = $1 GROUP BY 1, 2""",
-    """INSERT INTO recipient_sends (batch_id, block, first_seq, seqs, pmids, attempts)
+    f"""INSERT INTO recipient_finals (batch_id, block, bits, before, stored, delivered)
+SELECT batch_id, (seq - 1) >> 10, bit_or(B'1'::bit(1024) >> ((seq - 1) & 1023)), B'0'::bit(1024),
+       coalesce(bit_or(B'1'::bit(1024) >> ((seq - 1) & 1023)) FILTER (WHERE status <> 'queued'),
+                B'0'::bit(1024)),
+       coalesce(bit_or(B'1'::bit(1024) >> ((seq - 1) & 1023))
+                    FILTER (WHERE status = 'queued' AND seq % 100 < 90), B'0'::bit(1024))
+  FROM recipients WHERE {_FINAL} GROUP BY 1, 2""",
+    f"""INSERT INTO recipient_sends (batch_id, block, first_seq, seqs, pmids, attempts)
 SELECT batch_id, (seq - 1) >> 10, min(seq), array_agg(seq ORDER BY seq),
        array_agg('<' || seq || '.bench@mock.example>' ORDER BY seq),
        array_agg(1::smallint ORDER BY seq)
-  FROM recipients WHERE batch_id = $1 AND status <> 'failed' GROUP BY 1, 2""",
+  FROM recipients WHERE {_FINAL} AND status <> 'failed' GROUP BY 1, 2""",
+    f"""INSERT INTO recipient_deliveries (batch_id, block, first_seq, seqs)
+SELECT batch_id, (seq - 1) >> 10, min(seq), array_agg(seq ORDER BY seq)
+  FROM recipients WHERE {_FINAL} AND status = 'queued' AND seq % 100 < 90 GROUP BY 1, 2""",
 )
 
 
@@ -70,6 +82,8 @@ async def seed(settings, batches: int, recipients: int) -> str:
             total = recipients if bid == big else 100 + i % 900
             status = "completed" if i % 10 else ("processing" if i % 20 else "paused")
             final = total if status == "completed" else total // 2
+            if bid == big:  # ten recipients left to send
+                status, final = "processing", total - 10
             created = now - timedelta(minutes=batches - i)
             rows.append((bid, TENANT, f"Newsletter {i + 1}", status, total, final, created))
         await pool.executemany(
@@ -86,11 +100,13 @@ async def seed(settings, batches: int, recipients: int) -> str:
         statuses = ["delivered"] * 90 + ["bounced"] * 4 + ["failed"] * 3 + ["sent"] * 3
 
         def status_of(seq: int) -> str:
-            return "complained" if seq > recipients - 10 else statuses[seq % 100]
+            if seq > recipients - 20:
+                return "complained" if seq > recipients - 10 else "queued"
+            return statuses[seq % 100]
 
         def stored(seq: int) -> str:  # what the recipient's own row holds
             status = status_of(seq)
-            return "queued" if status == "sent" else status
+            return "queued" if status in ("sent", "delivered") else status
 
         async with pool.acquire() as conn:
             await conn.copy_records_to_table(
@@ -102,7 +118,7 @@ async def seed(settings, batches: int, recipients: int) -> str:
                 ),
             )
             for statement in _FINAL_BITS:
-                await conn.execute(statement, big)
+                await conn.execute(statement, big, recipients)
             counts: dict[str, int] = {}
             for seq in range(1, recipients + 1):
                 counts[status_of(seq)] = counts.get(status_of(seq), 0) + 1
@@ -211,8 +227,12 @@ async def main() -> None:
                 ),
                 ("batch: recipients, status sent", f"/batches/{big}/recipients?status=sent#htmx"),
                 (
-                    "batch: recipients, status queued (none left)",
+                    "batch: recipients, status queued (10 left, then the last 10 final)",
                     f"/batches/{big}/recipients?status=queued#htmx",
+                ),
+                (
+                    "batch: recipients, status delivered",
+                    f"/batches/{big}/recipients?status=delivered#htmx",
                 ),
                 ("batch: chart and latency (ClickHouse)", f"/batches/{big}/analytics.json"),
                 ("new batch form", "/batches/new"),

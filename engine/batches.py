@@ -199,6 +199,11 @@ async def list_recipients(
     after = _seq_cursor(cursor)
     if status is not None and not batch["n"]:  # the counts are exact: nobody has it now
         return {"data": [], "next_cursor": None}
+    if status == "queued":  # past the blocks where every recipient is final
+        block = await pool.fetchval(lifecycle.FIRST_UNFINISHED_BLOCK, bid, after)
+        if block is None:
+            return {"data": [], "next_cursor": None}
+        after = max(after, block * 1024)
     rows = await pool.fetch(
         """SELECT seq, email, name, status, provider_message_id, error, attempts, updated_at
              FROM recipient_statuses

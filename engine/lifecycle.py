@@ -463,6 +463,15 @@ SELECT r.seq, r.email, r.name, r.vars
  ORDER BY r.seq
 """
 
+# The first block at or after seq $2 + 1 of batch $1 that may hold a ``queued`` recipient:
+# one whose bits are not all set (or that has none). None: no such block up to the last seq.
+FIRST_UNFINISHED_BLOCK = """
+SELECT min(k) FROM generate_series($2 >> 10, (
+           SELECT (max(seq) - 1) >> 10 FROM recipients WHERE batch_id = $1)) AS k
+ WHERE NOT EXISTS (SELECT 1 FROM recipient_finals f
+                    WHERE f.batch_id = $1 AND f.block = k AND bit_count(f.bits) = 1024)
+"""
+
 _LOCK_BLOCKS = """
 INSERT INTO recipient_finals AS f (batch_id, block, bits, before)
 SELECT DISTINCT batch_id, block, B'0'::bit(1024), B'0'::bit(1024)

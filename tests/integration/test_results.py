@@ -465,3 +465,31 @@ async def test_delivered_recipients_are_listed_with_their_delivery_and_counted_o
     counts = (await get_batch(services.pool, tenant_id, batch_id))["counts"]
     assert truth == {"delivered": 1050, "bounced": 1, "queued": 1049}
     assert {k: v for k, v in counts.items() if v} == truth
+
+
+async def test_queued_recipients_are_found_past_blocks_where_all_are_final(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    """The ``queued`` filter starts at the first block that has a recipient not final yet
+    (``lifecycle.FIRST_UNFINISHED_BLOCK``) and pages on from there: none is missed before
+    it, in it, or in the blocks after it, whether they are full or not."""
+    from engine.batches import list_recipients
+
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 5000)  # five blocks of final bits
+    waiting = {1500, 3000, 3001, 4999}
+    await apply(services, [sent(batch_id, s) for s in range(1, 5001) if s not in waiting])
+    for limit in (1, 2, 100):
+        seen: list[int] = []
+        cursor = None
+        while True:
+            page = await list_recipients(
+                services.pool, tenant_id, batch_id, status="queued", limit=limit, cursor=cursor
+            )
+            seen.extend(r["seq"] for r in page["data"])
+            if not (cursor := page["next_cursor"]):
+                break
+        assert seen == sorted(waiting)
+    await apply(services, [sent(batch_id, s) for s in waiting])
+    page = await list_recipients(services.pool, tenant_id, batch_id, status="queued")
+    assert page == {"data": [], "next_cursor": None}
