@@ -33,6 +33,7 @@ INVALID_DOMAIN = "invalid.test"
 MAX_SAMPLES = 1000
 MAX_PENDING_WEBHOOKS = 100_000
 WEBHOOK_BATCH = 500
+WEBHOOK_POSTS = 4  # posts in flight at once, as a provider's many senders post
 WEBHOOK_FLUSH_SECONDS = 0.2
 WEBHOOK_BACKOFF_MAX = 5.0
 RATE_LIMIT_EVERY = 5  # every 5th injected failure is a 429 instead of a 503
@@ -120,13 +121,21 @@ class WebhookSender:
                 self._backoff = min(self._backoff * 2, WEBHOOK_BACKOFF_MAX)
 
     async def _flush(self, session: aiohttp.ClientSession) -> bool:
+        """Post what is pending, ``WEBHOOK_POSTS`` batches at a time; False when one failed
+        (it is back in front)."""
         while self.pending:
-            count = min(WEBHOOK_BATCH, len(self.pending))
-            batch = [self.pending.popleft() for _ in range(count)]
-            if not await self._post(session, batch):
-                self._requeue(batch)
+            batches = []
+            while self.pending and len(batches) < WEBHOOK_POSTS:
+                count = min(WEBHOOK_BATCH, len(self.pending))
+                batches.append([self.pending.popleft() for _ in range(count)])
+            posted = await asyncio.gather(*(self._post(session, b) for b in batches))
+            for batch, ok in zip(reversed(batches), reversed(posted), strict=True):
+                if ok:
+                    self.sent += len(batch)
+                else:
+                    self._requeue(batch)
+            if not all(posted):
                 return False
-            self.sent += len(batch)
             self._backoff = WEBHOOK_FLUSH_SECONDS
         return True
 

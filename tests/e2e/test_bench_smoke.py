@@ -16,6 +16,7 @@ def test_the_whole_benchmark_runs_small():
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert "every recipient exactly once: yes" in run.stdout
+    assert "every delivered webhook posted and applied: yes" in run.stdout
     for figure in ("Floor: send path", "Peer celery:", "rate 2,000/s", "latency p50"):
         assert figure in run.stdout
     assert "Peer celery-chunked: could not run" not in run.stdout
