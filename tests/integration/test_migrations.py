@@ -181,6 +181,21 @@ async def _database_at(settings: Settings, suffix: str, before: str) -> str:
     return url
 
 
+async def _old_batch(conn: asyncpg.Connection, total: int, final: int) -> uuid.UUID:
+    """A processing batch of tenant 'old' in a database of an earlier schema; its id."""
+    batch = uuid.uuid4()
+    await conn.execute("INSERT INTO tenants (id, name) VALUES ('old', 'old')")
+    await conn.execute(
+        """INSERT INTO batches (id, tenant_id, name, from_email, subject, provider,
+               status, chunk_size, total_recipients, final_count)
+           VALUES ($1, 'old', 'old', 'a@b.example', 's', 'mock', 'processing', 1000, $2, $3)""",
+        batch,
+        total,
+        final,
+    )
+    return batch
+
+
 async def _drop(url: str) -> None:
     admin = await asyncpg.connect(url.rsplit("/", 1)[0] + "/postgres")
     try:
@@ -246,15 +261,7 @@ async def test_recipients_final_before_migration_011_stay_final_once(settings: S
     try:
         conn = await asyncpg.connect(url)
         try:
-            batch = uuid.uuid4()
-            await conn.execute("INSERT INTO tenants (id, name) VALUES ('old', 'old')")
-            await conn.execute(
-                """INSERT INTO batches (id, tenant_id, name, from_email, subject, provider,
-                       status, chunk_size, total_recipients, final_count)
-                   VALUES ($1, 'old', 'old', 'a@b.example', 's', 'mock', 'processing', 1000,
-                           3, 2)""",
-                batch,
-            )
+            batch = await _old_batch(conn, 3, 2)
             await conn.execute(
                 """INSERT INTO recipients (batch_id, seq, email, status, provider_message_id)
                    VALUES ($1, 1, 'a@x.example', 'sent', 'pm-1'),
@@ -309,15 +316,7 @@ async def test_statuses_of_the_013_shape_move_on_once_after_014(settings: Settin
     try:
         conn = await asyncpg.connect(url)
         try:
-            batch = uuid.uuid4()
-            await conn.execute("INSERT INTO tenants (id, name) VALUES ('old', 'old')")
-            await conn.execute(
-                """INSERT INTO batches (id, tenant_id, name, from_email, subject, provider,
-                       status, chunk_size, total_recipients, final_count)
-                   VALUES ($1, 'old', 'old', 'a@b.example', 's', 'mock', 'processing', 1000,
-                           5, 4)""",
-                batch,
-            )
+            batch = await _old_batch(conn, 5, 4)
             await conn.execute(  # 1 sent, 2 sent then delivered, 3 failed, 4 sent before 011
                 """INSERT INTO recipients (batch_id, seq, email, status, provider_message_id)
                    VALUES ($1, 1, 'a@x.example', 'queued', NULL),

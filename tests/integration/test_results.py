@@ -61,6 +61,23 @@ async def counted(services: Services, batch_id: str) -> dict[str, int]:
     return {r["status"]: r["n"] for r in rows}
 
 
+async def every_page(
+    services: Services, tenant_id: str, batch_id: str, status: str, limit: int
+) -> list[dict[str, Any]]:
+    """The recipients ``list_recipients`` gives for ``status``, page after page."""
+    from engine.batches import list_recipients
+
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = await list_recipients(
+            services.pool, tenant_id, batch_id, status=status, limit=limit, cursor=cursor
+        )
+        seen.extend(page["data"])
+        if not (cursor := page["next_cursor"]):
+            return seen
+
+
 def sent(batch_id: str, seq: int, **kwargs: Any) -> ResultRow:
     return ResultRow(batch_id, seq, "sent", kwargs.pop("pmid", f"pm-{seq}"), **kwargs)
 
@@ -378,15 +395,7 @@ async def test_sent_recipients_are_listed_and_filtered_with_their_sends(
     await apply(services, [sent(batch_id, s, attempts=2) for s in range(1, 2501, 2)])
     await apply(services, [ResultRow(batch_id, 1025, "failed", None, "550 no such user", 1)])
     await apply(services, [ResultRow(batch_id, 3, "delivered")])
-    seen: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        page = await list_recipients(
-            services.pool, tenant_id, batch_id, status="sent", limit=500, cursor=cursor
-        )
-        seen.extend(page["data"])
-        if not (cursor := page["next_cursor"]):
-            break
+    seen = await every_page(services, tenant_id, batch_id, "sent", 500)
     assert [r["seq"] for r in seen] == [s for s in range(1, 2501, 2) if s != 3]
     assert {(r["provider_message_id"], r["attempts"]) for r in seen if r["seq"] == 2499} == {
         ("pm-2499", 2)
@@ -436,15 +445,7 @@ async def test_delivered_recipients_are_listed_with_their_delivery_and_counted_o
     )
     assert stored == 0  # all in the bits
 
-    seen: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        page = await list_recipients(
-            services.pool, tenant_id, batch_id, status="delivered", limit=400, cursor=cursor
-        )
-        seen.extend(page["data"])
-        if not (cursor := page["next_cursor"]):
-            break
+    seen = await every_page(services, tenant_id, batch_id, "delivered", 400)
     assert [r["seq"] for r in seen] == [s for s in odd if s != 9]
     assert {r["provider_message_id"] for r in seen if r["seq"] == 2099} == {"pm-2099"}
     assert all(datetime.fromisoformat(r["updated_at"]) > between for r in seen)
@@ -480,16 +481,8 @@ async def test_queued_recipients_are_found_past_blocks_where_all_are_final(
     waiting = {1500, 3000, 3001, 4999}
     await apply(services, [sent(batch_id, s) for s in range(1, 5001) if s not in waiting])
     for limit in (1, 2, 100):
-        seen: list[int] = []
-        cursor = None
-        while True:
-            page = await list_recipients(
-                services.pool, tenant_id, batch_id, status="queued", limit=limit, cursor=cursor
-            )
-            seen.extend(r["seq"] for r in page["data"])
-            if not (cursor := page["next_cursor"]):
-                break
-        assert seen == sorted(waiting)
+        seen = await every_page(services, tenant_id, batch_id, "queued", limit)
+        assert [r["seq"] for r in seen] == sorted(waiting)
     await apply(services, [sent(batch_id, s) for s in waiting])
     page = await list_recipients(services.pool, tenant_id, batch_id, status="queued")
     assert page == {"data": [], "next_cursor": None}
