@@ -50,6 +50,8 @@ from typing import Any
 
 import asyncpg
 
+from engine import blocks
+
 BATCH_STATUSES = (
     "draft",
     "scheduled",
@@ -376,52 +378,47 @@ async def cancel(pool: asyncpg.Pool, tenant_id: str, batch_id: uuid.UUID) -> str
 # --- sending -----------------------------------------------------------------------
 
 
-_FINAL_TRANSITION = """
-WITH v AS (  -- per recipient only its first result of this flush can be the final transition
-    SELECT DISTINCT ON (batch_id, seq) batch_id, seq, status, pmid, error, attempts,
-           (seq - 1) >> 10 AS block, (seq - 1) & 1023 AS bit
-      FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::int2[])
-           WITH ORDINALITY AS v(batch_id, seq, status, pmid, error, attempts, position)
-     ORDER BY batch_id, seq, position
-), f AS (  -- their final bits, block by block in key order: writers lock blocks in one order;
-    -- the bits of those not sent (their rows take their status) also in ``stored``
-    INSERT INTO recipient_finals AS f (batch_id, block, bits, before, stored)
-    SELECT batch_id, block, bit_or(B'1'::bit(1024) >> bit), B'0'::bit(1024),
-           coalesce(bit_or(B'1'::bit(1024) >> bit) FILTER (WHERE status <> 'sent'),
-                    B'0'::bit(1024))
-      FROM v GROUP BY batch_id, block ORDER BY batch_id, block
-    ON CONFLICT (batch_id, block) DO UPDATE
-       SET before = f.bits, bits = f.bits | excluded.bits,
-           stored = f.stored | (excluded.stored & ~f.bits)
- RETURNING f.batch_id, f.block, f.bits & ~f.before AS new
-), news AS (  -- the bits this flush set, in the blocks' key order (no join: see apply_results)
-    SELECT array_agg(new ORDER BY batch_id, block) AS new FROM f
-), n AS (  -- the recipients whose bit this flush set: their final transition is this one
-    SELECT ranked.* FROM (
-        SELECT v.*, dense_rank() OVER (ORDER BY batch_id, block) AS k FROM v
-    ) ranked, news WHERE get_bit(news.new[ranked.k], ranked.bit) = 1
-), sent AS (  -- the sent ones: one row per block, their recipients' rows stay as they are
+# A flush's final transitions, in two statements (``record_final``). The first sets the
+# final bits of its blocks (``engine.blocks``: per recipient its first result), in key order
+# (writers lock blocks in one order); of those not sent (their rows take their status) also
+# in ``stored``. It returns the bits it set: those recipients' final transition is this one.
+_FINAL_BITS = """
+INSERT INTO recipient_finals AS f (batch_id, block, bits, before, stored)
+SELECT batch_id, block, bits, B'0'::bit(1024), stored
+  FROM unnest($1::uuid[], $2::int[], $3::bit(1024)[], $4::bit(1024)[])
+       AS v(batch_id, block, bits, stored)
+ ORDER BY batch_id, block
+ON CONFLICT (batch_id, block) DO UPDATE
+   SET before = f.bits, bits = f.bits | excluded.bits,
+       stored = f.stored | (excluded.stored & ~f.bits)
+RETURNING f.batch_id, f.block, f.bits & ~f.before AS new
+"""
+
+# The second writes what those transitions are: the sent ones one ``recipient_sends`` row per
+# block (its recipients at lo..hi of the flat arrays $5-$7, by seq), their recipients' rows
+# staying as they are; the others (failed, cancelled, a provider event that came first)
+# their rows. Then the counts and the batches.
+_FINAL_WRITES = """
+WITH sent AS (
     INSERT INTO recipient_sends (batch_id, block, first_seq, seqs, pmids, attempts)
-    SELECT batch_id, block, min(seq), array_agg(seq), array_agg(pmid), array_agg(attempts)
-      FROM (SELECT * FROM n WHERE status = 'sent' ORDER BY batch_id, block, seq) AS in_order
-     GROUP BY batch_id, block
-), u AS (  -- the others (failed, cancelled, a provider event that came first): their rows
+    SELECT s.batch_id, s.block, ($5::int[])[s.lo], ($5::int[])[s.lo:s.hi],
+           ($6::text[])[s.lo:s.hi], ($7::int2[])[s.lo:s.hi]
+      FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[]) AS s(batch_id, block, lo, hi)
+), u AS (
     UPDATE recipients r
-       SET status = n.status,
-           provider_message_id = coalesce(n.pmid, r.provider_message_id),
-           error = n.error,
-           attempts = greatest(r.attempts, n.attempts),
+       SET status = o.status,
+           provider_message_id = coalesce(o.pmid, r.provider_message_id),
+           error = o.error,
+           attempts = greatest(r.attempts, o.attempts),
            updated_at = now()
-      FROM n
-     WHERE n.status <> 'sent' AND r.batch_id = n.batch_id AND r.seq = n.seq
-       AND r.status = 'queued'
+      FROM unnest($8::uuid[], $9::int[], $10::text[], $11::text[], $12::text[], $13::int2[])
+           AS o(batch_id, seq, status, pmid, error, attempts)
+     WHERE r.batch_id = o.batch_id AND r.seq = o.seq AND r.status = 'queued'
  RETURNING r.batch_id, r.status
 ), c AS (
-    SELECT batch_id, status, count(*)::int AS n FROM (
-        SELECT batch_id, status FROM u
-         UNION ALL
-        SELECT batch_id, status FROM n WHERE status = 'sent'
-    ) finals GROUP BY batch_id, status
+    SELECT batch_id, status, count(*)::int AS n FROM u GROUP BY batch_id, status
+     UNION ALL
+    SELECT batch_id, 'sent', n FROM unnest($14::uuid[], $15::int[]) AS s(batch_id, n)
 ), counted AS (
     INSERT INTO batch_counts (batch_id, status, n)
     SELECT batch_id, status, n FROM c
@@ -577,8 +574,52 @@ async def record_final(
     """``queued`` recipients take their final status (per recipient the first given; the
     others are not final transitions); their batches' counts and statuses follow. Returns
     (id, status) of the batches touched."""
+    if not seqs:
+        return []
+    flush = blocks.by_block(batch_ids, seqs)
+    all_sent = statuses.count("sent") == len(statuses)
+    if all_sent:
+        stored = [0] * len(flush.bits)
+    else:
+        stored = [
+            flush.mask(start, end, lambda p: statuses[p] != "sent") for _, start, end in flush.spans()
+        ]
+    rows = await conn.fetch(
+        _FINAL_BITS,
+        flush.batch_ids,
+        flush.blocks,
+        [blocks.bits(v) for v in flush.bits],
+        [blocks.bits(v) for v in stored],
+    )
+    new = {(str(r["batch_id"]), r["block"]): r["new"].to_int() for r in rows}
+    sends: list[list[Any]] = [[], [], [], []]  # batch id, block, lo, hi per block
+    flat: list[list[Any]] = [[], [], []]  # seqs, provider message ids, attempts
+    others: list[int] = []
+    sent_per_batch: dict[str, int] = {}
+    for i, start, end in flush.spans():
+        key = (flush.batch_ids[i], flush.blocks[i])
+        taken = flush.taken(start, end, new[key], flush.bits[i])
+        if not all_sent:
+            others += [p for p in taken if statuses[p] != "sent"]
+            taken = [p for p in taken if statuses[p] == "sent"]
+        if not taken:
+            continue
+        lo = len(flat[0]) + 1
+        for column, values in zip(flat, (seqs, provider_message_ids, attempts), strict=True):
+            column += [values[p] for p in taken]
+        for column, value in zip(sends, (*key, lo, len(flat[0])), strict=True):
+            column.append(value)
+        sent_per_batch[key[0]] = sent_per_batch.get(key[0], 0) + len(taken)
+    if not (sent_per_batch or others):
+        return []
+    columns = (batch_ids, seqs, statuses, provider_message_ids, errors, attempts)
     return await conn.fetch(
-        _FINAL_TRANSITION, batch_ids, seqs, statuses, provider_message_ids, errors, attempts
+        _FINAL_WRITES,
+        *sends,
+        *flat,
+        *([values[p] for p in others] for values in columns),
+        list(sent_per_batch),
+        list(sent_per_batch.values()),
     )
 
 
@@ -639,7 +680,7 @@ async def revive_stalled(pool: asyncpg.Pool, stall_seconds: float) -> list[async
     )
 
 
-# Recipients that are queued again lose their final bits (``_FINAL_TRANSITION``).
+# Recipients that are queued again lose their final bits (``_FINAL_BITS``).
 _NOT_FINAL = """
 UPDATE recipient_finals f
    SET before = f.bits, bits = f.bits & ~m.mask, stored = f.stored & ~m.mask

@@ -139,6 +139,41 @@ async def test_applying_the_same_results_twice_counts_once(
     assert (state["status"], state["final_count"]) == ("completed", 4)
 
 
+async def test_a_flush_in_any_order_with_some_final_already_lands_once_each(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    """Results out of seq order, across two blocks, some of their recipients final already,
+    failures among sends: each recipient takes its first result once, with its own
+    provider message id and attempts."""
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 1100)
+    await apply(services, [sent(batch_id, seq, pmid=f"old-{seq}") for seq in (3, 5, 1030)])
+    order = [1030, 7, 3, 1029, 1, 5, 2, 1100, 6, 4]
+    flush = [
+        ResultRow(batch_id, seq, "failed", None, f"no {seq}", 2)
+        if seq % 3 == 0
+        else sent(batch_id, seq, attempts=seq % 4 + 1)
+        for seq in order
+    ] + [ResultRow(batch_id, 2, "failed", None, "a second result", 9)]
+    await apply(services, flush)
+
+    for seq in (3, 5, 1030):  # final before: unchanged
+        assert await recipient(services, batch_id, seq) == {
+            "status": "sent", "provider_message_id": f"old-{seq}", "error": None, "attempts": 1,
+        }  # fmt: skip
+    for seq in set(order) - {3, 5, 1030}:
+        expected = (
+            {"status": "failed", "provider_message_id": None, "error": f"no {seq}", "attempts": 2}
+            if seq % 3 == 0
+            else {"status": "sent", "provider_message_id": f"pm-{seq}", "error": None,
+                  "attempts": seq % 4 + 1}
+        )  # fmt: skip
+        assert await recipient(services, batch_id, seq) == expected, seq
+    assert await counted(services, batch_id) == {"sent": 8, "failed": 2, "queued": 1090}
+    state = await batch_state(services, batch_id)
+    assert (state["status"], state["final_count"]) == ("processing", 10)
+
+
 async def test_attempts_beyond_the_column_are_stored_as_its_largest_value(
     services: Services, tenant: tuple[str, str]
 ) -> None:
