@@ -476,43 +476,34 @@ SELECT DISTINCT batch_id, block, B'0'::bit(1024), B'0'::bit(1024)
 ON CONFLICT (batch_id, block) DO UPDATE SET before = f.before
 """
 
-# A delivered event of a sent recipient (final, not ``stored``): its ``delivered`` bit, one
-# ``recipient_deliveries`` row per block. Returns the positions (from 1) of the events that
-# are not of a sent recipient: ``record_final`` or their rows decide.
-_DELIVERED_TRANSITION = """
-WITH v AS (
-    SELECT DISTINCT ON (batch_id, seq) batch_id, seq, position,
-           (seq - 1) >> 10 AS block, (seq - 1) & 1023 AS bit
-      FROM unnest($1::uuid[], $2::int[]) WITH ORDINALITY AS v(batch_id, seq, position)
-     ORDER BY batch_id, seq, position
-), f AS (  -- ``before`` brings the events' bits to a row that is not there (it becomes one
-    -- with no final recipient) and takes the delivered bits as they were
-    INSERT INTO recipient_finals AS f (batch_id, block, bits, before)
-    SELECT batch_id, block, B'0'::bit(1024), bit_or(B'1'::bit(1024) >> bit)
-      FROM v GROUP BY batch_id, block ORDER BY batch_id, block
-    ON CONFLICT (batch_id, block) DO UPDATE
-       SET before = f.delivered, delivered = f.delivered | (excluded.before & f.bits & ~f.stored)
- RETURNING f.batch_id, f.block, f.delivered & ~f.before AS new, f.bits & ~f.stored AS sent
-), blocks AS (  -- in the blocks' key order (no join: see engine.results.apply_results)
-    SELECT array_agg(new ORDER BY batch_id, block) AS new,
-           array_agg(sent ORDER BY batch_id, block) AS sent FROM f
-), n AS (
-    SELECT ranked.batch_id, ranked.block, ranked.seq, ranked.position,
-           get_bit(blocks.new[ranked.k], ranked.bit) = 1 AS new,
-           get_bit(blocks.sent[ranked.k], ranked.bit) = 1 AS sent
-      FROM (SELECT v.*, dense_rank() OVER (ORDER BY batch_id, block) AS k FROM v) ranked, blocks
-), deliveries AS (
+# A delivered event of a sent recipient (final, not ``stored``): its ``delivered`` bit
+# (``record_delivered``; per recipient its first event, by block: ``engine.blocks``).
+# ``before`` brings the events' bits to a row that is not there (it becomes one with no
+# final recipient) and takes the delivered bits as they were. Returns per block the bits it
+# set and those of its sent recipients.
+_DELIVERED_BITS = """
+INSERT INTO recipient_finals AS f (batch_id, block, bits, before)
+SELECT batch_id, block, B'0'::bit(1024), events
+  FROM unnest($1::uuid[], $2::int[], $3::bit(1024)[]) AS v(batch_id, block, events)
+ ORDER BY batch_id, block
+ON CONFLICT (batch_id, block) DO UPDATE
+   SET before = f.delivered, delivered = f.delivered | (excluded.before & f.bits & ~f.stored)
+RETURNING f.batch_id, f.block, f.delivered & ~f.before AS new, f.bits & ~f.stored AS sent
+"""
+
+# The recipients that became delivered: one ``recipient_deliveries`` row per block (its
+# recipients at lo..hi of $5, by seq), and their batches' counts.
+_DELIVERED_WRITES = """
+WITH deliveries AS (
     INSERT INTO recipient_deliveries (batch_id, block, first_seq, seqs)
-    SELECT batch_id, block, min(seq), array_agg(seq ORDER BY seq)
-      FROM n WHERE new GROUP BY batch_id, block
-), counted AS (
-    INSERT INTO batch_counts (batch_id, status, n)
-    SELECT c.batch_id, m.status, m.n
-      FROM (SELECT batch_id, count(*)::int AS n FROM n WHERE new GROUP BY batch_id) c,
-           LATERAL (VALUES ('sent', -c.n), ('delivered', c.n)) AS m(status, n)
-    ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
+    SELECT d.batch_id, d.block, ($5::int[])[d.lo], ($5::int[])[d.lo:d.hi]
+      FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[]) AS d(batch_id, block, lo, hi)
 )
-SELECT position FROM n WHERE NOT sent ORDER BY position
+INSERT INTO batch_counts (batch_id, status, n)
+SELECT c.batch_id, m.status, m.n
+  FROM unnest($6::uuid[], $7::int[]) AS c(batch_id, n),
+       LATERAL (VALUES ('sent', -c.n), ('delivered', c.n)) AS m(status, n)
+ON CONFLICT (batch_id, status) DO UPDATE SET n = batch_counts.n + excluded.n
 """
 
 # The other events: one write per event (``record_final`` of them ran first in the same
@@ -636,8 +627,33 @@ async def record_delivered(
     """Delivered events (without an error) of sent recipients: their recipients become
     ``delivered``, counted once. Returns the positions (from 0) of the events that are not
     of a sent recipient (not final yet, or their status is in their row)."""
-    rows = await conn.fetch(_DELIVERED_TRANSITION, batch_ids, seqs)
-    return [r["position"] - 1 for r in rows]
+    if not seqs:
+        return []
+    flush = blocks.by_block(batch_ids, seqs)
+    rows = await conn.fetch(
+        _DELIVERED_BITS, flush.batch_ids, flush.blocks, [blocks.bits(v) for v in flush.bits]
+    )
+    found = {(str(r["batch_id"]), r["block"]): r for r in rows}
+    deliveries: list[list[Any]] = [[], [], [], []]  # batch id, block, lo, hi per block
+    delivered: list[int] = []  # their seqs, by block
+    per_batch: dict[str, int] = {}
+    not_sent: list[int] = []
+    for i, start, end in flush.spans():
+        key = (flush.batch_ids[i], flush.blocks[i])
+        row, events = found[key], flush.bits[i]
+        if (sent := row["sent"].to_int() & events) != events:
+            not_sent += flush.taken(start, end, events & ~sent, events)
+        if new := flush.taken(start, end, row["new"].to_int(), events):
+            lo = len(delivered) + 1
+            delivered += [seqs[p] for p in new]
+            for column, value in zip(deliveries, (*key, lo, len(delivered)), strict=True):
+                column.append(value)
+            per_batch[key[0]] = per_batch.get(key[0], 0) + len(new)
+    if per_batch:
+        await conn.execute(
+            _DELIVERED_WRITES, *deliveries, delivered, list(per_batch), list(per_batch.values())
+        )
+    return sorted(not_sent)
 
 
 async def record_after_send(

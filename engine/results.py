@@ -271,9 +271,7 @@ async def apply_results(conn: asyncpg.Connection, columns: Columns) -> list[tupl
         # Every recipient row written here is found by its given (batch_id, seq) key: one
         # primary-key probe per row is always right. Left to itself the planner may hash-join
         # a large flush against the whole table (a full scan of a 1,000,000-recipient batch
-        # per flush). With joins so limited, the delivered transition finds each block's new
-        # bits by its rank, not by a join (``lifecycle._DELIVERED_TRANSITION``). A flush's
-        # sorts (its results by recipient, by block) in memory, not on disk.
+        # per flush). A flush's sorts in memory, not on disk.
         await conn.execute(
             "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;"
             " SET LOCAL work_mem = '64MB'"
