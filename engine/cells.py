@@ -30,7 +30,7 @@ import logging
 import uuid
 from collections.abc import Iterable
 
-from engine.ratelimit import Bits
+from engine.ratelimit import SET_BITS_LUA, Bits
 from engine.services import Services
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,8 @@ return {1, redis.call('GETRANGE', KEYS[3], ARGV[3], ARGV[4])}
 """
 
 # ARGV[3..]: (first, last) pairs of seq ranges whose bits to set.
-_FINISH = """
-for i = 3, #ARGV, 2 do
-  for seq = tonumber(ARGV[i]), tonumber(ARGV[i + 1]) do redis.call('SETBIT', KEYS[1], seq, 1) end
-end
+_FINISH = SET_BITS_LUA + """
+for i = 3, #ARGV, 2 do set_bits(KEYS[1], tonumber(ARGV[i]), tonumber(ARGV[i + 1])) end
 if #ARGV >= 3 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1

@@ -106,6 +106,35 @@ async def test_runs_of_seqs_in_any_order_are_all_marked_done(cells: Cells):
     await cells.finish(claim, [])
 
 
+async def test_bits_set_by_bytes_and_edges_are_exactly_the_runs_given(
+    services: Services, cells: Cells
+):
+    """Runs are set as whole bytes plus the bits at their edges (``SET_BITS_LUA``), by
+    ``finish`` and by a token reservation alike: every run length and offset within a
+    byte sets exactly its own bits, beside bits set before."""
+    from engine.ratelimit import Bits, TokenBuckets
+    from engine.config import Rate
+
+    batch = str(uuid.uuid4())
+    key = services.key("done", batch)
+    await services.redis.setbit(key, 1000, 1)  # set before: stays set
+    expected = {1000}
+    runs = [(first, first + length - 1) for first in range(1, 40, 3) for length in (1, 7, 8, 9, 30)]
+    runs = [(first + 64 * i, last + 64 * i) for i, (first, last) in enumerate(runs)]
+    buckets = TokenBuckets(services.redis)
+    rate = [(services.key("rl", "bits-test"), Rate(1_000_000, 1_000_000))]
+    for i, (first, last) in enumerate(runs):
+        expected.update(range(first, last + 1))
+        if i % 2:
+            await buckets.reserve(1, rate, Bits(key, 60, [first, last]))
+        else:
+            claim = await cells.claim(batch, 1, 4096)
+            await cells.finish(claim, list(range(first, last + 1)))
+    raw = await services.redis.get(key)
+    got = {i for i in range(len(raw) * 8) if raw[i // 8] >> (7 - i % 8) & 1}
+    assert got == expected
+
+
 async def test_finish_by_a_holder_whose_lease_was_taken_over_keeps_the_new_lease(cells: Cells):
     batch = str(uuid.uuid4())
     stale = await cells.claim(batch, 1, 100)
