@@ -41,8 +41,10 @@ async def remove(request: web.Request) -> web.Response:
 
 async def confirm(request: web.Request) -> web.Response:
     """A page with one button: a GET (a link scanner, a preview) never unsubscribes."""
-    settings = request.app[context.SETTINGS]
-    _, email = suppressions.read_token(settings.unsubscribe_secret, request.match_info["token"])
+    services = request.app[context.SERVICES]
+    _, email = await suppressions.read_token(
+        services.pool, services.settings.unsubscribe_secret, request.match_info["token"]
+    )
     body = (
         f"<p>Stop e-mail to <b>{html.escape(email)}</b>?</p><form method='post'>"
         "<button name='List-Unsubscribe' value='One-Click'>Unsubscribe</button></form>"

@@ -380,9 +380,7 @@ class Sender:
         cannot be built is ``failed`` with the reason here: it would fail the same way on
         every attempt (templates come from clients, so any error rendering one is theirs)."""
         built, messages = [], []
-        links = suppressions.links(
-            self.public_url, self.settings.unsubscribe_secret, info.tenant_id
-        )
+        links = suppressions.links(self.public_url, self.settings.unsubscribe_secret, info.id)
         for row in rows:
             try:
                 messages.append(build_message(info, row, links))
@@ -485,7 +483,7 @@ def build_message(info: BatchInfo, row: Mapping[str, Any], links: UnsubscribeLin
         header_safe(rendered.subject),
         rendered.html,
         rendered.text,
-        links.headers(row["email"], ref),
+        links.headers(row["seq"], ref),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
 from urllib.parse import quote
 
 import pytest
@@ -60,10 +61,20 @@ async def test_suppressed_addresses_are_skipped_by_later_batches(client, tenant)
     assert batch["counts"]["suppressed"] == 1 and batch["counts"]["queued"] == 1
 
 
+async def sent_batch(client: TestClient, key: str, *emails: str) -> str:
+    """A batch of these recipients (seq 1, 2, ...): the links of its messages name them."""
+    body = {"name": "u", "from_email": "a@example.com", "subject": "Hi", "text": "x",
+            "provider": "mock", "recipients": [{"email": e} for e in emails]}  # fmt: skip
+    response = await client.post("/api/batches", headers=bearer(key), json=body)
+    assert response.status == 201
+    return (await response.json())["id"]
+
+
 async def test_one_click_unsubscribe(client: TestClient, tenant: tuple[str, str], migrated) -> None:
     tenant_id, key = tenant
-    made = links(migrated.public_url, migrated.unsubscribe_secret, tenant_id)
-    headers = made.headers("Ann@Example.com", "ref")
+    batch_id = await sent_batch(client, key, "Bob@example.com", "Ann@Example.com")
+    made = links(migrated.public_url, migrated.unsubscribe_secret, batch_id)
+    headers = made.headers(2, "ref")
     assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     link = headers["List-Unsubscribe"].strip("<>")
     assert link.startswith(f"{migrated.public_url}/unsubscribe/")
@@ -83,46 +94,76 @@ async def test_one_click_unsubscribe(client: TestClient, tenant: tuple[str, str]
     ]
 
 
-async def test_a_forged_or_broken_link_is_not_found(client: TestClient, migrated) -> None:
-    good = unsubscribe_token(migrated.unsubscribe_secret, "acme", "x@example.com")
-    forged = unsubscribe_token("another-secret", "acme", "x@example.com")
-    assert read_token(migrated.unsubscribe_secret, good) == ("acme", "x@example.com")
+async def test_a_forged_or_broken_link_is_not_found(
+    client: TestClient, tenant: tuple[str, str], migrated, services
+) -> None:
+    _, key = tenant
+    batch_id = await sent_batch(client, key, "x@example.com")
+    secret = migrated.unsubscribe_secret
+    good = unsubscribe_token(secret, batch_id, 1)
+    assert await read_token(services.pool, secret, good) == (tenant[0], "x@example.com")
+    forged = unsubscribe_token("another-secret", batch_id, 1)
+    no_recipient = unsubscribe_token(secret, batch_id, 2)  # a good tag, nobody at seq 2
     flipped = good[:20] + ("A" if good[20] != "A" else "B") + good[21:]
-    for token in (forged, good[:-2], flipped, "garbage", good + "AAAA", "%00", "\u00e9t\u00e9",
-                  "x" * 2000):  # fmt: skip
+    for token in (forged, no_recipient, good[:-2], flipped, "garbage", good + "AAAA", "%00",
+                  "\u00e9t\u00e9", "x" * 2000, "Ag", "AQ"):  # fmt: skip
         with pytest.raises(NotFound):
-            read_token(migrated.unsubscribe_secret, token)
+            await read_token(services.pool, secret, token)
         response = await client.post(f"/unsubscribe/{quote(token)}")
         assert response.status == 404, token
         assert (await response.json())["error"]["code"] == "not_found"
+    listed = await (await client.get("/api/suppressions", headers=bearer(key))).json()
+    assert listed["data"] == []
 
 
-def test_the_token_is_opaque_and_expires() -> None:
+async def test_the_token_is_opaque_and_expires(
+    client: TestClient, tenant: tuple[str, str], services
+) -> None:
     secret = "s" * 8 + "ecret-of-the-test-01234567"
-    token = unsubscribe_token(secret, "acme", "Ann.Person@Example.com")
+    batch_id = await sent_batch(client, tenant[1], "Ann.Person@Example.com")
+    token = unsubscribe_token(secret, batch_id, 1)
     decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    for clear in (b"ann", b"acme", b"example", b"person"):
+    for clear in (b"ann", tenant[0].encode(), b"example", b"person"):
         assert clear not in decoded.lower()  # neither the address nor the tenant readable
-    assert "ann" not in token.lower() and len(token) < 160
-    assert read_token(secret, token) == ("acme", "ann.person@example.com")
+    assert "ann" not in token.lower() and len(token) < 80
+    assert await read_token(services.pool, secret, token) == (tenant[0], "ann.person@example.com")
     day = 86_400
     now = time.time()
-    assert read_token(secret, token, now=now + (LINK_DAYS - 1) * day) == (
-        "acme",
+    assert await read_token(services.pool, secret, token, now=now + (LINK_DAYS - 1) * day) == (
+        tenant[0],
         "ann.person@example.com",
     )
     with pytest.raises(Gone):
-        read_token(secret, token, now=now + (LINK_DAYS + 1) * day)
-    old = unsubscribe_token(secret, "acme", "ann@example.com", now=now - (LINK_DAYS + 1) * day)
+        await read_token(services.pool, secret, token, now=now + (LINK_DAYS + 1) * day)
+    old = unsubscribe_token(secret, batch_id, 1, now=now - (LINK_DAYS + 1) * day)
     with pytest.raises(Gone):
-        read_token(secret, old)
+        await read_token(services.pool, secret, old)
+
+
+# A link of the first version (the tenant and the address sealed), made on 2026-12-01 with
+# the secret above by the code of that day: still read until it expires (2027-03-01).
+V1_TOKEN = "AQBRjmnkPnjxtdhLBn9gPrtY9ym_uW9aeD_1HW3kEneys-yr1-rE7MGwp_QzBzk"
+V1_MADE = 1796083200.0
+
+
+async def test_a_link_of_the_first_version_is_still_read(services) -> None:
+    secret = "s" * 8 + "ecret-of-the-test-01234567"
+    assert await read_token(services.pool, secret, V1_TOKEN, now=V1_MADE) == (
+        "acme",
+        "ann.person@example.com",
+    )
+    with pytest.raises(NotFound):
+        await read_token(services.pool, "another-secret", V1_TOKEN, now=V1_MADE)
+    with pytest.raises(Gone):
+        await read_token(services.pool, secret, V1_TOKEN, now=V1_MADE + (LINK_DAYS + 1) * 86_400)
 
 
 async def test_an_expired_link_answers_410_and_changes_nothing(
     client: TestClient, tenant: tuple[str, str], migrated
 ) -> None:
-    tenant_id, key = tenant
-    old = unsubscribe_token(migrated.unsubscribe_secret, tenant_id, "late@example.com",
+    _, key = tenant
+    batch_id = await sent_batch(client, key, "late@example.com")
+    old = unsubscribe_token(migrated.unsubscribe_secret, batch_id, 1,
                             now=time.time() - (LINK_DAYS + 1) * 86_400)  # fmt: skip
     for method in ("GET", "POST"):
         response = await client.request(method, f"/unsubscribe/{old}")
@@ -132,8 +173,8 @@ async def test_an_expired_link_answers_410_and_changes_nothing(
     assert listed["data"] == []
 
 
-async def test_a_link_of_an_unknown_tenant_is_not_found(client: TestClient, migrated) -> None:
-    token = unsubscribe_token(migrated.unsubscribe_secret, "no-such-tenant", "x@example.com")
+async def test_a_link_of_an_unknown_batch_is_not_found(client: TestClient, migrated) -> None:
+    token = unsubscribe_token(migrated.unsubscribe_secret, str(uuid.uuid4()), 1)
     response = await client.post(f"/unsubscribe/{token}")
     assert response.status == 404
     assert (await response.json())["error"]["code"] == "not_found"

@@ -100,7 +100,7 @@ def build(first: str, *, name: str | None = "Ann", email: str = "ann@example.com
     info = BatchInfo("0b0e6a52-5c4c-4f7e-9d8c-5f3c1e2a9b10", "acme", "mock",
                      "news@shop.example", "Shop", template, False, "queued", 0, None, 0.0)  # fmt: skip
     row = {"seq": 7, "email": email, "name": name, "vars": {"first": first}}
-    return build_message(info, row, links("https://bs.example", "s" * 32, info.tenant_id))
+    return build_message(info, row, links("https://bs.example", "s" * 32, info.id))
 
 
 def test_the_engine_builds_messages_with_safe_header_fields() -> None:

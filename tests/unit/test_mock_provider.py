@@ -273,7 +273,7 @@ async def test_header_values_on_the_wire_are_safe() -> None:
                      "Shop", template, False, "queued", 0, None, 0.0)  # fmt: skip
     row = {"seq": 1, "email": "ann@example.com", "name": f"Ann\r\n{injection}",
            "vars": {"first": injection}}  # fmt: skip
-    message = build_message(info, row, links("https://bs.example", "s" * 32, info.tenant_id))
+    message = build_message(info, row, links("https://bs.example", "s" * 32, info.id))
     async with capturing_provider() as (base_url, wire):
         provider = MockProvider(base_url)
         try:
