@@ -45,12 +45,15 @@ return {1, redis.call('GETRANGE', KEYS[3], ARGV[3], ARGV[4])}
 """
 
 # ARGV[3..]: (first, last) pairs of seq ranges whose bits to set.
-_FINISH = SET_BITS_LUA + """
+_FINISH = (
+    SET_BITS_LUA
+    + """
 for i = 3, #ARGV, 2 do set_bits(KEYS[1], tonumber(ARGV[i]), tonumber(ARGV[i + 1])) end
 if #ARGV >= 3 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
 """
+)
 
 _RENEW = """
 local held = 0

@@ -573,7 +573,8 @@ async def record_final(
         stored = [0] * len(flush.bits)
     else:
         stored = [
-            flush.mask(start, end, lambda p: statuses[p] != "sent") for _, start, end in flush.spans()
+            flush.mask(start, end, lambda p: statuses[p] != "sent")
+            for _, start, end in flush.spans()
         ]
     rows = await conn.fetch(
         _FINAL_BITS,

@@ -42,7 +42,9 @@ end
 # KEYS: the buckets, then (when ARGV[3] > 0) the bitmap; ARGV: n, max_wait, how many
 # (first, last) seq-range numbers follow, the bitmap's TTL, those numbers, (rate, burst)
 # per bucket.
-_SCRIPT = SET_BITS_LUA + """
+_SCRIPT = (
+    SET_BITS_LUA
+    + """
 local n = tonumber(ARGV[1])
 local max_wait = tonumber(ARGV[2])
 local ranges = tonumber(ARGV[3])
@@ -88,6 +90,7 @@ for i = 1, buckets do
 end
 return {1, tostring(wait), held}
 """
+)
 
 
 # Empties KEYS[1] (rate ARGV[1], burst ARGV[2]) so that the next token comes ARGV[3]

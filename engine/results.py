@@ -101,6 +101,27 @@ class Columns:
         self.latency_ms.append(latency_ms)
         self.domain.append(domain)
 
+    def extend_sent(
+        self,
+        batch_id: str,
+        seqs: list[int],
+        provider_message_ids: list[str | None],
+        attempts: int,
+        latency_ms: int,
+        domains: list[str],
+    ) -> None:
+        """The results of one provider call that accepted every message: ``append`` of
+        each, a list at a time."""
+        n = len(seqs)
+        self.batch_id += [batch_id] * n
+        self.seq += seqs
+        self.status += ["sent"] * n
+        self.provider_message_id += provider_message_ids
+        self.error += [None] * n
+        self.attempts += [attempts] * n
+        self.latency_ms += [latency_ms] * n
+        self.domain += domains
+
     def extend(self, other: Columns) -> None:
         for name in _FIELDS:
             getattr(self, name).extend(getattr(other, name))
@@ -135,12 +156,14 @@ class ResultMessage:
 
 
 def encode(tenant_id: str | None, provider: str, columns: Columns) -> bytes:
-    """One results message. A single batch id is sent once rather than per row."""
+    """One results message. A column whose every value is the same (one batch id; a
+    provider call's status, attempts, latency, no error) is sent as that value once: a
+    call's results are half the bytes for NATS to store and deliver to three consumers."""
     body: dict[str, Any] = {"t": tenant_id, "p": provider, "ts": time.time()}
+    n = len(columns)
     for name, key in zip(_FIELDS, _WIRE, strict=True):
-        body[key] = getattr(columns, name)
-    if columns.batch_id and columns.batch_id.count(columns.batch_id[0]) == len(columns.batch_id):
-        body["b"] = columns.batch_id[0]
+        values = getattr(columns, name)
+        body[key] = values[0] if key != "s" and n and values.count(values[0]) == n else values
     return orjson.dumps(body)
 
 
@@ -156,14 +179,16 @@ def tenant_of(data: bytes) -> str | None:
 
 
 def decode(data: bytes) -> ResultMessage:
-    """Parse a results message; ``ValueError`` when it is not one."""
+    """Parse a results message (a column given once stands for every row; the seqs are
+    always a list); ``ValueError`` when it is not one."""
     try:
         body = orjson.loads(data)
         lists = [body[key] for key in _WIRE]
+        if type(lists[1]) is not list:
+            raise TypeError("the seqs are no list")
         size = len(lists[1])
-        if isinstance(lists[0], str):
-            lists[0] = [lists[0]] * size
-        if any(not isinstance(values, list) or len(values) != size for values in lists):
+        lists = [v if type(v) is list else [v] * size for v in lists]
+        if any(len(values) != size for values in lists):
             raise TypeError("columns of different lengths")
         return ResultMessage(body.get("t"), body["p"], float(body["ts"]), Columns(*lists))
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:

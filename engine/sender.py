@@ -280,31 +280,47 @@ class Sender:
                 metrics.SEND_SECONDS.labels(info.provider).observe(elapsed)
                 latency_ms = int(elapsed * 1000)
                 throttled_now, wait_now = False, 0.0  # what this call's answers said
-                for row, answer in zip(part, answers, strict=True):
-                    ok = answer.ok
-                    if answer.throttled:
-                        throttled_now = True
-                        wait_now = max(wait_now, answer.retry_after or 0.0)
-                    if not ok and (answer.hold or answer.pause_reason):
-                        hold = hold or _provider_hold(answer)  # the row stays queued
-                        continue
-                    if not ok and answer.retryable and attempt < self.settings.send_max_attempts:
-                        retry.append(row)
-                        retry_after = max(retry_after, answer.retry_after or 0.0)
-                        throttled += answer.throttled
-                        continue
-                    box.out.append(
+                if len(answers) == len(part) and all(  # most calls: every message accepted
+                    answer.ok and not answer.throttled for answer in answers
+                ):
+                    box.out.extend_sent(
                         info.id,
-                        row["seq"],
-                        "sent" if ok else "failed",
-                        provider_message_id=answer.provider_message_id if ok else None,
-                        error=None if ok else answer.error,
-                        attempts=attempt,
-                        latency_ms=latency_ms,
-                        domain=_domain(row["email"]),
+                        [row["seq"] for row in part],
+                        [answer.provider_message_id for answer in answers],
+                        attempt,
+                        latency_ms,
+                        [_domain(row["email"]) for row in part],
                     )
-                    if not ok and answer.retryable:
-                        box.dead_letter(EXHAUSTED, row["seq"], answer.error, attempt)
+                else:
+                    for row, answer in zip(part, answers, strict=True):
+                        ok = answer.ok
+                        if answer.throttled:
+                            throttled_now = True
+                            wait_now = max(wait_now, answer.retry_after or 0.0)
+                        if not ok and (answer.hold or answer.pause_reason):
+                            hold = hold or _provider_hold(answer)  # the row stays queued
+                            continue
+                        if (
+                            not ok
+                            and answer.retryable
+                            and attempt < self.settings.send_max_attempts
+                        ):
+                            retry.append(row)
+                            retry_after = max(retry_after, answer.retry_after or 0.0)
+                            throttled += answer.throttled
+                            continue
+                        box.out.append(
+                            info.id,
+                            row["seq"],
+                            "sent" if ok else "failed",
+                            provider_message_id=answer.provider_message_id if ok else None,
+                            error=None if ok else answer.error,
+                            attempts=attempt,
+                            latency_ms=latency_ms,
+                            domain=_domain(row["email"]),
+                        )
+                        if not ok and answer.retryable:
+                            box.dead_letter(EXHAUSTED, row["seq"], answer.error, attempt)
                 await box.flush()
                 if hold is not None:
                     break

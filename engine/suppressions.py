@@ -64,9 +64,7 @@ def _cipher(secret: str) -> AESSIV:
 @functools.lru_cache(maxsize=4)
 def _mac_key(secret: str) -> bytes:
     """The V2 tokens' key."""
-    return HKDF(SHA256(), 32, salt=None, info=b"batchsender unsubscribe v2").derive(
-        secret.encode()
-    )
+    return HKDF(SHA256(), 32, salt=None, info=b"batchsender unsubscribe v2").derive(secret.encode())
 
 
 class UnsubscribeLinks:

@@ -40,6 +40,30 @@ def test_encoded_form_is_compact_columns() -> None:
     assert set(body) == {"t", "p", "ts", "b", "s", "st", "pm", "er", "at", "ms", "d"}
 
 
+def test_a_column_of_one_value_is_sent_once_and_read_for_every_row() -> None:
+    columns = Columns()
+    for seq in range(1, 101):  # a provider call: all sent, one latency, no error
+        columns.append("b", seq, "sent", provider_message_id=f"pm-{seq}", latency_ms=20,
+                       domain="example.com")  # fmt: skip
+    wire = encode("t", "mock", columns)
+    body = orjson.loads(wire)
+    assert (body["st"], body["er"], body["at"], body["ms"], body["d"]) == (
+        "sent", None, 1, 20, "example.com",
+    )  # fmt: skip
+    assert body["s"] == list(range(1, 101)) and len(body["pm"]) == 100
+    assert decode(wire).columns == columns
+    single = Columns.from_rows([ResultRow("b", 7, "sent")])
+    assert orjson.loads(encode("t", "mock", single))["s"] == [7]  # seqs: always a list
+    assert decode(encode("t", "mock", single)).columns == single
+
+
+def test_seqs_that_are_no_list_are_no_results_message() -> None:
+    wire = {"p": "mock", "ts": 1.5, "b": "b", "s": "123", "st": "sent", "pm": None,
+            "er": None, "at": 1, "ms": 0, "d": ""}  # fmt: skip
+    with pytest.raises(ValueError, match="not a results message"):
+        decode(orjson.dumps(wire))
+
+
 def test_results_of_several_batches_keep_an_id_per_row() -> None:
     rows = [ResultRow("a", 1, "delivered"), ResultRow("b", 1, "bounced")]
     body = orjson.loads(encode(None, "mock", Columns.from_rows(rows)))

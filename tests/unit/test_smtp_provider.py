@@ -256,9 +256,7 @@ async def test_encoded_crlf_in_a_variable_stays_inside_the_subject(
                      "Sender", BatchTemplate("Hi {{ first }}", None, "The body."), False,
                      "queued", 0, None, 0.0)  # fmt: skip
     row = {"seq": 1, "email": "ann@example.com", "name": "Ann", "vars": {"first": first}}
-    message = build_message(
-        info, row, links("https://unsubscribe.sender.test", "s" * 32, info.id)
-    )
+    message = build_message(info, row, links("https://unsubscribe.sender.test", "s" * 32, info.id))
     if built_by == "caller":
         rendered = info.template.render("ann@example.com", "Ann", {"first": first})
         message = dataclasses.replace(message, subject=rendered.subject)
