@@ -71,7 +71,7 @@ import inspect
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -327,30 +327,28 @@ async def _results(
     """The results rows of a post's events, and how many events are not handed on: the
     provider's ``sent``, and those about batches not sent through ``account`` (None: the
     default account) of ``provider``. ``BadRequest`` for a ref that is not ``batch:seq``."""
-    columns = Columns()
-    canonical: dict[str, str] = {}  # batch ids as given -> as uuid text (one parse each)
-    for event in events:
-        name = RESULT_EVENTS[event.event]
-        if name is None:
-            continue
-        given, _, seq = event.ref.partition(":")
-        try:
-            batch_id = canonical.get(given)
-            if batch_id is None:
-                batch_id = canonical[given] = str(uuid.UUID(given))
-            columns.append(
-                batch_id,
-                int(seq),
-                name,
-                provider_message_id=event.provider_message_id,
-                error=f"{provider}: {event.event}" if name == "dropped" else None,
-                attempts=0,
-                domain=(event.email or "").rpartition("@")[2].lower(),
-            )
-        except ValueError:
-            raise BadRequest(
-                f"event {event.event_id!r} has an unknown ref {event.ref!r}", code="invalid_webhook"
-            ) from None
+    names = [RESULT_EVENTS[event.event] for event in events]
+    kept = [event for event, name in zip(events, names, strict=True) if name is not None]
+    refs = [event.ref.partition(":") for event in kept]
+    try:  # batch ids as given -> as uuid text (one parse each)
+        canonical = {given: str(uuid.UUID(given)) for given in {ref[0] for ref in refs}}
+        seqs = [int(ref[2]) for ref in refs]
+    except ValueError:
+        raise _unknown_ref(kept) from None
+    statuses = [name for name in names if name is not None]
+    columns = Columns(
+        [canonical[ref[0]] for ref in refs],
+        seqs,
+        statuses,
+        [event.provider_message_id for event in kept],
+        [
+            f"{provider}: {event.event}" if name == "dropped" else None
+            for event, name in zip(kept, statuses, strict=True)
+        ],
+        [0] * len(kept),
+        [0] * len(kept),
+        [(event.email or "").rpartition("@")[2].lower() for event in kept],
+    )
     owners = await _owners(services, set(canonical.values()))
     ours = (provider, account)
     foreign = {batch_id for batch_id, owner in owners.items() if owner != ours}
@@ -395,11 +393,22 @@ async def _owners(
     return owners
 
 
+def _unknown_ref(events: list[WebhookEvent]) -> BadRequest:
+    """The error naming the first of ``events`` whose ref is not ``batch:seq``."""
+    for event in events:
+        given, _, seq = event.ref.partition(":")
+        try:
+            uuid.UUID(given)
+            int(seq)
+        except ValueError:
+            return BadRequest(
+                f"event {event.event_id!r} has an unknown ref {event.ref!r}", code="invalid_webhook"
+            )
+    raise AssertionError("every ref is batch:seq")
+
+
 def _count(provider: str, columns: Columns) -> None:
-    counts: dict[str, int] = {}
-    for name in columns.status:
-        counts[name] = counts.get(name, 0) + 1
-    for name, count in counts.items():
+    for name, count in Counter(columns.status).items():
         metrics.WEBHOOKS.labels(provider, name).inc(count)
 
 
