@@ -487,19 +487,19 @@ def build_message(info: BatchInfo, row: Mapping[str, Any], links: UnsubscribeLin
     ``public_url``, a base64url token, the ref), so no time goes into checking them.
     Raises what the template raises for this recipient's values, and ``ValueError``.
     """
-    rendered = info.template.render(row["email"], row["name"], row["vars"])
-    ref = f"{info.id}:{row['seq']}"
-    name = row["name"]
+    email, name, seq = row["email"], row["name"], row["seq"]
+    rendered = info.template.render(email, name, row["vars"])
+    ref = f"{info.id}:{seq}"
     return Message(
         ref,
-        check_address(row["email"]),
+        check_address(email),
         header_safe(name) if name else name,
         check_address(info.from_email),
         info.from_name,
         header_safe(rendered.subject),
         rendered.html,
         rendered.text,
-        links.headers(row["seq"], ref),
+        links.headers(seq, ref),
     )
 
 
