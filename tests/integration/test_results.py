@@ -174,6 +174,30 @@ async def test_a_flush_in_any_order_with_some_final_already_lands_once_each(
     assert (state["status"], state["final_count"]) == ("processing", 10)
 
 
+async def test_provider_message_ids_of_any_text_are_kept_as_given(
+    services: Services, tenant: tuple[str, str]
+) -> None:
+    """A flush's ids are handed to PostgreSQL as one text of lines when they read back the
+    same, else as an array: ids with a line break, none at all, a lone empty one, and
+    attempts that differ or not all land as given."""
+    tenant_id, _ = tenant
+    batch_id = await new_batch(services, tenant_id, 8)
+    flushes = [
+        [sent(batch_id, 1, pmid="a"), sent(batch_id, 2, pmid="b\nc"), sent(batch_id, 3, pmid="d")],
+        [sent(batch_id, 4, pmid=None), sent(batch_id, 5, pmid="e", attempts=3)],
+        [sent(batch_id, 6, pmid="")],
+        [sent(batch_id, 7, pmid="", attempts=2), sent(batch_id, 8, pmid="f", attempts=2)],
+    ]
+    for flush in flushes:
+        await apply(services, flush)
+    for row in (r for flush in flushes for r in flush):
+        assert await recipient(services, batch_id, row.seq) == {
+            "status": "sent", "provider_message_id": row.provider_message_id, "error": None,
+            "attempts": row.attempts,
+        }, row  # fmt: skip
+    assert (await batch_state(services, batch_id))["status"] == "completed"
+
+
 async def test_attempts_beyond_the_column_are_stored_as_its_largest_value(
     services: Services, tenant: tuple[str, str]
 ) -> None:
