@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import uuid
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from asyncpg import BitString
 
 BLOCK = 1024  # recipients per block: the bits of one row of recipient_finals
-MAX_SEQ = 2**31 - 1  # a seq is an int4
+MAX_SEQ = 2**31 - 1  # recipients.seq is an int4
 _SEQ_BITS = 32  # a key is (batch's rank << 32) | seq
 
 
@@ -59,11 +59,8 @@ class Blocks:
 
     def mask(self, start: int, end: int, keep: Callable[[int], bool]) -> int:
         """The bits of the recipients at ``start:end`` whose position ``keep`` takes."""
-        value = 0
-        for position, key in zip(self.positions[start:end], self.keys[start:end], strict=True):
-            if keep(position):
-                value |= bit(key)
-        return value
+        chosen = zip(self.positions[start:end], self.keys[start:end], strict=True)
+        return _bits_of(key for position, key in chosen if keep(position))
 
     def taken(self, start: int, end: int, new: int, all_of_block: int) -> list[int]:
         """The positions at ``start:end`` whose bit is set in ``new`` (a block's bits)."""
@@ -110,9 +107,7 @@ def by_block(batch_ids: Sequence[str], seqs: Sequence[int]) -> Blocks:
         if last - first == end - 1 - start:  # one run of seqs
             value = ((1 << (last - first + 1)) - 1) * bit(last)
         else:
-            value = 0
-            for key in keys[start:end]:
-                value |= bit(key)
+            value = _bits_of(keys[start:end])
         blocks.batch_ids.append(ids[first >> _SEQ_BITS])
         blocks.blocks.append(block_key & ((1 << (_SEQ_BITS - 10)) - 1))
         blocks.starts.append(start)
@@ -120,6 +115,14 @@ def by_block(batch_ids: Sequence[str], seqs: Sequence[int]) -> Blocks:
         blocks.bits.append(value)
         start = end
     return blocks
+
+
+def _bits_of(keys: Iterable[int]) -> int:
+    """The bits of these recipients (their keys) in their block."""
+    value = 0
+    for key in keys:
+        value |= bit(key)
+    return value
 
 
 def _canonical(batch_id: str) -> str:

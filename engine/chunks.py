@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import orjson
 
 from engine import lifecycle
+from engine.blocks import MAX_SEQ
 from engine.cells import cells_of
 from engine.services import Services
 
-MAX_SEQ = 2**31 - 1  # recipients.seq is an int4
 _PUBLISH_WINDOW = 512  # chunks published before waiting for their acks
 ANALYZE_AT = 10_000  # recipients of a batch that refresh the table's statistics (queue_batch)
 CELL_RECIPIENTS = 1000  # recipients per cell, rounded down to whole provider calls
