@@ -9,7 +9,11 @@ from engine.config import Settings
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # Binary format, so COPY (binary) can carry jsonb too: a version byte, then the text.
+    # Binary format, so COPY (binary) can carry them too. json's binary form is its text
+    # (recipients' vars, migration 016); jsonb's is a version byte, then the text.
+    await conn.set_type_codec(
+        "json", encoder=orjson.dumps, decoder=orjson.loads, schema="pg_catalog", format="binary"
+    )
     await conn.set_type_codec(
         "jsonb",
         encoder=lambda value: b"\x01" + orjson.dumps(value),

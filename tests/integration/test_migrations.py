@@ -370,3 +370,50 @@ async def test_statuses_of_the_013_shape_move_on_once_after_014(settings: Settin
         assert counts == {"delivered": 4, "failed": 1}
     finally:
         await _drop(url)
+
+
+async def test_vars_written_as_jsonb_read_the_same_after_016(settings: Settings) -> None:
+    """Recipients COPYed under 015 (vars as jsonb) are read by the sender with the same vars
+    after 016 (vars as json), and new ones are written and read through the same codec."""
+    from engine import lifecycle
+    from engine.db import _init_connection
+    from engine.migrate import migrate_postgres
+
+    old_vars = {"name": "Zoë", "n": 3, "nested": {"list": [1, 2.5, None, True]}, "": "x"}
+    url = await _database_at(settings, "m016", "016")
+    try:
+        conn = await asyncpg.connect(url)
+        try:
+            await _init_connection(conn)
+            batch = await _old_batch(conn, 3, 0)
+            await conn.copy_records_to_table(
+                "recipients",
+                records=[(batch, 1, "a@x.example", None, old_vars, "queued"),
+                         (batch, 2, "b@x.example", "B", None, "queued")],  # fmt: skip
+                columns=["batch_id", "seq", "email", "name", "vars", "status"],
+            )
+        finally:
+            await conn.close()
+        files = sorted((MIGRATIONS / "postgres").glob("*.sql"))
+        assert await migrate_postgres(url) == [p.stem for p in files if p.stem >= "016"]
+        conn = await asyncpg.connect(url)
+        try:
+            await _init_connection(conn)
+            kind = await conn.fetchval(
+                "SELECT data_type FROM information_schema.columns"
+                " WHERE table_name = 'recipients' AND column_name = 'vars'"
+            )
+            await conn.copy_records_to_table(
+                "recipients",
+                records=[(batch, 3, "c@x.example", None, {"code": "0042", "é": [{}]}, "queued")],
+                columns=["batch_id", "seq", "email", "name", "vars", "status"],
+            )
+            rows = await conn.fetch(lifecycle.TO_SEND, batch, 1, 1001)
+        finally:
+            await conn.close()
+        assert kind == "json"
+        assert [(r["seq"], r["vars"]) for r in rows] == [
+            (1, old_vars), (2, None), (3, {"code": "0042", "é": [{}]}),
+        ]  # fmt: skip
+    finally:
+        await _drop(url)
