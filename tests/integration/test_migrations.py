@@ -388,8 +388,10 @@ async def test_vars_written_as_jsonb_read_the_same_after_016(settings: Settings)
             batch = await _old_batch(conn, 3, 0)
             await conn.copy_records_to_table(
                 "recipients",
-                records=[(batch, 1, "a@x.example", None, old_vars, "queued"),
-                         (batch, 2, "b@x.example", "B", None, "queued")],  # fmt: skip
+                records=[
+                    (batch, 1, "a@x.example", None, old_vars, "queued"),
+                    (batch, 2, "b@x.example", "B", None, "queued"),
+                ],
                 columns=["batch_id", "seq", "email", "name", "vars", "status"],
             )
         finally:

@@ -117,3 +117,14 @@ _GOOD = {"p": "mock", "ts": 1, "b": "b", "s": [1], "st": ["sent"], "pm": [None],
 def test_malformed_is_a_value_error(data: bytes) -> None:
     with pytest.raises(ValueError):
         decode(data)
+
+
+@pytest.mark.parametrize("keep", [[], [2], [0, 2], [3, 1, 1], list(range(5))])
+def test_select_keeps_the_rows_at_the_positions_given_in_their_order(keep: list[int]) -> None:
+    columns = Columns()
+    for seq in range(5):
+        columns.append(f"b{seq % 2}", seq, "sent", provider_message_id=f"pm{seq}", domain="x")
+    rows = columns.rows()
+    selected = columns.select(keep)
+    assert selected.rows() == [rows[i] for i in keep]
+    assert all(type(getattr(selected, name)) is list for name in ("seq", "batch_id", "error"))
