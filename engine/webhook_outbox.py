@@ -169,7 +169,7 @@ class Outbox:
                 )
                 await msg.term()
         # Provider events name no tenant: their batches' tenants are looked up.
-        untold = [b for _, m in decoded if m.tenant_id is None for b in _texts(m.columns.batch_id)]
+        untold = {b for _, m in decoded if m.tenant_id is None for b in _texts(m.columns.batch_id)}
         await self._load_tenants(untold)
         tenants = {m.tenant_id for _, m in decoded if isinstance(m.tenant_id, str)}
         tenants.update(self._tenants[b] for b in untold if b in self._tenants)
@@ -194,6 +194,10 @@ class Outbox:
         result are left out: ``results-pg`` dead-letters their message)."""
         c = message.columns
         if message.tenant_id is not None and message.tenant_id not in endpoints:
+            return {}
+        if message.tenant_id is None and not any(  # provider events: their batches' tenants
+            self._tenants.get(b) in endpoints for b in _texts(c.batch_id)
+        ):
             return {}
         picks: dict[uuid.UUID, list[int]] = {}
         checked: dict[Any, bool] = {}
@@ -442,8 +446,13 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
-def _texts(values: list[Any]) -> list[str]:
-    return [v for v in values if isinstance(v, str)]
+def _texts(values: list[Any]) -> set[str]:
+    """The distinct texts among ``values`` (a malformed message may hold anything there)."""
+    try:
+        distinct = set(values)  # at C speed: a message's rows name a batch or a few
+    except TypeError:  # an unhashable value
+        return {v for v in values if isinstance(v, str)}
+    return {v for v in distinct if isinstance(v, str)}
 
 
 def _valid_row(message: ResultMessage, i: int, checked: dict[Any, bool]) -> bool:
