@@ -254,30 +254,35 @@ async def apply_flush(pool: asyncpg.Pool, parts: list[Columns]) -> Flush:
     again after a later failure does no harm.
     """
     flush = Flush([], {})
-
-    async def attempt(first: int, end: int) -> None:
-        if end - first == 1:
-            columns = parts[first]
-        else:
-            columns = Columns()
-            for part in parts[first:end]:
-                columns.extend(part)
-        try:
-            async with pool.acquire() as conn:
-                flush.touched.extend(await apply_results(conn, columns))
-        except Exception as exc:
-            if end - first == 1:
-                flush.failed[first] = exc
-                return
-            await pool.fetchval("SELECT 1")  # raises while PostgreSQL is down
-            log.warning("a flush of %d results failed (%r); by halves now", end - first, exc)
-            middle = (first + end) // 2
-            await attempt(first, middle)
-            await attempt(middle, end)
-
     if parts:
-        await attempt(0, len(parts))
+        await _attempt(pool, parts, flush, 0, len(parts))
     return flush
+
+
+async def _attempt(
+    pool: asyncpg.Pool, parts: list[Columns], flush: Flush, first: int, end: int
+) -> None:
+    """``apply_flush`` of ``parts[first:end]``, by halves after a failure. (A function of
+    its own, not a closure calling itself: that would make every flush's results a
+    reference cycle, garbage only the collector frees.)"""
+    if end - first == 1:
+        columns = parts[first]
+    else:
+        columns = Columns()
+        for part in parts[first:end]:
+            columns.extend(part)
+    try:
+        async with pool.acquire() as conn:
+            flush.touched.extend(await apply_results(conn, columns))
+    except Exception as exc:
+        if end - first == 1:
+            flush.failed[first] = exc
+            return
+        await pool.fetchval("SELECT 1")  # raises while PostgreSQL is down
+        log.warning("a flush of %d results failed (%r); by halves now", end - first, exc)
+        middle = (first + end) // 2
+        await _attempt(pool, parts, flush, first, middle)
+        await _attempt(pool, parts, flush, middle, end)
 
 
 # The status each provider event that changes one gives a recipient (``dropped``: failed).
