@@ -104,6 +104,12 @@ class Claim:
         self._done, self._first_byte = done, first_byte
         self.unmarked: list[int] = []  # published results whose bits are still to set
 
+    @property
+    def any_done(self) -> bool:
+        """Whether any of the cell's recipients had a result when it was claimed (most
+        cells are claimed once: then no recipient needs a look)."""
+        return bool(self._done.strip(b"\x00"))
+
     def done(self, seq: int) -> bool:
         index = seq // 8 - self._first_byte
         if not 0 <= index < len(self._done):

@@ -168,7 +168,8 @@ class Sender:
                 first,
                 first + count,
             )
-            rows = [r for r in rows if not claim.done(r["seq"])]
+            if claim.any_done:
+                rows = [r for r in rows if not claim.done(r["seq"])]
             if rows:
                 await self._send(info, rows, msg, Outbox(self, info, claim))
         finally:

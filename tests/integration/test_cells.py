@@ -44,14 +44,19 @@ async def test_one_holder_per_cell_until_it_gives_the_cell_back(cells: Cells):
 async def test_recipients_with_published_results_are_done_for_the_next_holder(cells: Cells):
     batch = str(uuid.uuid4())
     claim = await cells.claim(batch, 1, 100)
-    assert not any(claim.done(seq) for seq in range(1, 101))
+    assert not claim.any_done and not any(claim.done(seq) for seq in range(1, 101))
     await cells.finish(claim, [1, 2, 50, 99])
     claim = await cells.claim(batch, 1, 100)
+    assert claim.any_done
     assert [seq for seq in range(1, 101) if claim.done(seq)] == [1, 2, 50, 99]
     await cells.finish(claim, [])
     await cells.clear_done(batch, [2, 99])  # queued again by a dead-letter replay
     claim = await cells.claim(batch, 1, 100)
     assert [seq for seq in range(1, 101) if claim.done(seq)] == [1, 50]
+    await cells.finish(claim, [])
+    await cells.clear_done(batch, [1, 50])
+    claim = await cells.claim(batch, 1, 100)
+    assert not claim.any_done  # every bit cleared again
     await cells.finish(claim, [])
 
 
@@ -112,8 +117,8 @@ async def test_bits_set_by_bytes_and_edges_are_exactly_the_runs_given(
     """Runs are set as whole bytes plus the bits at their edges (``SET_BITS_LUA``), by
     ``finish`` and by a token reservation alike: every run length and offset within a
     byte sets exactly its own bits, beside bits set before."""
-    from engine.ratelimit import Bits, TokenBuckets
     from engine.config import Rate
+    from engine.ratelimit import Bits, TokenBuckets
 
     batch = str(uuid.uuid4())
     key = services.key("done", batch)
