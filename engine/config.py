@@ -260,8 +260,11 @@ _SCHEMA: dict[str, tuple[Callable[[str], Any], _Default]] = {
     "BODY_MIN_RATE": (_int(0, 1 << 30), "16384"),  # bytes/s on average, after that long
     "TENANT_MAX_ACTIVE_BATCHES": (_int(1, 1_000_000), "1000"),
     "STALL_SECONDS": (_float(5, 86400), "60"),
-    "CLICKHOUSE_FLUSH_ROWS": (_int(1, 10_000_000), "25000"),
-    "CLICKHOUSE_FLUSH_SECONDS": (_float(0.05, 600), "1"),
+    # Events per ClickHouse insert, at most, and seconds the first waits: fewer, larger
+    # parts cost ClickHouse ~40 % less CPU per event than 25,000 and 1 s; a worker's peak
+    # memory with them is in bench/RESULTS.md (2026-12-04).
+    "CLICKHOUSE_FLUSH_ROWS": (_int(1, 10_000_000), "50000"),
+    "CLICKHOUSE_FLUSH_SECONDS": (_float(0.05, 600), "2"),
     # Read by providers/mock.py (MockSettings)
     "MOCK_PROVIDER_ENABLED": (_bool, _not_in_prod),  # its webhook route and intake
     "MOCK_PROVIDER_URL": (_url("http", "https"), "http://127.0.0.1:6100"),
