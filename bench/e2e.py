@@ -89,18 +89,21 @@ async def wait_completed(session: aiohttp.ClientSession, api: str, batch_id: str
 
 async def wait_delivered(
     session: aiohttp.ClientSession, api: str, batch_id: str, total: int
-) -> float | None:
-    """When (time.time()) every recipient of the batch is ``delivered``; None when that is
-    not so within ``DELIVERED_WAIT`` seconds."""
+) -> tuple[float | None, int]:
+    """When (time.time()) every recipient of the batch is ``delivered`` (None when that is
+    not so within ``DELIVERED_WAIT`` seconds), and how many were delivered when it looked
+    last."""
+    delivered = 0
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(DELIVERED_WAIT):
             while True:
                 async with session.get(f"{api}/api/batches/{batch_id}") as response:
                     batch = orjson.loads(await response.read())
-                if batch["counts"]["delivered"] >= total:
-                    return time.time()
+                delivered = batch["counts"]["delivered"]
+                if delivered >= total:
+                    return time.time(), delivered
                 await asyncio.sleep(0.1)
-    return None
+    return None, delivered
 
 
 async def run_rest(
@@ -120,13 +123,14 @@ async def run_rest(
                 raise RuntimeError(f"create failed: {response.status} {created}")
         intake = time.perf_counter() - started
         end: float | None = (await wait_completed(session, stack.api, created["id"])).timestamp()
-        completed = end
+        completed, delivered_count = end, None
         if delivered:
-            end = await wait_delivered(session, stack.api, created["id"], total)
+            end, delivered_count = await wait_delivered(session, stack.api, created["id"], total)
     return {
         "intake_s": intake,
         "completed_s": completed - started_wall,
         "e2e_s": None if end is None else end - started_wall,
+        "delivered": delivered_count,
         "start": started_wall,
     }
 
@@ -227,6 +231,7 @@ async def measure_e2e(
         "intake_s": rest["intake_s"],
         "intake_per_s": recipients / rest["intake_s"],
         "completed_s": rest["completed_s"],
+        "delivered": rest["delivered"],
         "e2e_s": rest["e2e_s"],
         "e2e_per_s": recipients / rest["e2e_s"] if rest["e2e_s"] else 0.0,
         "nats_recipients": nats_recipients,
@@ -257,7 +262,10 @@ def report(r: dict[str, Any]) -> bool:
     print(f"recipients:         {n:,} (REST, streamed NDJSON)")
     print(f"intake:             {r['intake_s']:.2f} s  = {r['intake_per_s']:,.0f} recipients/s")
     if r["e2e_s"] is None:
-        print(f"end-to-end:         not every recipient delivered {DELIVERED_WAIT:.0f} s after")
+        print(
+            f"end-to-end:         not every recipient delivered {DELIVERED_WAIT:.0f} s after"
+            f" ({r['delivered'] or 0:,} of {n:,} delivered)"
+        )
     else:
         print(f"end-to-end:         {r['e2e_s']:.2f} s  = {r['e2e_per_s']:,.0f} recipients/s")
     if r["webhooks"]:
