@@ -181,6 +181,11 @@ async def _database_at(settings: Settings, suffix: str, before: str) -> str:
     return url
 
 
+def _from(version: str) -> list[str]:
+    """The PostgreSQL migrations from ``version`` on, in the order they apply."""
+    return [p.stem for p in sorted((MIGRATIONS / "postgres").glob("*.sql")) if p.stem >= version]
+
+
 async def _old_batch(conn: asyncpg.Connection, total: int, final: int) -> uuid.UUID:
     """A processing batch of tenant 'old' in a database of an earlier schema; its id."""
     batch = uuid.uuid4()
@@ -232,8 +237,7 @@ async def test_sends_of_the_011_shape_are_read_after_012(settings: Settings) -> 
             )
         finally:
             await conn.close()
-        files = sorted((MIGRATIONS / "postgres").glob("*.sql"))
-        assert await migrate_postgres(url) == [p.stem for p in files if p.stem >= "012"]
+        assert await migrate_postgres(url) == _from("012")
         conn = await asyncpg.connect(url)
         try:
             rows = await conn.fetch(
@@ -276,8 +280,7 @@ async def test_recipients_final_before_migration_011_stay_final_once(settings: S
             )
         finally:
             await conn.close()
-        files = sorted((MIGRATIONS / "postgres").glob("*.sql"))
-        assert await migrate_postgres(url) == [p.stem for p in files if p.stem >= "011"]
+        assert await migrate_postgres(url) == _from("011")
         conn = await asyncpg.connect(url)
         try:
             b = str(batch)
@@ -340,8 +343,7 @@ async def test_statuses_of_the_013_shape_move_on_once_after_014(settings: Settin
             )
         finally:
             await conn.close()
-        files = sorted((MIGRATIONS / "postgres").glob("*.sql"))
-        assert await migrate_postgres(url) == [p.stem for p in files if p.stem >= "014"]
+        assert await migrate_postgres(url) == _from("014")
         conn = await asyncpg.connect(url)
         try:
             events = Columns()
@@ -396,8 +398,7 @@ async def test_vars_written_as_jsonb_read_the_same_after_016(settings: Settings)
             )
         finally:
             await conn.close()
-        files = sorted((MIGRATIONS / "postgres").glob("*.sql"))
-        assert await migrate_postgres(url) == [p.stem for p in files if p.stem >= "016"]
+        assert await migrate_postgres(url) == _from("016")
         conn = await asyncpg.connect(url)
         try:
             await _init_connection(conn)
